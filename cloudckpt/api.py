@@ -1,0 +1,63 @@
+"""The URI calls: ``save(uri, state_dict)`` and ``load(uri, state_dict=None)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from .builder import make_sync_checkpointer
+from .config import CheckpointerConfig, resolve_config
+from .types import STATE_DICT, RankInfo
+
+ConfigArg = CheckpointerConfig | str | os.PathLike[str] | None
+
+
+def _with_options(config: ConfigArg, storage_options: dict[str, Any] | None) -> CheckpointerConfig:
+    cfg = resolve_config(config)
+    if storage_options:
+        storage = dataclasses.replace(
+            cfg.storage, options=cfg.storage.options_with(storage_options)
+        )
+        cfg = dataclasses.replace(cfg, storage=storage)
+    return cfg
+
+
+def save(
+    uri: str,
+    state_dict: STATE_DICT,
+    *,
+    config: ConfigArg = None,
+    storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+    rank_info: RankInfo | None = None,
+) -> None:
+    """Save ``state_dict`` at ``uri`` and commit it; returns once the manifest exists.
+
+    ``config`` is a :class:`CheckpointerConfig` or a TOML file (default ``$CLOUDCKPT_CONFIG``);
+    ``storage_options`` override its ``[storage.options]``.
+    """
+    cfg = _with_options(config, storage_options)
+    with make_sync_checkpointer(cfg, rank_info=rank_info) as ckpt:
+        ckpt.save(uri, state_dict, overwrite=overwrite, metadata=metadata)
+
+
+def load(
+    uri: str,
+    state_dict: STATE_DICT | None = None,
+    *,
+    default_map_location: Any = None,
+    strict: bool = False,
+    rank: int | None = None,
+    config: ConfigArg = None,
+    storage_options: dict[str, Any] | None = None,
+    rank_info: RankInfo | None = None,
+) -> STATE_DICT:
+    """Load the committed checkpoint at ``uri``: everything, or only ``state_dict``'s keys
+    (into its own tensors where they fit). ``strict`` raises on keys the checkpoint lacks."""
+    cfg = _with_options(config, storage_options)
+    with make_sync_checkpointer(cfg, rank_info=rank_info) as ckpt:
+        return ckpt.load(
+            uri, state_dict, default_map_location=default_map_location, strict=strict, rank=rank
+        )

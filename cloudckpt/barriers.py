@@ -1,0 +1,274 @@
+"""Rank agreement before the commit, on torch.distributed stores.
+
+The seed's barriers only wait. Ours also carry each rank's *outcome* (a small JSON object), so a
+rank that failed is known to the others at once instead of after a timeout, and rank 0 learns
+what every rank wrote. Both barriers run the same store protocol (:class:`StoreExchange`):
+``TCPStoreBarrier`` on its own TCPStore (no process group needed), ``DistBarrier`` on the
+initialized process group's store, so it never touches the training's NCCL communicator.
+
+Protocol for save number ``seq`` (every rank's barrier counts saves the same way):
+
+1. each rank sets ``<prefix>/<seq>/out/<rank>`` to its outcome and adds 1 to ``arrived``
+   (a failed rank adds 1 to ``failed`` first);
+2. every rank polls the two counters: any failure raises :class:`BarrierError` naming the failed
+   ranks and their errors; all arrived: rank 0 reads every outcome; the deadline passes: raise
+   naming the ranks that never arrived;
+3. rank 0 commits and sets ``<prefix>/<seq>/commit`` to the result, which the others wait for.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from .errors import BarrierError
+
+logger = logging.getLogger(__name__)
+
+BARRIER_REGISTRY: dict[str, type[Barrier]] = {}
+
+
+def register_barrier(barrier_class: type[Barrier]) -> type[Barrier]:
+    """Register a barrier class under its ``barrier_type``."""
+    BARRIER_REGISTRY[barrier_class.barrier_type] = barrier_class
+    return barrier_class
+
+
+@dataclass
+class BarrierConfig:
+    """Which barrier to build (``None``: no barrier, one process) and its constructor arguments."""
+
+    barrier_type: str | None = None
+    barrier_args: dict[str, Any] = field(default_factory=dict)
+
+
+class _UnknownBarrierType(BarrierError, ValueError):
+    pass
+
+
+def create_barrier_from_config(barrier_config: BarrierConfig) -> Barrier | None:
+    """The barrier ``barrier_config`` names, or ``None``; an unknown type is a ``ValueError``."""
+    if barrier_config.barrier_type is None:
+        return None
+    cls = BARRIER_REGISTRY.get(barrier_config.barrier_type)
+    if cls is None:
+        raise _UnknownBarrierType(
+            f"Unknown barrier type: {barrier_config.barrier_type!r}. "
+            f"Available types: {sorted(BARRIER_REGISTRY)} (or none for a single process)."
+        )
+    return cls(**barrier_config.barrier_args)
+
+
+class Barrier(abc.ABC):
+    """Synchronizes the ranks of a job. Subclasses may also exchange outcomes."""
+
+    barrier_type: str = ""
+
+    @abc.abstractmethod
+    def __init__(self, **kwargs: Any) -> None:
+        """Build the barrier from its config arguments."""
+
+    @abc.abstractmethod
+    def execute_barrier(self) -> None:
+        """Wait until every rank has arrived."""
+
+    def exchange(self, outcome: dict[str, Any], timeout_secs: float) -> list[dict[str, Any]] | None:
+        """Report ``outcome``; return every rank's outcome on rank 0 (``None`` elsewhere).
+
+        Raises :class:`BarrierError` if a rank failed or did not arrive in time. The default,
+        for a seed-style barrier that can only wait, waits and returns ``None``.
+        """
+        self.execute_barrier()
+        return None
+
+    def publish_commit(self, result: dict[str, Any]) -> None:
+        """Rank 0: tell the others how the commit went (no-op for a wait-only barrier)."""
+
+    def await_commit(self, timeout_secs: float) -> dict[str, Any]:
+        """Other ranks: the result rank 0 published (wait-only barriers: assume success)."""
+        return {"ok": True}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the store or group."""
+
+
+class StoreExchange:
+    """The outcome protocol above, on any ``torch.distributed.Store``."""
+
+    def __init__(self, store: Any, rank: int, world_size: int, prefix: str) -> None:
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.prefix = prefix
+        self.seq = 0
+
+    def _key(self, seq: int, name: str) -> str:
+        return f"{self.prefix}/{seq}/{name}"
+
+    def _count(self, key: str) -> int:
+        return int(self.store.add(key, 0))
+
+    def exchange(self, outcome: dict[str, Any], timeout_secs: float) -> list[dict[str, Any]] | None:
+        seq = self.seq
+        self.seq += 1
+        key = self._key
+        self.store.set(key(seq, f"out/{self.rank}"), json.dumps(outcome))
+        if not outcome.get("ok"):
+            self.store.add(key(seq, "failed"), 1)
+        self.store.add(key(seq, "arrived"), 1)
+        deadline = time.monotonic() + timeout_secs
+        delay = 0.002
+        while True:
+            if self._count(key(seq, "failed")):
+                raise self._failure(seq)
+            if self._count(key(seq, "arrived")) >= self.world_size:
+                break
+            if time.monotonic() > deadline:
+                missing = [
+                    r
+                    for r in range(self.world_size)
+                    if not self.store.check([key(seq, f"out/{r}")])
+                ]
+                raise BarrierError(
+                    f"ranks {missing} did not reach the checkpoint barrier within "
+                    f"{timeout_secs:g} s (save #{seq}); they died or hang. Nothing was "
+                    "committed. Check those ranks' logs; raise write_barrier_timeout_secs if "
+                    "they are only slow."
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+        if self.rank != 0:
+            return None
+        raw = self.store.multi_get([key(seq, f"out/{r}") for r in range(self.world_size)])
+        if seq > 0:
+            self._forget(seq - 1)
+        return [json.loads(bytes(v)) for v in raw]
+
+    def _failure(self, seq: int) -> BarrierError:
+        failed = []
+        for r in range(self.world_size):
+            k = self._key(seq, f"out/{r}")
+            if self.store.check([k]):
+                o = json.loads(bytes(self.store.get(k)))
+                if not o.get("ok"):
+                    failed.append((r, o.get("error", "unknown error")))
+        detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
+        return BarrierError(
+            f"checkpoint save failed on rank(s) {[r for r, _ in failed]}: {detail}. "
+            "Nothing was committed; fix the cause and save again."
+        )
+
+    def _forget(self, seq: int) -> None:
+        names = ["arrived", "failed", "commit"] + [f"out/{r}" for r in range(self.world_size)]
+        for name in names:
+            try:
+                self.store.delete_key(self._key(seq, name))
+            except Exception:  # pragma: no cover - stores without delete
+                return
+
+    def publish_commit(self, result: dict[str, Any]) -> None:
+        self.store.set(self._key(self.seq - 1, "commit"), json.dumps(result))
+
+    def await_commit(self, timeout_secs: float) -> dict[str, Any]:
+        k = self._key(self.seq - 1, "commit")
+        try:
+            self.store.wait([k], timedelta(seconds=timeout_secs))
+        except Exception as e:
+            raise BarrierError(
+                f"rank 0 did not report the commit within {timeout_secs:g} s ({e}); the "
+                "checkpoint may be uncommitted. Check rank 0's log."
+            ) from e
+        return dict(json.loads(bytes(self.store.get(k))))
+
+
+class _StoreBarrier(Barrier):
+    """Shared behaviour of the store-backed barriers."""
+
+    _exchange: StoreExchange
+    _timeout_secs: float
+
+    def execute_barrier(self) -> None:
+        self._exchange.exchange({"ok": True}, self._timeout_secs)
+
+    def exchange(self, outcome: dict[str, Any], timeout_secs: float) -> list[dict[str, Any]] | None:
+        return self._exchange.exchange(outcome, timeout_secs)
+
+    def publish_commit(self, result: dict[str, Any]) -> None:
+        self._exchange.publish_commit(result)
+
+    def await_commit(self, timeout_secs: float) -> dict[str, Any]:
+        return self._exchange.await_commit(timeout_secs)
+
+
+@register_barrier
+class DistBarrier(_StoreBarrier):
+    """Runs on the initialized process group's store (never on its NCCL communicator)."""
+
+    barrier_type = "dist_barrier"
+
+    def __init__(self, barrier_prefix: str = "cloudckpt", timeout_secs: float = 600) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise BarrierError(
+                "DistBarrier requires an initialized process group: call "
+                "torch.distributed.init_process_group() first, or use barrier_type='tcp_store'."
+            )
+        store = dist.distributed_c10d._get_default_store()
+        self._timeout_secs = timeout_secs
+        self._exchange = StoreExchange(
+            store, dist.get_rank(), dist.get_world_size(), f"{barrier_prefix}/dist"
+        )
+
+
+@register_barrier
+class TCPStoreBarrier(_StoreBarrier):
+    """Runs on a TCPStore of its own (rank 0 hosts it); no process group needed."""
+
+    barrier_type = "tcp_store"
+
+    def __init__(
+        self,
+        global_rank: int,
+        global_world_size: int,
+        barrier_prefix: str = "cloudckpt",
+        timeout_barrier_init_secs: int = 300,
+        use_checkpoint_barrier_tcpstore_libuv: bool = True,
+        tcpstore_port: int = 29511,
+        master_address: str = "localhost",
+        timeout_secs: int = 600,
+    ) -> None:
+        import torch.distributed as dist
+
+        logger.info(
+            "TCPStoreBarrier master=%s:%s rank=%s world_size=%s prefix=%s",
+            master_address,
+            tcpstore_port,
+            global_rank,
+            global_world_size,
+            barrier_prefix,
+        )
+        self._timeout_secs = timeout_secs
+        try:
+            self._store = dist.TCPStore(
+                master_address,
+                int(tcpstore_port),
+                world_size=global_world_size,
+                is_master=(global_rank == 0),
+                timeout=timedelta(seconds=timeout_barrier_init_secs),
+                use_libuv=use_checkpoint_barrier_tcpstore_libuv,
+            )
+        except Exception as e:
+            raise BarrierError(
+                f"rank {global_rank} could not reach the checkpoint TCPStore at "
+                f"{master_address}:{tcpstore_port} ({e}). Check master_address and "
+                "tcpstore_port, and that rank 0 is running."
+            ) from e
+        self._exchange = StoreExchange(
+            self._store, global_rank, global_world_size, f"{barrier_prefix}/tcp"
+        )

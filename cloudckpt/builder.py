@@ -1,0 +1,61 @@
+"""Factories that build checkpointers from a :class:`CheckpointerConfig`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .barriers import create_barrier_from_config
+from .checkpoint_process import CheckpointProcess
+from .checkpoint_reader import CheckpointReader
+from .checkpoint_writer import CheckpointWriter, WriterHook
+from .checkpointer import AsyncCheckpointer, SyncCheckpointer
+from .config import CheckpointerConfig, resolve_config
+from .staging import DefaultStager
+from .types import RankInfo, default_rank_info
+
+
+def _writer(
+    cfg: CheckpointerConfig, rank_info: RankInfo, hook: WriterHook | None
+) -> CheckpointWriter:
+    return CheckpointWriter(
+        config=cfg.writer_config,
+        rank_info=rank_info,
+        barrier=create_barrier_from_config(cfg.barrier_config),
+        commit_hook=hook,
+        storage=cfg.storage,
+    )
+
+
+def make_sync_checkpointer(
+    config: CheckpointerConfig | str | os.PathLike[str] | None = None,
+    rank_info: RankInfo | None = None,
+    commit_hook: WriterHook | None = None,
+) -> SyncCheckpointer:
+    """A :class:`SyncCheckpointer`; rank and world size from the process group if not given."""
+    cfg = resolve_config(config)
+    rank_info = rank_info or default_rank_info()
+    reader = CheckpointReader(
+        rank_info, storage=cfg.storage, concurrency=cfg.writer_config.concurrency
+    )
+    return SyncCheckpointer(writer=_writer(cfg, rank_info, commit_hook), reader=reader)
+
+
+def make_async_checkpointer(
+    config: CheckpointerConfig | str | os.PathLike[str] | None = None,
+    rank_info: RankInfo | None = None,
+    commit_hook: WriterHook | None = None,
+    **_seed_kwargs: Any,
+) -> AsyncCheckpointer:
+    """An :class:`AsyncCheckpointer`: staging in the caller, writing and commit behind it."""
+    cfg = resolve_config(config)
+    rank_info = rank_info or default_rank_info()
+    reader = CheckpointReader(
+        rank_info, storage=cfg.storage, concurrency=cfg.writer_config.concurrency
+    )
+    process = CheckpointProcess(_writer(cfg, rank_info, commit_hook), cfg.process_config)
+    return AsyncCheckpointer(
+        checkpoint_stager=DefaultStager(cfg.staging_config),
+        checkpoint_process=process,
+        reader=reader,
+    )

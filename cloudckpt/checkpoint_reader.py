@@ -1,0 +1,351 @@
+"""Reading a checkpoint: manifest, one rank's index, then only the byte ranges needed.
+
+Ranges of one file are sorted and coalesced (small gaps are read into a scratch buffer), read
+in parallel straight into the destination tensors (the caller's own tensors when they fit), and
+every tensor's CRC32C is checked before the call returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .backends import Backend, resolve
+from .errors import (
+    BackendError,
+    CheckpointError,
+    CheckpointNotCommittedError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StateDictMismatchError,
+)
+from .format import MANIFEST_NAME, Manifest, RankIndex, TensorRecord, crc32c, dtype_from_name
+from .storage import StorageConfig, describe_store_error
+from .tree import Node, child_key, node_kind, unflatten
+from .types import STATE_DICT, RankInfo
+from .utils import format_size
+
+logger = logging.getLogger(__name__)
+
+MAX_GAP = 1 << 20  # read through gaps up to this size rather than issue another request
+MAX_REQUEST = 64 << 20  # split coalesced reads so large files are fetched in parallel
+
+
+@dataclass
+class CommittedCheckpoint:
+    """An opened, committed checkpoint: its backend, path, URI and manifest."""
+
+    backend: Backend
+    root: str
+    uri: str
+    manifest: Manifest
+
+    def object_uri(self, rel: str) -> str:
+        return self.backend.to_uri(self.backend.join(self.root, rel))
+
+    def read_index(self, rank: int) -> RankIndex:
+        """Rank ``rank``'s index, checked against the size and CRC32C in the manifest."""
+        entry = next((r for r in self.manifest.ranks if r.rank == rank), None)
+        if entry is None:
+            raise CheckpointError(
+                f"{self.uri} has ranks 0..{self.manifest.world_size - 1}; rank {rank} is not "
+                "among them. Pass rank= with one of those."
+            )
+        where = self.object_uri(entry.index)
+        try:
+            raw = self.backend.read_bytes(self.backend.join(self.root, entry.index))
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{where} is missing but the manifest lists it; the checkpoint is damaged. "
+                "Load an earlier checkpoint."
+            ) from None
+        except OSError as e:
+            raise BackendError(describe_store_error(self.uri, where, e)) from e
+        if len(raw) != entry.size or crc32c(raw) != entry.crc32c:
+            raise CorruptCheckpointError(
+                f"{where}: size or CRC32C differs from the manifest ({len(raw)} bytes, expected "
+                f"{entry.size}); the index is damaged. Load an earlier checkpoint."
+            )
+        return RankIndex.from_json(raw, where)
+
+
+def open_checkpoint(
+    uri: str, backend_name: str | None = None, storage_options: Mapping[str, Any] | None = None
+) -> CommittedCheckpoint:
+    """Open the committed checkpoint at ``uri``: not found, not committed and damaged
+    manifests are told apart."""
+    backend, root = resolve(uri, backend=backend_name, storage_options=storage_options)
+    manifest_path = backend.join(root, MANIFEST_NAME)
+    try:
+        raw = backend.read_bytes(manifest_path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        if backend.exists(root):
+            raise CheckpointNotCommittedError(
+                f"{uri} holds no manifest.json: it is not a committed checkpoint (a save in "
+                "progress, or one that died). Load a committed one (cloudckpt ls / latest)."
+            ) from None
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {uri}: nothing is stored there. Check the URI (cloudckpt ls "
+            "lists the committed checkpoints under a root)."
+        ) from None
+    except OSError as e:
+        raise BackendError(describe_store_error(uri, manifest_path, e)) from e
+    return CommittedCheckpoint(
+        backend, root, uri, Manifest.from_json(raw, f"{uri}/{MANIFEST_NAME}")
+    )
+
+
+@dataclass
+class _Request:
+    """One tensor to read: where it is, and the buffer it goes into."""
+
+    record: TensorRecord
+    dest: torch.Tensor  # contiguous CPU tensor receiving the bytes
+    copy_to: torch.Tensor | None = None  # the caller's tensor, when it could not take them
+
+
+class CheckpointReader:
+    """Reads state dicts (whole, or only a target's keys) from committed checkpoints."""
+
+    def __init__(
+        self,
+        rank_info: RankInfo,
+        *,
+        storage: StorageConfig | None = None,
+        concurrency: int = 8,
+    ) -> None:
+        self._rank_info = rank_info
+        self._storage = storage or StorageConfig()
+        self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="cloudckpt-read")
+
+    def open(
+        self, path: str, storage_options: Mapping[str, Any] | None = None
+    ) -> CommittedCheckpoint:
+        """Open the committed checkpoint at ``path`` (URI, plain path, or name under the root)."""
+        uri = self._storage.resolve_uri(path)
+        return open_checkpoint(
+            uri, self._storage.backend, self._storage.options_with(dict(storage_options or {}))
+        )
+
+    def read(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None = None,
+        *,
+        map_location: Any = None,
+        rank: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> tuple[STATE_DICT, list[str]]:
+        """The state dict at ``path`` and the keys of ``state_dict`` the checkpoint lacks.
+
+        With ``state_dict``, only its keys are read, into its own tensors where they fit.
+        ``rank`` picks whose shard to read (default: this rank; required when the world
+        size differs from the checkpoint's).
+        """
+        started = time.monotonic()
+        ckpt = self.open(path, storage_options)
+        rank = self._pick_rank(ckpt, rank)
+        index = ckpt.read_index(rank)
+        device = torch.device(map_location) if map_location is not None else None
+        requests: list[_Request] = []
+        missing: list[str] = []
+
+        def take(i: int, key: str, target: torch.Tensor | None = None) -> torch.Tensor:
+            if not 0 <= i < len(index.tensors):
+                raise CorruptCheckpointError(f"{ckpt.uri}: tree names tensor #{i}, not in index")
+            rec = index.tensors[i]
+            dtype = dtype_from_name(rec.dtype, ckpt.uri)
+            if target is None:
+                dest = torch.empty(rec.shape, dtype=dtype)
+                requests.append(_Request(rec, dest))
+                return dest
+            if tuple(target.shape) != tuple(rec.shape) or target.dtype != dtype:
+                raise StateDictMismatchError(
+                    f"{key}: the target tensor is {tuple(target.shape)} {target.dtype} but "
+                    f"{ckpt.uri} holds {tuple(rec.shape)} {dtype}; reshape or recast the target "
+                    "to match (shape and dtype mismatches always raise)"
+                )
+            if target.device.type == "cpu" and target.is_contiguous():
+                requests.append(_Request(rec, target))
+            else:
+                requests.append(_Request(rec, torch.empty(rec.shape, dtype=dtype), target))
+            return target
+
+        if state_dict is None:
+            result = unflatten(index.tree, take, ckpt.uri)
+        else:
+            result = _merge(state_dict, index.tree, take, missing, ckpt.uri)
+        nbytes = self._fetch(ckpt, index, requests)
+        for req in requests:
+            if req.copy_to is not None:
+                req.copy_to.copy_(req.dest)
+        if device is not None and device.type != "cpu":
+            result = _to_device(result, device)
+        elapsed = time.monotonic() - started
+        logger.info(
+            "loaded %s rank %d: %d tensors, %s in %.2f s (%.2f GB/s)",
+            ckpt.uri,
+            rank,
+            len(requests),
+            format_size(nbytes),
+            elapsed,
+            nbytes / max(elapsed, 1e-9) / 1e9,
+        )
+        return result, missing
+
+    def _pick_rank(self, ckpt: CommittedCheckpoint, rank: int | None) -> int:
+        if rank is not None:
+            return rank
+        world = ckpt.manifest.world_size
+        if world != self._rank_info.global_world_size:
+            raise CheckpointError(
+                f"{ckpt.uri} was saved by {world} rank(s) but this job has "
+                f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's shard "
+                "(rank=0 for replicated state such as a DDP model)"
+            )
+        return self._rank_info.global_rank
+
+    def _fetch(self, ckpt: CommittedCheckpoint, index: RankIndex, requests: list[_Request]) -> int:
+        """Read every request, coalescing per file; returns bytes read."""
+        by_file: dict[int, list[_Request]] = {}
+        for r in requests:
+            by_file.setdefault(r.record.file, []).append(r)
+        jobs = []
+        for file_no, reqs in by_file.items():
+            reqs.sort(key=lambda r: r.record.offset)
+            group: list[_Request] = []
+            for r in reqs:
+                if group:
+                    end = group[-1].record.offset + group[-1].record.length
+                    span = r.record.offset + r.record.length - group[0].record.offset
+                    if r.record.offset - end > MAX_GAP or span > MAX_REQUEST:
+                        jobs.append((file_no, group))
+                        group = []
+                group.append(r)
+            if group:
+                jobs.append((file_no, group))
+        futures = [self._pool.submit(self._read_group, ckpt, index, f, g) for f, g in jobs]
+        return sum(f.result() for f in futures)
+
+    def _read_group(
+        self, ckpt: CommittedCheckpoint, index: RankIndex, file_no: int, group: list[_Request]
+    ) -> int:
+        rel = index.files[file_no].path
+        where = ckpt.object_uri(rel)
+        buffers: list[memoryview] = []
+        pos = group[0].record.offset
+        for r in group:
+            gap = r.record.offset - pos
+            if gap > 0:
+                buffers.append(memoryview(bytearray(gap)))
+            buffers.append(_writable_bytes(r.dest))
+            pos = r.record.offset + r.record.length
+        try:
+            ckpt.backend.read_into(
+                ckpt.backend.join(ckpt.root, rel), group[0].record.offset, buffers
+            )
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{where} is missing but the index lists it (key {group[0].record.key}); the "
+                "checkpoint is damaged. Load an earlier checkpoint."
+            ) from None
+        except EOFError as e:
+            raise CorruptCheckpointError(
+                f"{where} is truncated ({e}); key {group[0].record.key} and later cannot be read. "
+                "Load an earlier checkpoint."
+            ) from None
+        except OSError as e:
+            raise BackendError(describe_store_error(ckpt.uri, where, e)) from e
+        for r in group:
+            if crc32c(_writable_bytes(r.dest)) != r.record.crc32c:
+                raise CorruptCheckpointError(
+                    f"{where}: CRC32C mismatch for key {r.record.key} (bytes {r.record.offset}.."
+                    f"{r.record.offset + r.record.length}); the file is damaged. Load an earlier "
+                    "checkpoint."
+                )
+        return sum(r.record.length for r in group)
+
+    def close(self) -> None:
+        """Stop the reader's threads."""
+        self._pool.shutdown(wait=True)
+
+
+def _writable_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(bytearray(0))
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _merge(
+    target: Any,
+    node: Node,
+    take: Callable[..., torch.Tensor],
+    missing: list[str],
+    where: str,
+    key: str = "",
+) -> Any:
+    """Fill ``target`` from ``node``, key by key; whole subtrees where the target holds None."""
+    kind, payload = node_kind(node, where)
+    if target is None:
+        return unflatten(node, take, where, key)
+    if isinstance(target, torch.Tensor):
+        if kind != "tensor":
+            raise StateDictMismatchError(
+                f"{key or '<root>'}: the target holds a tensor but {where} holds a {kind} there"
+            )
+        return take(int(payload), key, target)
+    if isinstance(target, Mapping):
+        if kind not in ("dict", "odict"):
+            raise StateDictMismatchError(
+                f"{key or '<root>'}: the target holds a dict but {where} holds a {kind} there"
+            )
+        source = {k: child for k, child in payload}
+        for k in list(target):
+            ck = child_key(key, k, False)
+            if k in source:
+                target[k] = _merge(target[k], source[k], take, missing, where, ck)  # type: ignore[index]
+            else:
+                missing.append(ck)
+        return target
+    if isinstance(target, (list, tuple)):
+        if kind not in ("list", "tuple"):
+            raise StateDictMismatchError(
+                f"{key or '<root>'}: the target holds a {type(target).__name__} but {where} "
+                f"holds a {kind} there"
+            )
+        items = []
+        for i, item in enumerate(target):
+            ck = child_key(key, i, True)
+            if i < len(payload):
+                items.append(_merge(item, payload[i], take, missing, where, ck))
+            else:
+                missing.append(ck)
+                items.append(item)
+        if isinstance(target, list):
+            target[:] = items
+            return target
+        return tuple(items)
+    return unflatten(node, take, where, key)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        for k in value:
+            value[k] = _to_device(value[k], device)
+        return value
+    if isinstance(value, list):
+        value[:] = [_to_device(v, device) for v in value]
+        return value
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    return value

@@ -1,0 +1,347 @@
+"""The on-storage format: object names, dtype tables, safetensors headers, index and manifest.
+
+A checkpoint at ``<uri>`` holds ``data/rank-RRRRR-FFFF.safetensors`` (tensors, packed),
+``index/rank-RRRRR.json`` (each rank's tree and per-tensor placement and CRC32C) and
+``manifest.json`` (written last, create-only, by rank 0). See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c as _crc32c
+import torch
+
+from .errors import CorruptCheckpointError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DATA_DIR = "data"
+INDEX_DIR = "index"
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+
+
+def data_file_name(rank: int, n: int) -> str:
+    """``data/rank-00000-0000.safetensors``."""
+    return f"{DATA_DIR}/rank-{rank:05d}-{n:04d}.safetensors"
+
+
+def index_name(rank: int) -> str:
+    """``index/rank-00000.json``."""
+    return f"{INDEX_DIR}/rank-{rank:05d}.json"
+
+
+def crc32c(data: Any, value: int = 0) -> int:
+    """CRC32C of a buffer (any object with the buffer protocol), continuing from ``value``."""
+    return int(_crc32c.crc32c(data, value))
+
+
+# -- dtypes ---------------------------------------------------------------------------------
+
+# safetensors names for dtypes its readers know; others are stored as raw bytes ("U8").
+_SAFETENSORS_DTYPE = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_SAFETENSORS_ITEMSIZE = {name: dt.itemsize for dt, name in _SAFETENSORS_DTYPE.items()}
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str, where: str) -> torch.dtype:
+    try:
+        return _TORCH_DTYPES[name]
+    except KeyError:
+        raise CorruptCheckpointError(
+            f"{where}: unknown dtype {name!r} (saved by a newer torch?); upgrade torch to load it"
+        ) from None
+
+
+def safetensors_entry(dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> tuple[str, list]:
+    """The (dtype, shape) a safetensors reader sees; unknown dtypes become a byte vector."""
+    name = _SAFETENSORS_DTYPE.get(dtype)
+    if name is None:
+        return "U8", [nbytes]
+    return name, list(shape)
+
+
+def build_safetensors_header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
+    """The 8-byte length and padded JSON header for tensors stored back to back.
+
+    ``entries`` are ``(name, st_dtype, shape, nbytes)`` in storage order.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "cloudckpt"}}
+    pos = 0
+    for name, st_dtype, shape, nbytes in entries:
+        header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@dataclass
+class SafetensorsEntry:
+    name: str
+    dtype: str
+    shape: list[int]
+    start: int  # absolute offsets in the file
+    end: int
+
+
+def parse_safetensors_header(head: bytes, file_size: int, where: str) -> list[SafetensorsEntry]:
+    """Validate and return a safetensors header (``head`` = at least the first 8+N bytes).
+
+    A lying header (length past the end of the file, offsets out of range or overlapping,
+    sizes that disagree with dtype and shape) is refused before anything is allocated for it.
+    """
+    if len(head) < 8 or file_size < 8:
+        raise CorruptCheckpointError(f"{where}: too short for a safetensors file")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise CorruptCheckpointError(
+            f"{where}: safetensors header claims {n} bytes, past the end of the "
+            f"{file_size}-byte file"
+        )
+    if len(head) < 8 + n:
+        raise CorruptCheckpointError(f"{where}: header cut short")
+    try:
+        header = json.loads(head[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{where}: safetensors header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{where}: safetensors header is not an object")
+    base = 8 + n
+    out = []
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (s, t) = e["dtype"], e["shape"], e["data_offsets"]
+            ok = all(isinstance(x, int) and x >= 0 for x in (*shape, s, t))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok or dtype not in _SAFETENSORS_ITEMSIZE:
+            raise CorruptCheckpointError(f"{where}: bad header entry for {name!r}")
+        if s > t or base + t > file_size:
+            raise CorruptCheckpointError(
+                f"{where}: tensor {name!r} claims bytes {s}..{t}, past the end of the file"
+            )
+        if math.prod(shape) * _SAFETENSORS_ITEMSIZE[dtype] != t - s:
+            raise CorruptCheckpointError(f"{where}: tensor {name!r} size disagrees with its shape")
+        out.append(SafetensorsEntry(name, dtype, shape, base + s, base + t))
+    check_no_overlap([(x.start, x.end, x.name) for x in out], where)
+    return out
+
+
+def check_no_overlap(ranges: list[tuple[int, int, str]], where: str) -> None:
+    """Raise if any two ``(start, end, name)`` ranges overlap."""
+    prev_end, prev_name = -1, ""
+    for start, end, name in sorted(ranges):
+        if start < prev_end:
+            raise CorruptCheckpointError(
+                f"{where}: byte ranges of {prev_name!r} and {name!r} overlap"
+            )
+        if end > prev_end:
+            prev_end, prev_name = end, name
+
+
+# -- index and manifest ---------------------------------------------------------------------
+
+
+@dataclass
+class TensorRecord:
+    """Where one tensor lives and what it is."""
+
+    key: str
+    dtype: str
+    shape: list[int]
+    file: int  # position in RankIndex.files
+    offset: int  # absolute byte offset in the file
+    length: int
+    crc32c: int
+
+
+@dataclass
+class FileRecord:
+    path: str  # relative to the checkpoint
+    size: int
+
+
+@dataclass
+class RankIndex:
+    """One rank's ``index/rank-RRRRR.json``."""
+
+    rank: int
+    world_size: int
+    tree: dict[str, Any]
+    files: list[FileRecord]
+    tensors: list[TensorRecord]
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": "cloudckpt-index",
+            "format_version": FORMAT_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "files": [[f.path, f.size] for f in self.files],
+            "tensors": [
+                [t.key, t.dtype, t.shape, t.file, t.offset, t.length, t.crc32c]
+                for t in self.tensors
+            ],
+            "tree": self.tree,
+        }
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> RankIndex:
+        doc = _load_json(raw, where)
+        _check_format(doc, "cloudckpt-index", where)
+        try:
+            files = [FileRecord(str(p), int(s)) for p, s in doc["files"]]
+            tensors = [
+                TensorRecord(str(k), str(d), [int(x) for x in sh], int(f), int(o), int(n), int(c))
+                for k, d, sh, f, o, n, c in doc["tensors"]
+            ]
+            idx = cls(int(doc["rank"]), int(doc["world_size"]), doc["tree"], files, tensors)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptCheckpointError(f"{where}: malformed index ({e!r})") from e
+        idx.validate(where)
+        return idx
+
+    def validate(self, where: str) -> None:
+        """Every tensor inside its file, sizes matching dtype and shape, no overlaps."""
+        per_file: dict[int, list[tuple[int, int, str]]] = {}
+        for t in self.tensors:
+            if not 0 <= t.file < len(self.files):
+                raise CorruptCheckpointError(f"{where}: tensor {t.key!r} names no file")
+            size = self.files[t.file].size
+            if t.offset < 8 or t.length < 0 or t.offset + t.length > size:
+                raise CorruptCheckpointError(
+                    f"{where}: tensor {t.key!r} claims bytes {t.offset}..{t.offset + t.length} "
+                    f"of {self.files[t.file].path} ({size} bytes)"
+                )
+            dt = dtype_from_name(t.dtype, where)
+            if any(x < 0 for x in t.shape) or math.prod(t.shape) * dt.itemsize != t.length:
+                raise CorruptCheckpointError(
+                    f"{where}: tensor {t.key!r} length disagrees with its shape"
+                )
+            per_file.setdefault(t.file, []).append((t.offset, t.offset + t.length, t.key))
+        for f, ranges in per_file.items():
+            check_no_overlap(ranges, f"{where} ({self.files[f].path})")
+
+
+@dataclass
+class RankEntry:
+    rank: int
+    index: str
+    size: int
+    crc32c: int
+    files: list[str]
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: the commit record of a checkpoint."""
+
+    world_size: int
+    ranks: list[RankEntry]
+    library_version: str
+    created_unix: float = field(default_factory=time.time)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.bytes for r in self.ranks)
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": "cloudckpt",
+            "format_version": FORMAT_VERSION,
+            "library_version": self.library_version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_unix)),
+            "created_unix": self.created_unix,
+            "world_size": self.world_size,
+            "ranks": [vars(r) for r in self.ranks],
+            "metadata": self.metadata,
+        }
+        return json.dumps(doc, indent=1, allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> Manifest:
+        doc = _load_json(raw, where)
+        _check_format(doc, "cloudckpt", where)
+        try:
+            ranks = [
+                RankEntry(
+                    int(r["rank"]),
+                    str(r["index"]),
+                    int(r["size"]),
+                    int(r["crc32c"]),
+                    [str(f) for f in r["files"]],
+                    int(r["bytes"]),
+                )
+                for r in doc["ranks"]
+            ]
+            m = cls(
+                int(doc["world_size"]),
+                ranks,
+                str(doc.get("library_version", "")),
+                float(doc.get("created_unix", 0.0)),
+                dict(doc.get("metadata") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptCheckpointError(f"{where}: malformed manifest ({e!r})") from e
+        if sorted(r.rank for r in m.ranks) != list(range(m.world_size)):
+            raise CorruptCheckpointError(f"{where}: manifest ranks do not match world_size")
+        return m
+
+
+def _load_json(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(
+            f"{where} is not valid JSON ({e}); the object is damaged. Restore it from a copy or "
+            "use an earlier checkpoint."
+        ) from e
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{where} is not a JSON object; the object is damaged")
+    return doc
+
+
+def _check_format(doc: dict[str, Any], kind: str, where: str) -> None:
+    if doc.get("format") != kind:
+        raise CorruptCheckpointError(f"{where}: not a {kind} document")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{where}: format version {version!r} is newer than this cloudckpt understands "
+            f"({FORMAT_VERSION}); upgrade cloudckpt"
+        )
