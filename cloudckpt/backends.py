@@ -330,10 +330,15 @@ class FsspecBackend(Backend):
             for chunk in chunks:
                 f.write(chunk)
         except BaseException:
-            # Never let close() publish a partial object: discard where the file knows how.
+            # Never let close() publish a partial object: discard where the file knows how,
+            # and remove what some filesystems (memory://) create at open time.
             discard = getattr(f, "discard", None)
             if callable(discard):
                 discard()
+            try:
+                self.fs.rm_file(path)
+            except (OSError, NotImplementedError):
+                pass
             raise
         f.close()
 

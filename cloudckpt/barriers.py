@@ -86,7 +86,7 @@ class Barrier(abc.ABC):
         self.execute_barrier()
         return None
 
-    def publish_commit(self, result: dict[str, Any]) -> None:
+    def publish_commit(self, result: dict[str, Any]) -> None:  # noqa: B027 - optional
         """Rank 0: tell the others how the commit went (no-op for a wait-only barrier)."""
 
     def await_commit(self, timeout_secs: float) -> dict[str, Any]:

@@ -25,7 +25,15 @@ from .errors import (
     CorruptCheckpointError,
     StateDictMismatchError,
 )
-from .format import MANIFEST_NAME, Manifest, RankIndex, TensorRecord, crc32c, dtype_from_name
+from .format import (
+    MANIFEST_NAME,
+    Manifest,
+    RankIndex,
+    TensorRecord,
+    crc32c,
+    dtype_from_name,
+    tensor_bytes,
+)
 from .storage import StorageConfig, describe_store_error
 from .tree import Node, child_key, node_kind, unflatten
 from .types import STATE_DICT, RankInfo
@@ -245,7 +253,7 @@ class CheckpointReader:
             gap = r.record.offset - pos
             if gap > 0:
                 buffers.append(memoryview(bytearray(gap)))
-            buffers.append(_writable_bytes(r.dest))
+            buffers.append(tensor_bytes(r.dest))
             pos = r.record.offset + r.record.length
         try:
             ckpt.backend.read_into(
@@ -264,7 +272,7 @@ class CheckpointReader:
         except OSError as e:
             raise BackendError(describe_store_error(ckpt.uri, where, e)) from e
         for r in group:
-            if crc32c(_writable_bytes(r.dest)) != r.record.crc32c:
+            if crc32c(tensor_bytes(r.dest)) != r.record.crc32c:
                 raise CorruptCheckpointError(
                     f"{where}: CRC32C mismatch for key {r.record.key} (bytes {r.record.offset}.."
                     f"{r.record.offset + r.record.length}); the file is damaged. Load an earlier "
@@ -275,13 +283,6 @@ class CheckpointReader:
     def close(self) -> None:
         """Stop the reader's threads."""
         self._pool.shutdown(wait=True)
-
-
-def _writable_bytes(t: torch.Tensor) -> memoryview:
-    flat = t.reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(bytearray(0))
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
 def _merge(

@@ -42,6 +42,7 @@ from .format import (
     dtype_name,
     index_name,
     safetensors_entry,
+    tensor_bytes,
 )
 from .storage import StorageConfig, describe_store_error
 from .tree import TensorLeaf, flatten
@@ -82,14 +83,6 @@ class CheckpointWriterConfig:
     @property
     def file_size_bytes(self) -> int:
         return int(self.file_size)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a contiguous CPU tensor, without a copy (the view keeps it alive)."""
-    flat = t.detach().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
 def host_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -207,7 +200,7 @@ class CheckpointWriter:
             _store_call(backend.write_object, index_path, uri, [raw_index], len(raw_index))
             if self._commit_hook is not None:
                 self._commit_hook.pre_commit(uri, **kwargs)
-            outcome = {
+            outcome: dict[str, Any] = {
                 "ok": True,
                 "rank": rank,
                 "index": index_name(rank),
@@ -227,8 +220,10 @@ class CheckpointWriter:
                 except BarrierError:
                     pass
             raise
-        outcomes = self._barrier.exchange(outcome, timeout) if multi else [outcome]
-        assert self._barrier is not None or not multi
+        outcomes: list[dict[str, Any]] | None = [outcome]
+        if multi:
+            assert self._barrier is not None
+            outcomes = self._barrier.exchange(outcome, timeout)
         if rank == 0:
             assert outcomes is not None
             try:
@@ -402,7 +397,7 @@ def _store_call(fn: Any, path: str, uri: str, *args: Any, **kwargs: Any) -> Any:
     """Run a backend call; turn a store's OSError into a BackendError naming the URI."""
     try:
         return fn(path, *args, **kwargs)
-    except (FileExistsError, FileNotFoundError, CheckpointError):
+    except (FileExistsError, CheckpointError):
         raise
     except OSError as e:
         raise BackendError(describe_store_error(uri, path, e)) from e

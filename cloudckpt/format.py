@@ -36,6 +36,15 @@ def index_name(rank: int) -> str:
     return f"{INDEX_DIR}/rank-{rank:05d}.json"
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy (the view keeps it alive)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(bytearray(0))
+    array: Any = flat.view(torch.uint8).numpy()
+    return memoryview(array).cast("B")
+
+
 def crc32c(data: Any, value: int = 0) -> int:
     """CRC32C of a buffer (any object with the buffer protocol), continuing from ``value``."""
     return int(_crc32c.crc32c(data, value))
@@ -138,11 +147,11 @@ def parse_safetensors_header(head: bytes, file_size: int, where: str) -> list[Sa
         raise CorruptCheckpointError(f"{where}: safetensors header is not an object")
     base = 8 + n
     out = []
-    for name, e in header.items():
+    for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (s, t) = e["dtype"], e["shape"], e["data_offsets"]
+            dtype, shape, (s, t) = entry["dtype"], entry["shape"], entry["data_offsets"]
             ok = all(isinstance(x, int) and x >= 0 for x in (*shape, s, t))
         except (KeyError, TypeError, ValueError):
             ok = False

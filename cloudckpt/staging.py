@@ -106,10 +106,10 @@ class DefaultStager(CheckpointStager):
                 return type(value)(copy(v) for v in value)
             return value
 
-        staged = copy(state_dict)
+        staged: STATE_DICT = copy(state_dict)
         if self._non_blocking:
             torch.cuda.synchronize()
-        return staged  # type: ignore[no-any-return]
+        return staged
 
     def close(self) -> None:
         if self._executor is not None:
