@@ -326,7 +326,7 @@ def test_flipped_byte_names_object_and_key(tmp_path: Path) -> None:
     f = root / "data" / "rank-00000-0000.safetensors"
     raw = bytearray(f.read_bytes())
     index = json.loads((root / "index" / "rank-00000.json").read_bytes())
-    key, _, _, _, offset, _, _ = next(t for t in index["tensors"] if t[0] == "model.2.bias")
+    _, _, _, _, offset, _, _ = next(t for t in index["tensors"] if t[0] == "model.2.bias")
     raw[offset] ^= 1
     f.write_bytes(bytes(raw))
     with pytest.raises(cloudckpt.CorruptCheckpointError) as info:
@@ -497,3 +497,29 @@ def test_no_temporary_files_left_after_save(tmp_path: Path) -> None:
     cloudckpt.save(str(tmp_path / "c"), trainer_state())
     names = [n for _, _, files in os.walk(tmp_path / "c") for n in files]
     assert not [n for n in names if ".tmp-" in n]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real 1 MiB filesystem (tmpfs), so writes fail with ENOSPC."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 1 MiB tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_fails_cleanly_and_keeps_committed(tiny_disk: Path) -> None:
+    cloudckpt.save(str(tiny_disk / "a"), {"x": torch.ones(1000)})
+    with pytest.raises(cloudckpt.BackendError, match=r"the disk is full") as info:
+        cloudckpt.save(str(tiny_disk / "b"), {"big": torch.zeros(1 << 19)})  # 2 MiB
+    assert str(tiny_disk / "b") in str(info.value)
+    assert torch.equal(cloudckpt.load(str(tiny_disk / "a"))["x"], torch.ones(1000))
+    with pytest.raises(cloudckpt.CheckpointNotCommittedError):
+        cloudckpt.load(str(tiny_disk / "b"))
+    leftovers = [n for _, _, files in os.walk(tiny_disk) for n in files if ".tmp-" in n]
+    assert leftovers == []
