@@ -248,12 +248,14 @@ class CheckpointReader:
         rel = index.files[file_no].path
         where = ckpt.object_uri(rel)
         buffers: list[memoryview] = []
+        views: list[memoryview] = []
         pos = group[0].record.offset
         for r in group:
             gap = r.record.offset - pos
             if gap > 0:
                 buffers.append(memoryview(bytearray(gap)))
-            buffers.append(tensor_bytes(r.dest))
+            views.append(tensor_bytes(r.dest))
+            buffers.append(views[-1])
             pos = r.record.offset + r.record.length
         try:
             ckpt.backend.read_into(
@@ -271,8 +273,8 @@ class CheckpointReader:
             ) from None
         except OSError as e:
             raise BackendError(describe_store_error(ckpt.uri, where, e)) from e
-        for r in group:
-            if crc32c(tensor_bytes(r.dest)) != r.record.crc32c:
+        for r, view in zip(group, views):
+            if crc32c(view) != r.record.crc32c:
                 raise CorruptCheckpointError(
                     f"{where}: CRC32C mismatch for key {r.record.key} (bytes {r.record.offset}.."
                     f"{r.record.offset + r.record.length}); the file is damaged. Load an earlier "

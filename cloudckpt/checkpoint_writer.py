@@ -87,8 +87,10 @@ class CheckpointWriterConfig:
 
 def host_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when it is a contiguous CPU tensor, else a contiguous CPU copy."""
+    if t.is_cpu and t.is_contiguous():
+        return t
     t = t.detach()
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         t = t.to("cpu")
     return t if t.is_contiguous() else t.contiguous()
 

@@ -36,12 +36,23 @@ def index_name(rank: int) -> str:
     return f"{INDEX_DIR}/rank-{rank:05d}.json"
 
 
+# dtypes numpy can view directly; the others go through a uint8 view first
+_NUMPY_DTYPES = {
+    torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+}  # fmt: skip
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy (the view keeps it alive)."""
-    flat = t.detach().reshape(-1)
-    if flat.numel() == 0:
+    if t.numel() == 0:
         return memoryview(bytearray(0))
-    array: Any = flat.view(torch.uint8).numpy()
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype in _NUMPY_DTYPES and t.dim() > 0:
+        array: Any = t.numpy()
+    else:
+        array = t.reshape(-1).view(torch.uint8).numpy()
     return memoryview(array).cast("B")
 
 
@@ -256,7 +267,7 @@ class RankIndex:
                     f"of {self.files[t.file].path} ({size} bytes)"
                 )
             dt = dtype_from_name(t.dtype, where)
-            if any(x < 0 for x in t.shape) or math.prod(t.shape) * dt.itemsize != t.length:
+            if (t.shape and min(t.shape) < 0) or math.prod(t.shape) * dt.itemsize != t.length:
                 raise CorruptCheckpointError(
                     f"{where}: tensor {t.key!r} length disagrees with its shape"
                 )
