@@ -40,7 +40,7 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))  # type: ignore[arg-type]
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
     return a == b
 
 
