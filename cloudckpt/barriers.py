@@ -64,6 +64,18 @@ def create_barrier_from_config(barrier_config: BarrierConfig) -> Barrier | None:
     return cls(**barrier_config.barrier_args)
 
 
+def default_barrier(barrier_config: BarrierConfig, world_size: int) -> Barrier | None:
+    """The configured barrier; with none configured, several ranks and an initialized process
+    group, a :class:`DistBarrier` on that group's store (what a user of the group expects)."""
+    barrier = create_barrier_from_config(barrier_config)
+    if barrier is None and world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return DistBarrier()
+    return barrier
+
+
 class Barrier(abc.ABC):
     """Synchronizes the ranks of a job. Subclasses may also exchange outcomes."""
 
@@ -114,6 +126,19 @@ class StoreExchange:
         return int(self.store.add(key, 0))
 
     def exchange(self, outcome: dict[str, Any], timeout_secs: float) -> list[dict[str, Any]] | None:
+        try:
+            return self._exchange(outcome, timeout_secs)
+        except BarrierError:
+            raise
+        except Exception as e:  # the store itself is gone: its host (rank 0) died
+            raise BarrierError(
+                f"rank {self.rank} lost the checkpoint barrier's store ({type(e).__name__}: "
+                f"{e}); its host, rank 0, probably died. Nothing was committed."
+            ) from e
+
+    def _exchange(
+        self, outcome: dict[str, Any], timeout_secs: float
+    ) -> list[dict[str, Any]] | None:
         seq = self.seq
         self.seq += 1
         key = self._key
@@ -178,12 +203,13 @@ class StoreExchange:
         k = self._key(self.seq - 1, "commit")
         try:
             self.store.wait([k], timedelta(seconds=timeout_secs))
+            result = dict(json.loads(bytes(self.store.get(k))))
         except Exception as e:
             raise BarrierError(
                 f"rank 0 did not report the commit within {timeout_secs:g} s ({e}); the "
                 "checkpoint may be uncommitted. Check rank 0's log."
             ) from e
-        return dict(json.loads(bytes(self.store.get(k))))
+        return result
 
 
 class _StoreBarrier(Barrier):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .barriers import create_barrier_from_config
+from .barriers import default_barrier
 from .checkpoint_process import CheckpointProcess
 from .checkpoint_reader import CheckpointReader
 from .checkpoint_writer import CheckpointWriter, WriterHook
@@ -21,7 +21,7 @@ def _writer(
     return CheckpointWriter(
         config=cfg.writer_config,
         rank_info=rank_info,
-        barrier=create_barrier_from_config(cfg.barrier_config),
+        barrier=default_barrier(cfg.barrier_config, rank_info.global_world_size),
         commit_hook=hook,
         storage=cfg.storage,
     )

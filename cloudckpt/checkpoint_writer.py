@@ -28,7 +28,13 @@ import torch
 from ._version import __version__
 from .backends import Backend, resolve
 from .barriers import Barrier
-from .errors import BackendError, BarrierError, CheckpointError, CheckpointExistsError
+from .errors import (
+    BackendError,
+    BarrierError,
+    CheckpointError,
+    CheckpointExistsError,
+    ConfigError,
+)
 from .format import (
     MANIFEST_NAME,
     FileRecord,
@@ -143,13 +149,6 @@ class CheckpointWriter:
         self._commit_hook = commit_hook
         self._storage = storage or StorageConfig()
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="cloudckpt-write")
-        if barrier is None and rank_info.global_world_size > 1:
-            logger.warning(
-                "rank %d of %d has no barrier: each rank will commit on its own. Configure "
-                "barrier_type 'tcp_store' or 'dist_barrier' for a multi-rank checkpoint.",
-                rank_info.global_rank,
-                rank_info.global_world_size,
-            )
 
     @property
     def rank_info(self) -> RankInfo:
@@ -177,7 +176,13 @@ class CheckpointWriter:
             storage_options=self._storage.options_with(storage_options),
         )
         rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
-        multi = self._barrier is not None and world > 1
+        multi = world > 1
+        if multi and self._barrier is None:
+            raise ConfigError(
+                f"rank {rank} of {world} has no barrier, so no rank could commit {uri} for all: "
+                "initialize a process group or set [barrier] barrier_type = 'tcp_store' or "
+                "'dist_barrier'"
+            )
         timeout = float(self._config.write_barrier_timeout_secs)
         started = time.monotonic()
         nonce = uuid.uuid4().hex

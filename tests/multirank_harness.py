@@ -1,0 +1,218 @@
+"""Run a scenario on N real ranks: one launcher process imports torch once, forks the ranks.
+
+The test process never forks itself (it may hold server threads); it starts this file as a
+subprocess, which forks ``world`` children. Each child runs ``SCENARIOS[name](rank, world, args)``
+and writes its result (or its error) as JSON; the launcher prints every rank's result and exit
+code as one JSON line. Ranks talk over gloo and real TCPStores on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import cloudckpt
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rank_state(rank: int, step: int = 0) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return {
+        "model": {"w": torch.randn(256, 64, generator=g), "b": torch.randn(64, generator=g)},
+        "shard": [torch.full((1000,), float(rank))],
+        "rank": rank,
+        "step": step,
+    }
+
+
+def _config(args: dict[str, Any], rank: int, world: int) -> cloudckpt.CheckpointerConfig:
+    barrier = args.get("barrier", "tcp_store")
+    barrier_args: dict[str, Any] = {}
+    if barrier == "tcp_store":
+        barrier_args = {
+            "global_rank": rank,
+            "global_world_size": world,
+            "barrier_prefix": "test",
+            "timeout_barrier_init_secs": 30,
+            "use_checkpoint_barrier_tcpstore_libuv": True,
+            "tcpstore_port": args["store_port"],
+            "master_address": "127.0.0.1",
+            "timeout_secs": args.get("timeout", 30),
+        }
+    return cloudckpt.CheckpointerConfig(
+        writer_config=cloudckpt.CheckpointWriterConfig(
+            write_barrier_timeout_secs=args.get("timeout", 30), file_size="64KiB"
+        ),
+        barrier_config=cloudckpt.BarrierConfig(barrier_type=barrier, barrier_args=barrier_args)
+        if barrier != "auto"
+        else cloudckpt.BarrierConfig(),
+        storage=cloudckpt.StorageConfig(options=args.get("storage_options", {})),
+    )
+
+
+def _init_group(args: dict[str, Any], rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{args['pg_port']}",
+        rank=rank,
+        world_size=world,
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def scenario_save_load(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Every rank saves its own state several times with one checkpointer, then loads it back."""
+    if args.get("barrier") in ("dist_barrier", "auto"):
+        _init_group(args, rank, world)
+    rank_info = None if args.get("barrier") == "auto" else cloudckpt.RankInfo(rank, world)
+    ckpt = cloudckpt.make_sync_checkpointer(_config(args, rank, world), rank_info=rank_info)
+    for step in range(args.get("saves", 2)):
+        uri = f"{args['root']}/step-{step}"
+        ckpt.save(uri, rank_state(rank, step))
+        out = ckpt.load(uri)
+        assert _same(out, rank_state(rank, step)), f"rank {rank} step {step} differs"
+    other = ckpt.load(f"{args['root']}/step-0", rank=0)  # any rank's shard, explicitly
+    assert _same(other, rank_state(0, 0))
+    ckpt.close()
+    return {"ok": True}
+
+
+def scenario_one_rank_raises(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    ckpt = cloudckpt.make_sync_checkpointer(
+        _config(args, rank, world), rank_info=cloudckpt.RankInfo(rank, world)
+    )
+    sd = rank_state(rank)
+    if rank == args["bad_rank"]:
+        sd["extra"] = {"fn": print}
+    started = time.monotonic()
+    try:
+        ckpt.save(f"{args['root']}/bad", sd)
+    except cloudckpt.CheckpointError as e:
+        return {
+            "ok": False,
+            "type": type(e).__name__,
+            "error": str(e),
+            "secs": time.monotonic() - started,
+        }
+    return {"ok": True}
+
+
+class _DieBeforeBarrier(cloudckpt.WriterHook):
+    def __init__(self, victim: int, rank: int) -> None:
+        self.victim, self.rank = victim, rank
+
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        if self.rank == self.victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        pass
+
+
+def scenario_one_rank_killed(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    ckpt = cloudckpt.make_sync_checkpointer(
+        _config(args, rank, world),
+        rank_info=cloudckpt.RankInfo(rank, world),
+        commit_hook=_DieBeforeBarrier(args["victim"], rank),
+    )
+    started = time.monotonic()
+    try:
+        ckpt.save(f"{args['root']}/killed", rank_state(rank))
+    except cloudckpt.CheckpointError as e:
+        return {
+            "ok": False,
+            "type": type(e).__name__,
+            "error": str(e),
+            "secs": time.monotonic() - started,
+        }
+    return {"ok": True}
+
+
+SCENARIOS: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]] = {
+    "save_load": scenario_save_load,
+    "one_rank_raises": scenario_one_rank_raises,
+    "one_rank_killed": scenario_one_rank_killed,
+}
+
+
+def launch(name: str, world: int, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """In the launcher: fork the ranks, wait, collect their results and exit codes."""
+    outdir = tempfile.mkdtemp(prefix="cloudckpt-ranks-")
+    pids = {}
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:  # the rank
+            code = 0
+            try:
+                result = SCENARIOS[name](rank, world, args)
+            except BaseException as e:
+                result = {"ok": False, "type": type(e).__name__, "error": str(e),
+                          "trace": traceback.format_exc()}  # fmt: skip
+                code = 1
+            with open(os.path.join(outdir, f"{rank}.json"), "w") as f:
+                json.dump(result, f)
+            os._exit(code)
+        pids[pid] = rank
+    codes: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        codes[pids.pop(pid)] = os.waitstatus_to_exitcode(status)
+    for pid, rank in pids.items():  # hung ranks: the test will say so
+        os.kill(pid, signal.SIGKILL)
+        codes[rank] = -999
+    results = {}
+    for rank in range(world):
+        path = os.path.join(outdir, f"{rank}.json")
+        results[rank] = json.load(open(path)) if os.path.exists(path) else None
+    return {"codes": codes, "results": results}
+
+
+def run_ranks(name: str, world: int, args: dict[str, Any], timeout: float = 120) -> dict[int, Any]:
+    """From a test: run scenario ``name`` on ``world`` forked ranks; per-rank results + codes."""
+    args = {"store_port": free_port(), "pg_port": free_port(), **args}
+    proc = subprocess.run(
+        [sys.executable, __file__, name, str(world), json.dumps(args), str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"launcher failed: {proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {int(r): {"code": out["codes"][r], "result": out["results"][r]} for r in out["results"]}
+
+
+if __name__ == "__main__":
+    name, world, raw_args, timeout = sys.argv[1:5]
+    print(json.dumps(launch(name, int(world), json.loads(raw_args), float(timeout))))

@@ -1,0 +1,116 @@
+"""Many ranks, one commit: real forked processes, gloo, TCPStores on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from multirank_harness import rank_state, run_ranks
+
+import cloudckpt
+from cloudckpt.backends import resolve
+from cloudckpt.checkpoint_writer import CheckpointWriter, CheckpointWriterConfig
+
+pytestmark = pytest.mark.multirank
+
+
+def _all_ok(results: dict[int, Any]) -> None:
+    for rank, r in results.items():
+        assert r["code"] == 0 and r["result"] == {"ok": True}, (rank, r)
+
+
+@pytest.mark.parametrize("barrier", ["tcp_store", "dist_barrier", "auto"])
+def test_every_rank_saves_and_loads_its_shard_locally(tmp_path: Path, barrier: str) -> None:
+    root = str(tmp_path / "run")
+    _all_ok(run_ranks("save_load", 3, {"root": root, "barrier": barrier}))
+    manifest = cloudckpt.checkpoint_reader.open_checkpoint(f"{root}/step-1").manifest
+    assert manifest.world_size == 3
+    assert [r.index for r in manifest.ranks] == [f"index/rank-{r:05d}.json" for r in range(3)]
+    assert all(
+        r.files and r.files[0].startswith(f"data/rank-{r.rank:05d}-") for r in manifest.ranks
+    )
+
+
+def test_world_size_mismatch_needs_an_explicit_rank(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    _all_ok(run_ranks("save_load", 2, {"root": root, "saves": 1}))
+    with pytest.raises(
+        cloudckpt.CheckpointError, match=r"saved by 2 rank\(s\) but this job has 1: pass rank=N"
+    ):
+        cloudckpt.load(f"{root}/step-0")
+    out = cloudckpt.load(f"{root}/step-0", rank=1)
+    assert out["rank"] == 1 and torch.equal(out["shard"][0], rank_state(1)["shard"][0])
+    with pytest.raises(cloudckpt.CheckpointError, match=r"rank 5 is not among them"):
+        cloudckpt.load(f"{root}/step-0", rank=5)
+
+
+def test_a_failing_rank_fails_every_rank_at_once(tmp_path: Path) -> None:
+    results = run_ranks("one_rank_raises", 4, {"root": str(tmp_path), "bad_rank": 2, "timeout": 60})
+    bad = results[2]["result"]
+    assert (
+        bad["type"] == "UnsupportedValueError"
+        and bad["error"] == "extra.fn: cannot save a function"
+    )
+    for rank in (0, 1, 3):
+        r = results[rank]["result"]
+        assert r["type"] == "BarrierError"
+        assert r["error"].startswith(
+            "checkpoint save failed on rank(s) [2]: rank 2: UnsupportedValueError"
+        )
+        assert r["secs"] < 10  # learned at the barrier, not after the 60 s timeout
+    assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_rank_fails_the_others_after_the_timeout(tmp_path: Path, victim: int) -> None:
+    results = run_ranks(
+        "one_rank_killed", 3, {"root": str(tmp_path), "victim": victim, "timeout": 3}
+    )
+    assert results[victim]["code"] == -9
+    for rank in {0, 1, 2} - {victim}:
+        r = results[rank]["result"]
+        assert r["type"] == "BarrierError", r
+        if victim == 1:
+            assert f"ranks [{victim}] did not reach the checkpoint barrier within 3 s" in r["error"]
+            assert r["secs"] >= 3
+        else:  # rank 0 hosts the store: the others see it vanish
+            assert "rank 0, probably died" in r["error"] or "ranks [0] did not reach" in r["error"]
+    assert not (tmp_path / "killed" / "manifest.json").exists()
+
+
+def test_multi_rank_save_on_s3(request: pytest.FixtureRequest) -> None:
+    store = request.getfixturevalue("s3_moto_store")
+    args = {
+        "root": store.uri("run"),
+        "storage_options": store.storage_options,
+        "barrier": "tcp_store",
+    }
+    _all_ok(run_ranks("save_load", 3, args))
+    ckpt = cloudckpt.checkpoint_reader.open_checkpoint(
+        store.uri("run", "step-1"), store.backend, store.storage_options
+    )
+    assert ckpt.manifest.world_size == 3
+
+
+def test_rank_zero_refuses_an_index_from_another_attempt(tmp_path: Path) -> None:
+    """An index left by an earlier failed attempt at the same URI is never committed."""
+    uri = str(tmp_path / "c")
+    writer = CheckpointWriter(CheckpointWriterConfig(), cloudckpt.RankInfo(0, 1))
+    cloudckpt.save(uri, {"x": torch.ones(1)})
+    os.unlink(tmp_path / "c" / "manifest.json")  # the earlier attempt never committed
+    backend, root = resolve(uri)
+    outcome = {"rank": 0, "index": "index/rank-00000.json", "nonce": "0" * 32}
+    with pytest.raises(cloudckpt.CheckpointError, match=r"index of rank 0 is not from this save"):
+        writer._check_indexes(backend, root, uri, [outcome])
+    writer.close()
+
+
+def test_no_barrier_with_several_ranks_is_a_config_error(tmp_path: Path) -> None:
+    ckpt = cloudckpt.make_sync_checkpointer(rank_info=cloudckpt.RankInfo(1, 2))
+    with pytest.raises(cloudckpt.ConfigError, match=r"rank 1 of 2 has no barrier"):
+        ckpt.save(str(tmp_path / "c"), {"x": torch.ones(1)})
+    assert not (tmp_path / "c").exists()
+    ckpt.close()
