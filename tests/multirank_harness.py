@@ -18,6 +18,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -194,7 +195,7 @@ def launch(name: str, world: int, args: dict[str, Any], timeout: float) -> dict[
     results = {}
     for rank in range(world):
         path = os.path.join(outdir, f"{rank}.json")
-        results[rank] = json.load(open(path)) if os.path.exists(path) else None
+        results[rank] = json.loads(Path(path).read_text()) if os.path.exists(path) else None
     return {"codes": codes, "results": results}
 
 
