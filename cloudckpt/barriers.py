@@ -10,9 +10,10 @@ Protocol for save number ``seq`` (every rank's barrier counts saves the same way
 
 1. each rank sets ``<prefix>/<seq>/out/<rank>`` to its outcome and adds 1 to ``arrived``
    (a failed rank adds 1 to ``failed`` first);
-2. every rank polls the two counters: any failure raises :class:`BarrierError` naming the failed
-   ranks and their errors; all arrived: rank 0 reads every outcome; the deadline passes: raise
-   naming the ranks that never arrived;
+2. the last rank to arrive, or any rank that failed, sets ``released``; every rank blocks on
+   that one key (no polling). A failure raises :class:`BarrierError` naming the failed ranks
+   and their errors; all arrived: rank 0 reads every outcome; the deadline passes: raise naming
+   the ranks that never arrived;
 3. rank 0 commits and sets ``<prefix>/<seq>/commit`` to the result, which the others wait for.
 """
 
@@ -145,28 +146,27 @@ class StoreExchange:
         self.store.set(key(seq, f"out/{self.rank}"), json.dumps(outcome))
         if not outcome.get("ok"):
             self.store.add(key(seq, "failed"), 1)
-        self.store.add(key(seq, "arrived"), 1)
-        deadline = time.monotonic() + timeout_secs
-        delay = 0.002
-        while True:
-            if self._count(key(seq, "failed")):
-                raise self._failure(seq)
-            if self._count(key(seq, "arrived")) >= self.world_size:
-                break
-            if time.monotonic() > deadline:
-                missing = [
-                    r
-                    for r in range(self.world_size)
-                    if not self.store.check([key(seq, f"out/{r}")])
-                ]
-                raise BarrierError(
-                    f"ranks {missing} did not reach the checkpoint barrier within "
-                    f"{timeout_secs:g} s (save #{seq}); they died or hang. Nothing was "
-                    "committed. Check those ranks' logs; raise write_barrier_timeout_secs if "
-                    "they are only slow."
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.1)
+            self.store.set(key(seq, "released"), "failed")  # wake everyone now
+        if int(self.store.add(key(seq, "arrived"), 1)) == self.world_size:
+            self.store.set(key(seq, "released"), "all")  # the last to arrive wakes everyone
+        started = time.monotonic()
+        try:
+            # One blocking wait per rank, no polling: O(1) store load per rank per save.
+            self.store.wait([key(seq, "released")], timedelta(seconds=timeout_secs))
+        except Exception:
+            if time.monotonic() - started < timeout_secs * 0.99:
+                raise  # not a timeout: the store is gone
+            missing = [
+                r for r in range(self.world_size) if not self.store.check([key(seq, f"out/{r}")])
+            ]
+            raise BarrierError(
+                f"ranks {missing} did not reach the checkpoint barrier within "
+                f"{timeout_secs:g} s (save #{seq}); they died or hang. Nothing was "
+                "committed. Check those ranks' logs; raise write_barrier_timeout_secs if "
+                "they are only slow."
+            ) from None
+        if self._count(key(seq, "failed")):
+            raise self._failure(seq)
         if self.rank != 0:
             return None
         raw = self.store.multi_get([key(seq, f"out/{r}") for r in range(self.world_size)])
@@ -189,7 +189,9 @@ class StoreExchange:
         )
 
     def _forget(self, seq: int) -> None:
-        names = ["arrived", "failed", "commit"] + [f"out/{r}" for r in range(self.world_size)]
+        names = ["arrived", "failed", "released", "commit"] + [
+            f"out/{r}" for r in range(self.world_size)
+        ]
         for name in names:
             try:
                 self.store.delete_key(self._key(seq, name))
