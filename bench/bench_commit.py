@@ -111,7 +111,9 @@ def main() -> None:
         port = free_port()
         writers: list[CheckpointWriter] = [None] * ranks  # type: ignore[list-item]
 
-        def build(rank: int, port: int = port, ranks: int = ranks) -> None:
+        def build(
+            rank: int, port: int = port, ranks: int = ranks, writers: list[Any] = writers
+        ) -> None:
             barrier = cloudckpt.TCPStoreBarrier(
                 global_rank=rank,
                 global_world_size=ranks,
