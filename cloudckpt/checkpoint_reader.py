@@ -37,7 +37,7 @@ from .format import (
 from .storage import StorageConfig, describe_store_error
 from .tree import Node, child_key, node_kind, unflatten
 from .types import STATE_DICT, RankInfo
-from .utils import format_size
+from .utils import format_size, paused_gc
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,17 @@ class CheckpointReader:
         ``rank`` picks whose shard to read (default: this rank; required when the world
         size differs from the checkpoint's).
         """
+        with paused_gc():
+            return self._read(path, state_dict, map_location, rank, storage_options)
+
+    def _read(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None,
+        map_location: Any,
+        rank: int | None,
+        storage_options: Mapping[str, Any] | None,
+    ) -> tuple[STATE_DICT, list[str]]:
         started = time.monotonic()
         ckpt = self.open(path, storage_options)
         rank = self._pick_rank(ckpt, rank)

@@ -53,7 +53,7 @@ from .format import (
 from .storage import StorageConfig, describe_store_error
 from .tree import TensorLeaf, flatten
 from .types import STATE_DICT, RankInfo
-from .utils import format_size, parse_size
+from .utils import format_size, parse_size, paused_gc
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,16 @@ class PlannedFile:
     path: str
     leaves: list[tuple[int, TensorLeaf, str]] = field(default_factory=list)  # (idx, leaf, name)
     nbytes: int = 0
+
+
+MIN_SPREAD_FILE = 16 << 20
+
+
+def target_file_size(total: int, file_size: int, concurrency: int) -> int:
+    """The size to pack files to: ``file_size``, or less so that ``concurrency`` files share the
+    work when there is enough data (never below 16 MiB, so small saves stay one file)."""
+    spread = -(-total // max(1, concurrency))
+    return max(1, min(file_size, max(spread, MIN_SPREAD_FILE)))
 
 
 def plan_files(leaves: list[TensorLeaf], rank: int, file_size: int) -> list[PlannedFile]:
@@ -169,6 +179,19 @@ class CheckpointWriter:
         Raises ``CheckpointExistsError`` if a committed checkpoint is there and not
         ``overwrite``; ``UnsupportedValueError`` for a leaf that cannot be saved.
         """
+        with paused_gc():
+            self._write(path, state_dict, overwrite, metadata, storage_options, kwargs)
+        return None
+
+    def _write(
+        self,
+        path: str,
+        state_dict: STATE_DICT,
+        overwrite: bool,
+        metadata: dict[str, Any] | None,
+        storage_options: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> None:
         uri = self._storage.resolve_uri(path)
         backend, root = resolve(
             uri,
@@ -265,7 +288,6 @@ class CheckpointWriter:
             elapsed,
             nbytes / max(elapsed, 1e-9) / 1e9,
         )
-        return None
 
     def _remove_commit(self, backend: Backend, root: str, uri: str) -> None:
         """Uncommit first (manifest), then remove the old data: a crash leaves it uncommitted."""
@@ -276,7 +298,9 @@ class CheckpointWriter:
     def _write_data(
         self, backend: Backend, root: str, uri: str, leaves: list[TensorLeaf], rank: int
     ) -> tuple[list[FileRecord], list[TensorRecord]]:
-        plan = plan_files(leaves, rank, self._config.file_size_bytes)
+        total = sum(leaf.tensor.numel() * leaf.tensor.element_size() for leaf in leaves)
+        size = target_file_size(total, self._config.file_size_bytes, self._config.concurrency)
+        plan = plan_files(leaves, rank, size)
         records: list[TensorRecord | None] = [None] * len(leaves)
         futures = [
             self._pool.submit(self._write_file, backend, root, uri, n, planned, records)
