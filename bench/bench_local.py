@@ -203,7 +203,7 @@ def main() -> None:
                     r["times"] += one["times"]
                     r["bytes"] = one["bytes"]
                     over = one["peak_mib"] - one["base_mib"]
-                    if over >= r.get("peak_mib", 0) - r.get("base_mib", 0):
+                    if "peak_mib" not in r or over >= r["peak_mib"] - r["base_mib"]:
                         r["peak_mib"], r["base_mib"] = one["peak_mib"], one["base_mib"]
             ref = results.get(REFERENCE[op], {})
             ref_t = statistics.median(ref["times"]) if "times" in ref else None
