@@ -125,6 +125,10 @@ class Backend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads; the default holds none."""
 
+    def retry_total(self) -> int:
+        """Requests this backend has retried so far (for log lines); 0 if it never retries."""
+        return 0
+
 
 def _write_all(fd: int, buffers: list[memoryview]) -> None:
     """Write ``buffers`` to ``fd`` with as few ``writev`` calls as the kernel allows."""
@@ -290,7 +294,7 @@ class FsspecBackend(Backend):
     """Any protocol fsspec knows. Commits are create-only only as far as the store allows."""
 
     name = "fsspec"
-    protocols = ("*",)
+    protocols: ClassVar[tuple[str, ...]] = ("*",)
     create_only_commit = False
 
     def __init__(

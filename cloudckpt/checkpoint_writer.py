@@ -208,6 +208,7 @@ class CheckpointWriter:
             )
         timeout = float(self._config.write_barrier_timeout_secs)
         started = time.monotonic()
+        retries_before = backend.retry_total()
         nonce = uuid.uuid4().hex
         try:
             tree, leaves = flatten(state_dict)
@@ -278,7 +279,7 @@ class CheckpointWriter:
         elapsed = time.monotonic() - started
         nbytes = int(outcome["bytes"])
         logger.info(
-            "saved %s rank %d/%d: %d tensors, %s in %d files, %.2f s (%.2f GB/s)",
+            "saved %s rank %d/%d: %d tensors, %s in %d files, %.2f s (%.2f GB/s), %d retries",
             uri,
             rank,
             world,
@@ -287,6 +288,7 @@ class CheckpointWriter:
             len(outcome["files"]),
             elapsed,
             nbytes / max(elapsed, 1e-9) / 1e9,
+            backend.retry_total() - retries_before,
         )
 
     def _remove_commit(self, backend: Backend, root: str, uri: str) -> None:
