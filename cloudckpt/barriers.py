@@ -166,13 +166,25 @@ class StoreExchange:
                 "they are only slow."
             ) from None
         if self._count(key(seq, "failed")):
-            raise self._failure(seq)
+            error = self._failure(seq)
+            self.store.add(key(seq, "acked"), 1)
+            if self.rank == 0:
+                self._linger(seq)
+            raise error
         if self.rank != 0:
             return None
         raw = self.store.multi_get([key(seq, f"out/{r}") for r in range(self.world_size)])
         if seq > 0:
             self._forget(seq - 1)
         return [json.loads(bytes(v)) for v in raw]
+
+    def _linger(self, seq: int, limit: float = 5.0) -> None:
+        """Rank 0 hosts the store: after a failed save, give the others a moment to read the
+        failure details before this process (and the store with it) may exit."""
+        arrived = self._count(self._key(seq, "arrived"))
+        deadline = time.monotonic() + limit
+        while self._count(self._key(seq, "acked")) < arrived and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _failure(self, seq: int) -> BarrierError:
         failed = []
@@ -189,7 +201,7 @@ class StoreExchange:
         )
 
     def _forget(self, seq: int) -> None:
-        names = ["arrived", "failed", "released", "commit"] + [
+        names = ["arrived", "failed", "released", "acked", "commit"] + [
             f"out/{r}" for r in range(self.world_size)
         ]
         for name in names:
