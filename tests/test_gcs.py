@@ -1,0 +1,106 @@
+"""GCS specifics against fake-gcs-server, with faults injected on the HTTP path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.parse
+from collections.abc import Iterator
+
+import pytest
+import torch
+from faults import FaultProxy
+from stores.gcs import GCSServer
+
+import cloudckpt
+from cloudckpt.backends import resolve
+
+pytestmark = pytest.mark.gcs
+
+
+@pytest.fixture
+def proxy(gcs_server: GCSServer) -> Iterator[FaultProxy]:
+    u = urllib.parse.urlsplit(gcs_server.url)
+    with FaultProxy(u.hostname or "127.0.0.1", int(u.port or 80)) as p:
+        yield p
+
+
+def _state() -> dict[str, object]:
+    g = torch.Generator().manual_seed(0)
+    return {"big": torch.randn(3 << 20, generator=g), "step": 5}  # 12 MiB
+
+
+def _opts(server: GCSServer, proxy: FaultProxy, **extra: object) -> dict[str, object]:
+    # 4 MiB resumable pieces and 4 MiB ranged reads: several requests per object
+    return server.options(proxy.url, part_size=4 << 20, read_part_size=4 << 20, **extra)
+
+
+def test_create_only_commit(gcs_store) -> None:  # type: ignore[no-untyped-def]
+    uri = gcs_store.uri("c")
+    cloudckpt.save(uri, {"v": 1}, **gcs_store.config_kwargs())
+    with pytest.raises(cloudckpt.CheckpointExistsError, match="already at"):
+        cloudckpt.save(uri, {"v": 2}, **gcs_store.config_kwargs())
+    backend, path = resolve(f"{uri}/manifest.json", storage_options=gcs_store.storage_options)
+    with pytest.raises(FileExistsError):
+        backend.put_create_only(path, b"{}")
+    assert cloudckpt.load(uri, **gcs_store.config_kwargs()) == {"v": 1}
+
+
+def test_save_and_load_survive_429_and_503(gcs_server: GCSServer, proxy: FaultProxy) -> None:
+    uri = f"gs://{gcs_server.new_bucket()}/run/step-1"
+    proxy.inject(status=429, times=2, method="PUT", body=b'{"error":{"message":"rate"}}')
+    proxy.inject(status=503, times=2, method="POST", body=b'{"error":{"message":"busy"}}')
+    cloudckpt.save(uri, _state(), storage_options=_opts(gcs_server, proxy))
+    proxy.inject(status=503, times=2, method="GET", body=b'{"error":{"message":"busy"}}')
+    out = cloudckpt.load(uri, storage_options=_opts(gcs_server, proxy))
+    assert torch.equal(out["big"], _state()["big"]) and out["step"] == 5
+    faults = [s.fault for s in proxy.seen if s.fault]
+    assert faults.count("429") == 2 and faults.count("503") == 4
+
+
+def test_persistent_503_fails_in_time_without_commit(
+    gcs_server: GCSServer, proxy: FaultProxy
+) -> None:
+    uri = f"gs://{gcs_server.new_bucket()}/run/step-1"
+    proxy.inject(status=503, times=None, method="PUT", body=b'{"error":{"message":"busy"}}')
+    started = time.monotonic()
+    with pytest.raises(cloudckpt.BackendError, match=r"gave up after .*stall timeout 2 s"):
+        cloudckpt.save(
+            uri, _state(), storage_options=_opts(gcs_server, proxy, retry_stall_timeout=2)
+        )
+    assert time.monotonic() - started < 15
+    with pytest.raises(cloudckpt.CheckpointNotFoundError):
+        cloudckpt.load(uri, storage_options=gcs_server.options())
+
+
+_SAVE = textwrap.dedent(
+    """
+    import os, sys, torch
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    import cloudckpt
+    opts = {"endpoint_url": sys.argv[2], "token": "anon", "project": "test", "part_size": 1 << 20}
+    cloudckpt.save(sys.argv[1], {"big": torch.randn(4 << 20)}, storage_options=opts)
+    """
+)
+
+
+def test_save_killed_mid_upload_leaves_nothing_committed(
+    gcs_server: GCSServer, proxy: FaultProxy
+) -> None:
+    uri = f"gs://{gcs_server.new_bucket()}/run/step-1"
+    proxy.inject(delay=30, times=None, method="PUT", path_re="upload_id")  # stall the pieces
+    proc = subprocess.Popen([sys.executable, "-c", _SAVE, uri, proxy.url])
+    deadline = time.monotonic() + 60
+    while not any(s.method == "PUT" for s in proxy.seen):
+        assert time.monotonic() < deadline and proc.poll() is None, "upload never started"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(FileNotFoundError):  # nothing committed, nothing even visible
+        cloudckpt.load(uri, storage_options=gcs_server.options())
+    backend, path = resolve(uri, storage_options=gcs_server.options())
+    assert backend.list_dir(backend.join(path, "data")) == []
