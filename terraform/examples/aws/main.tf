@@ -56,6 +56,7 @@ module "checkpoints" {
   noncurrent_version_expiration_days = var.noncurrent_version_expiration_days
   transition_days                    = var.transition_days
   create_iam_policies                = var.create_iam_policies
+  s3_compat_skip_bucket_controls     = var.s3_compat_skip_bucket_controls
   writer_role_names                  = var.writer_role_names
   reader_role_names                  = var.reader_role_names
 

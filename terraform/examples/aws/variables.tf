@@ -126,3 +126,9 @@ variable "secret_key" {
   default     = null
   sensitive   = true
 }
+
+variable "s3_compat_skip_bucket_controls" {
+  description = "Leave out the public access block and ownership controls (S3-compatible servers without those APIs, e.g. SeaweedFS). Never on AWS."
+  type        = bool
+  default     = false
+}

@@ -17,6 +17,8 @@ resource "aws_s3_bucket" "this" {
 
 # No ACLs: the bucket owner owns every object, and access is decided by policies alone.
 resource "aws_s3_bucket_ownership_controls" "this" {
+  count = var.s3_compat_skip_bucket_controls ? 0 : 1
+
   bucket = aws_s3_bucket.this.id
 
   rule {
@@ -25,6 +27,8 @@ resource "aws_s3_bucket_ownership_controls" "this" {
 }
 
 resource "aws_s3_bucket_public_access_block" "this" {
+  count = var.s3_compat_skip_bucket_controls ? 0 : 1
+
   bucket = aws_s3_bucket.this.id
 
   block_public_acls       = true

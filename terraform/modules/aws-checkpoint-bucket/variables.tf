@@ -145,3 +145,13 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "s3_compat_skip_bucket_controls" {
+  description = <<-EOT
+    Leave out the public access block and the ownership controls, for S3-compatible servers
+    that lack those APIs (SeaweedFS answers 501/403). Never set it on AWS: the bucket would rely
+    on its policy alone to stay private.
+  EOT
+  type        = bool
+  default     = false
+}

@@ -19,16 +19,16 @@ run "defaults_are_private_encrypted_and_tls_only" {
 
   assert {
     condition = alltrue([
-      aws_s3_bucket_public_access_block.this.block_public_acls,
-      aws_s3_bucket_public_access_block.this.block_public_policy,
-      aws_s3_bucket_public_access_block.this.ignore_public_acls,
-      aws_s3_bucket_public_access_block.this.restrict_public_buckets,
+      aws_s3_bucket_public_access_block.this[0].block_public_acls,
+      aws_s3_bucket_public_access_block.this[0].block_public_policy,
+      aws_s3_bucket_public_access_block.this[0].ignore_public_acls,
+      aws_s3_bucket_public_access_block.this[0].restrict_public_buckets,
     ])
     error_message = "all four public access blocks must be on"
   }
 
   assert {
-    condition     = one(aws_s3_bucket_ownership_controls.this.rule).object_ownership == "BucketOwnerEnforced"
+    condition     = one(aws_s3_bucket_ownership_controls.this[0].rule).object_ownership == "BucketOwnerEnforced"
     error_message = "ACLs must be disabled (BucketOwnerEnforced)"
   }
 
@@ -169,7 +169,7 @@ run "tls_statement_can_be_switched_off_for_local_servers" {
   }
 
   assert {
-    condition     = aws_s3_bucket_public_access_block.this.block_public_policy
+    condition     = aws_s3_bucket_public_access_block.this[0].block_public_policy
     error_message = "public access stays blocked without the TLS statement"
   }
 }
@@ -257,4 +257,22 @@ run "rejects_a_prefix_with_slashes_at_the_ends" {
   }
 
   expect_failures = [var.prefix]
+}
+
+run "s3_compat_switch_drops_only_the_unsupported_controls" {
+  command = apply
+
+  variables {
+    s3_compat_skip_bucket_controls = true
+  }
+
+  assert {
+    condition     = length(aws_s3_bucket_public_access_block.this) == 0 && length(aws_s3_bucket_ownership_controls.this) == 0
+    error_message = "the switch leaves out the public access block and the ownership controls"
+  }
+
+  assert {
+    condition     = length(aws_s3_bucket_policy.this) == 1 && length(aws_s3_bucket_server_side_encryption_configuration.this.rule) == 1
+    error_message = "the TLS-only policy and encryption stay"
+  }
 }
