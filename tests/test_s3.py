@@ -118,7 +118,7 @@ def test_second_writer_gets_exists_error(s3_moto_store, s3_seaweed_store) -> Non
 
 def test_part_size_grows_to_stay_under_10000_parts(moto_server: S3Server) -> None:
     backend, _ = resolve("s3://x/y", storage_options=moto_server.options())
-    assert backend._part_size_for(100 << 20) == 16 << 20  # type: ignore[attr-defined]
+    assert backend._part_size_for(100 << 20) == 8 << 20  # type: ignore[attr-defined]
     huge = 400 << 30
     part = backend._part_size_for(huge)  # type: ignore[attr-defined]
     assert -(-huge // part) <= 10_000 and part % (1 << 20) == 0

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 MIN_PART = 5 << 20  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000
-DEFAULT_PART = 16 << 20
+DEFAULT_PART = 8 << 20
 OWN_OPTIONS = ("part_size", "max_inflight_parts", "read_part_size")
 
 
@@ -128,7 +128,7 @@ class S3Backend(FsspecBackend):
         self.policy = RetryPolicy.from_options(options)
         self.part_size = int(options.pop("part_size", DEFAULT_PART))
         self.read_part_size = int(options.pop("read_part_size", DEFAULT_PART))
-        self.max_inflight = int(options.pop("max_inflight_parts", 16))
+        self.max_inflight = int(options.pop("max_inflight_parts", 8))
         if self.part_size < MIN_PART:
             raise ValueError(f"part_size must be at least {MIN_PART} bytes (S3's minimum part)")
         config = dict(options.pop("config_kwargs", None) or {})
