@@ -20,7 +20,6 @@ import asyncio
 import errno
 import json
 import logging
-import os
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -578,7 +577,7 @@ class GCSBackend(Backend):
             items.extend(page.get("items", []))
             prefixes.extend(page.get("prefixes", []))
             token = page.get("nextPageToken")
-            if not token or len(items) >= max_results == 1:
+            if not token or max_results == 1:  # one answer is enough for exists()
                 return items, prefixes
 
     def list_dir(self, path: str) -> list[ObjectInfo]:
@@ -667,9 +666,3 @@ def _timestamp(value: Any) -> float | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
-
-
-# Keep ``os`` imported for the emulator check in docs/tests; see _emulator_in_use.
-def emulator_in_use() -> bool:
-    """Whether ``STORAGE_EMULATOR_HOST`` points gcsfs at an emulator."""
-    return os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default")
