@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -206,6 +207,10 @@ class Server:
             self._gcs = FakeGCSServer()
             self._gcs.start()
             self.endpoint = self._gcs.url
+            # The wrapper pipes the server's request log and never reads it: drain it, or the
+            # server blocks once the pipe holds ~64 KiB (a few hundred requests).
+            log, sink = self._gcs._process.stderr, open(os.devnull, "wb")  # noqa: SIM115
+            threading.Thread(target=shutil.copyfileobj, args=(log, sink), daemon=True).start()
 
     def bucket(self) -> str:
         name = f"bench-{random.randrange(1 << 30):x}"

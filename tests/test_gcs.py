@@ -104,3 +104,15 @@ def test_save_killed_mid_upload_leaves_nothing_committed(
         cloudckpt.load(uri, storage_options=gcs_server.options())
     backend, path = resolve(uri, storage_options=gcs_server.options())
     assert backend.list_dir(backend.join(path, "data")) == []
+
+
+def test_emulator_serves_a_long_session(gcs_server: GCSServer) -> None:
+    # Over 64 KiB of request log: the fixture must drain the emulator's stderr or it blocks.
+    opts = gcs_server.options(retry_stall_timeout=5)
+    backend, root = resolve(f"gs://{gcs_server.new_bucket()}/many", storage_options=opts)
+    for i in range(300):
+        path = backend.join(root, f"o{i}")
+        backend.put_create_only(path, b"%d" % i)
+        assert backend.exists(path)
+    assert [o.name for o in backend.list_dir(root)][:3] == ["o0", "o1", "o10"]
+    assert backend.read_bytes(backend.join(root, "o299")) == b"299"

