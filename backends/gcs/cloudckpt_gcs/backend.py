@@ -206,9 +206,16 @@ class GCSBackend(Backend):
 
     def _run(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run a coroutine on gcsfs's event-loop thread from the calling thread."""
-        from fsspec.asyn import sync
+        from fsspec.asyn import FSTimeoutError, sync
 
-        return sync(self.fs.loop, fn, *args, **kwargs)
+        try:
+            return sync(self.fs.loop, fn, *args, **kwargs)
+        except FSTimeoutError as e:  # aiohttp's timeout, re-raised by fsspec without a word
+            raise TimeoutError(
+                errno.ETIMEDOUT,
+                f"GCS sent no complete answer within {self.fs.requests_timeout} s (storage "
+                "option retry_request_timeout)",
+            ) from e
 
     def _retry(self, what: str, attempt: Callable[[], T]) -> T:
         """One logical operation: ``attempt`` again while the shared retry policy allows."""
