@@ -116,3 +116,30 @@ def test_emulator_serves_a_long_session(gcs_server: GCSServer) -> None:
         assert backend.exists(path)
     assert [o.name for o in backend.list_dir(root)][:3] == ["o0", "o1", "o10"]
     assert backend.read_bytes(backend.join(root, "o299")) == b"299"
+
+
+def test_save_and_load_survive_dropped_connections(
+    gcs_server: GCSServer, proxy: FaultProxy
+) -> None:
+    uri = f"gs://{gcs_server.new_bucket()}/run/step-1"
+    proxy.inject(drop=True, times=1, method="PUT", path_re="upload_id")  # a piece loses its socket
+    cloudckpt.save(uri, _state(), storage_options=_opts(gcs_server, proxy))
+    proxy.inject(drop=True, times=1, method="GET", path_re="rank-00000-0000")
+    out = cloudckpt.load(uri, storage_options=_opts(gcs_server, proxy))
+    assert torch.equal(out["big"], _state()["big"]) and out["step"] == 5
+    assert [s.fault for s in proxy.seen if s.fault] == ["drop", "drop"]
+
+
+def test_upload_finalized_short_by_the_store_is_an_error(
+    gcs_server: GCSServer, proxy: FaultProxy
+) -> None:
+    # A dropped piece, then a refused resend: the backend asks the session for its offset, and
+    # fake-gcs-server answers by finishing the object with what it holds (0 bytes). That must
+    # fail the save, never pass for the data.
+    uri = f"gs://{gcs_server.new_bucket()}/run/step-1"
+    proxy.inject(drop=True, times=1, method="PUT", path_re="upload_id")
+    proxy.inject(status=400, times=1, method="PUT", path_re="upload_id", body=b"{}")
+    with pytest.raises(cloudckpt.BackendError, match=r"finished the resumable upload at 0 of"):
+        cloudckpt.save(uri, _state(), storage_options=_opts(gcs_server, proxy))
+    with pytest.raises(cloudckpt.CheckpointNotCommittedError, match=r"holds no manifest\.json"):
+        cloudckpt.load(uri, storage_options=gcs_server.options())

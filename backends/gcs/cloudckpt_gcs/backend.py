@@ -317,25 +317,18 @@ class GCSBackend(Backend):
         state: dict[str, Any] = {"sent": offset, "failed": ""}
 
         def attempt() -> None:
-            # After an HTTP error answer the store kept nothing of the failed request; only a
-            # dropped connection leaves it unknown, and only then is the session queried.
-            # (fake-gcs-server finalizes an upload on a status query: it must stay rare.)
-            if state["failed"] == "lost":
-                try:
-                    state["sent"] = self._run(self._query_session, session, what, size)
-                except FileNotFoundError:
-                    # Emulators (fake-gcs-server) do not answer status queries; resend from the
-                    # last offset the store confirmed.
-                    pass
+            # After a dropped connection the piece is first resent from the last offset the
+            # store confirmed (GCS skips bytes it already holds). Only if the store refuses that
+            # is the session queried for its offset: fake-gcs-server finalizes an upload on a
+            # status query, so the query must stay the exception.
+            if state["failed"] == "query":
+                state["sent"] = max(
+                    state["sent"], self._run(self._query_session, session, what, size)
+                )
                 if state["sent"] >= end:
                     return
-                if state["sent"] < offset:
-                    raise BackendError(
-                        f"{what}: GCS lost bytes {state['sent']}..{offset} of a resumable "
-                        "upload it had confirmed; save again"
-                    )
             try:
-                self._run(
+                persisted = self._run(
                     self._put_range,
                     session,
                     what,
@@ -344,12 +337,19 @@ class GCSBackend(Backend):
                     end,
                     size,
                 )
-            except GCSStatusError:
+            except GCSStatusError as e:
+                if not e.retryable and state["failed"] == "lost":
+                    state["failed"] = "query"
+                    raise GCSStatusError(503, what, f"resend refused ({e}); asking") from e
                 state["failed"] = "answered"
                 raise
-            except BaseException:
+            except Exception:
                 state["failed"] = "lost"
                 raise
+            if persisted < end:  # the store kept less than was sent: send the rest
+                state["sent"] = max(state["sent"], persisted)
+                state["failed"] = "answered"
+                raise GCSStatusError(503, what, f"GCS kept {persisted} of {end} bytes")
 
         self._retry(what, attempt)
 
@@ -377,7 +377,8 @@ class GCSBackend(Backend):
 
     async def _put_range(
         self, session: str, what: str, views: list[memoryview], start: int, end: int, size: int
-    ) -> None:
+    ) -> int:
+        """PUT bytes ``start..end`` of the upload; returns the offset the store now holds."""
         headers = {
             "Content-Length": str(end - start),
             "Content-Range": f"bytes {start}-{end - 1}/{size}"
@@ -385,16 +386,29 @@ class GCSBackend(Backend):
             else f"bytes */{size}",
             "Content-Type": "application/octet-stream",
         }
-        status, rh, _ = await self._request(
+        status, rh, body = await self._request(
             "PUT", session, what, headers=headers, data=_body(views), ok=(200, 201, 308)
         )
-        if status == 308 and end == size:
+        if status in (200, 201):
+            return self._finalized_size(body, what, size)
+        if end == size:
             raise GCSStatusError(503, what, "the last piece was not accepted (HTTP 308)")
-        if status == 308:
-            persisted = self._persisted(rh)
-            if persisted < end:
-                # The server kept less than was sent: resend the rest (counts as a failure).
-                raise GCSStatusError(503, what, f"GCS kept {persisted} of {end} bytes")
+        return self._persisted(rh)
+
+    @staticmethod
+    def _finalized_size(body: bytes, what: str, size: int) -> int:
+        """``size``, after checking that the finished object really holds ``size`` bytes."""
+        try:
+            got = int(json.loads(body)["size"])
+        except (ValueError, KeyError, TypeError):
+            return size  # no object resource in the answer: nothing to check against
+        if got != size:
+            raise BackendError(
+                f"{what}: the store finished the resumable upload at {got} of {size} bytes "
+                "(fake-gcs-server does this on a status query; GCS answers 308). The object is "
+                "not committed; save again"
+            )
+        return size
 
     @staticmethod
     def _persisted(headers: Mapping[str, str]) -> int:
@@ -403,14 +417,16 @@ class GCSBackend(Backend):
 
     async def _query_session(self, session: str, what: str, size: int) -> int:
         """How many bytes of the upload the store holds (``size`` once it is finalized)."""
-        status, rh, _ = await self._request(
+        status, rh, body = await self._request(
             "PUT",
             session,
             what,
             headers={"Content-Length": "0", "Content-Range": f"bytes */{size}"},
             ok=(200, 201, 308),
         )
-        return size if status in (200, 201) else self._persisted(rh)
+        if status in (200, 201):
+            return self._finalized_size(body, what, size)
+        return self._persisted(rh)
 
     def _cancel_session(self, session: str) -> None:
         """Abandon a resumable upload (best effort: an unfinished session expires anyway)."""
