@@ -156,9 +156,17 @@ class StoreExchange:
         except Exception:
             if time.monotonic() - started < timeout_secs * 0.99:
                 raise  # not a timeout: the store is gone
-            missing = [
-                r for r in range(self.world_size) if not self.store.check([key(seq, f"out/{r}")])
-            ]
+            try:
+                missing: Any = [
+                    r
+                    for r in range(self.world_size)
+                    if not self.store.check([key(seq, f"out/{r}")])
+                ]
+                self.store.add(key(seq, "acked"), 1)
+                if self.rank == 0:
+                    self._linger(seq)
+            except Exception:  # rank 0 timed out first and took the store with it
+                missing = "(unknown: the store's host, rank 0, is gone too)"
             raise BarrierError(
                 f"ranks {missing} did not reach the checkpoint barrier within "
                 f"{timeout_secs:g} s (save #{seq}); they died or hang. Nothing was "
@@ -181,9 +189,10 @@ class StoreExchange:
     def _linger(self, seq: int, limit: float = 5.0) -> None:
         """Rank 0 hosts the store: after a failed save, give the others a moment to read the
         failure details before this process (and the store with it) may exit."""
-        arrived = self._count(self._key(seq, "arrived"))
-        deadline = time.monotonic() + limit
-        while self._count(self._key(seq, "acked")) < arrived and time.monotonic() < deadline:
+        deadline = time.monotonic() + limit  # a dead rank never acks: bounded wait
+        while (
+            self._count(self._key(seq, "acked")) < self.world_size and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
 
     def _failure(self, seq: int) -> BarrierError:
