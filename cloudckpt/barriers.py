@@ -210,7 +210,7 @@ class StoreExchange:
         )
 
     def _forget(self, seq: int) -> None:
-        names = ["arrived", "failed", "released", "acked", "commit"] + [
+        names = ["arrived", "failed", "released", "acked", "commit", "commit_acked"] + [
             f"out/{r}" for r in range(self.world_size)
         ]
         for name in names:
@@ -219,14 +219,24 @@ class StoreExchange:
             except Exception:  # pragma: no cover - stores without delete
                 return
 
-    def publish_commit(self, result: dict[str, Any]) -> None:
-        self.store.set(self._key(self.seq - 1, "commit"), json.dumps(result))
+    def publish_commit(self, result: dict[str, Any], linger: float = 5.0) -> None:
+        seq = self.seq - 1
+        self.store.set(self._key(seq, "commit"), json.dumps(result))
+        # Rank 0 hosts the store: wait (bounded) until every rank has read the result, so a
+        # job that exits right after its last save does not take the answer away from them.
+        deadline = time.monotonic() + linger
+        while (
+            self._count(self._key(seq, "commit_acked")) < self.world_size - 1
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.002)
 
     def await_commit(self, timeout_secs: float) -> dict[str, Any]:
         k = self._key(self.seq - 1, "commit")
         try:
             self.store.wait([k], timedelta(seconds=timeout_secs))
             result = dict(json.loads(bytes(self.store.get(k))))
+            self.store.add(self._key(self.seq - 1, "commit_acked"), 1)
         except Exception as e:
             raise BarrierError(
                 f"rank 0 did not report the commit within {timeout_secs:g} s ({e}); the "
