@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from .barriers import default_barrier
@@ -44,18 +45,34 @@ def make_sync_checkpointer(
 def make_async_checkpointer(
     config: CheckpointerConfig | str | os.PathLike[str] | None = None,
     rank_info: RankInfo | None = None,
+    subprocess_init_fn: Callable[..., None] | None = None,
+    subprocess_init_args: tuple[Any, ...] = (),
+    checkpoint_writer_init_fn: Callable[..., CheckpointWriter] | None = None,
+    checkpoint_writer_init_args: dict[str, Any] | None = None,
     commit_hook: WriterHook | None = None,
-    **_seed_kwargs: Any,
 ) -> AsyncCheckpointer:
-    """An :class:`AsyncCheckpointer`: staging in the caller, writing and commit behind it."""
+    """An :class:`AsyncCheckpointer`: staging in the caller, writing and commit behind it.
+
+    The seed's parameters are accepted by name and position. The writer runs in a background
+    thread of this process, so ``subprocess_init_fn(*subprocess_init_args)`` runs once here
+    before the first write; ``checkpoint_writer_init_fn(rank_info=..., **args)`` replaces the
+    default writer when given.
+    """
     cfg = resolve_config(config)
     rank_info = rank_info or default_rank_info()
     reader = CheckpointReader(
         rank_info, storage=cfg.storage, concurrency=cfg.writer_config.concurrency
     )
-    process = CheckpointProcess(_writer(cfg, rank_info, commit_hook), cfg.process_config)
+    if subprocess_init_fn is not None:
+        subprocess_init_fn(*subprocess_init_args)
+    if checkpoint_writer_init_fn is not None:
+        writer = checkpoint_writer_init_fn(
+            rank_info=rank_info, **(checkpoint_writer_init_args or {})
+        )
+    else:
+        writer = _writer(cfg, rank_info, commit_hook)
     return AsyncCheckpointer(
         checkpoint_stager=DefaultStager(cfg.staging_config),
-        checkpoint_process=process,
+        checkpoint_process=CheckpointProcess(writer, cfg.process_config),
         reader=reader,
     )
