@@ -74,18 +74,10 @@ def _load(
     return loaded
 
 
-class SyncCheckpointer(Checkpointer):
-    """Saves in the caller's thread; returns when the checkpoint is committed."""
+class _ReaderCheckpointer(Checkpointer):
+    """Loading, shared by both checkpointers: always synchronous, through ``self._reader``."""
 
-    def __init__(self, writer: CheckpointWriter, reader: CheckpointReader) -> None:
-        self._writer = writer
-        self._reader = reader
-
-    def save(
-        self, path: str, state_dict: STATE_DICT, **kwargs: Any
-    ) -> tuple[Future[Any], Future[Any]] | None:
-        self._writer.write(path, state_dict, **kwargs)
-        return None
+    _reader: CheckpointReader
 
     def load(
         self,
@@ -98,12 +90,26 @@ class SyncCheckpointer(Checkpointer):
     ) -> STATE_DICT:
         return _load(self._reader, path, state_dict, default_map_location, strict, kwargs)
 
+
+class SyncCheckpointer(_ReaderCheckpointer):
+    """Saves in the caller's thread; returns when the checkpoint is committed."""
+
+    def __init__(self, writer: CheckpointWriter, reader: CheckpointReader) -> None:
+        self._writer = writer
+        self._reader = reader
+
+    def save(
+        self, path: str, state_dict: STATE_DICT, **kwargs: Any
+    ) -> tuple[Future[Any], Future[Any]] | None:
+        self._writer.write(path, state_dict, **kwargs)
+        return None
+
     def close(self) -> None:
         self._writer.close()
         self._reader.close()
 
 
-class AsyncCheckpointer(Checkpointer):
+class AsyncCheckpointer(_ReaderCheckpointer):
     """Blocks only for staging; the write and commit run behind the caller."""
 
     def __init__(
@@ -125,17 +131,6 @@ class AsyncCheckpointer(Checkpointer):
         staged = self._stager.stage(state_dict)
         self._write_future = self._process.write(staged, path, **kwargs)
         return wrap_future(staged), self._write_future
-
-    def load(
-        self,
-        path: str,
-        state_dict: STATE_DICT | None = None,
-        *,
-        default_map_location: Any = None,
-        strict: bool = False,
-        **kwargs: Any,
-    ) -> STATE_DICT:
-        return _load(self._reader, path, state_dict, default_map_location, strict, kwargs)
 
     def close(self) -> None:
         try:
