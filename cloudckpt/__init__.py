@@ -32,6 +32,7 @@ from .errors import (
     StateDictMismatchError,
     UnsupportedValueError,
 )
+from .manager import CheckpointManager
 from .staging import CheckpointStager, CheckpointStagerConfig, DefaultStager
 from .storage import StorageConfig
 from .types import STATE_DICT, RankInfo
@@ -47,6 +48,7 @@ __all__ = [
     "BarrierError",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointManager",
     "CheckpointNotCommittedError",
     "CheckpointNotFoundError",
     "CheckpointProcess",

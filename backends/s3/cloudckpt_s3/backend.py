@@ -402,13 +402,20 @@ class S3Backend(FsspecBackend):
             what=self.to_uri(path),
         )
         if recursive:
-            # Stores with real directories (SeaweedFS) keep an empty "dir/" entry listed.
-            bucket, key = self._split(path)
-            if key:
-                try:
-                    self.fs.call_s3("delete_object", Bucket=bucket, Key=key.rstrip("/") + "/")
-                except OSError:
-                    pass
+            self._remove_dir_markers(path)
+
+    def _remove_dir_markers(self, path: str) -> None:
+        """Stores with real directories (SeaweedFS) keep empty ``dir/`` entries listed after
+        their objects are gone: remove them, deepest first."""
+        for info in super().list_dir(path):
+            if info.is_dir:
+                self._remove_dir_markers(info.path)
+        bucket, key = self._split(path)
+        if key:
+            try:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key.rstrip("/") + "/")
+            except OSError:
+                pass
 
     def exists(self, path: str) -> bool:
         return bool(self.retrier.call(lambda: self.fs.exists(path), what=self.to_uri(path)))
