@@ -2,7 +2,11 @@
 
 Tables map one to one: ``[storage]`` -> :class:`StorageConfig`, ``[writer]`` ->
 :class:`CheckpointWriterConfig`, ``[barrier]`` -> :class:`BarrierConfig`, ``[staging]`` ->
-:class:`CheckpointStagerConfig`, ``[process]`` -> :class:`CheckpointProcessConfig`.
+:class:`CheckpointStagerConfig`, ``[process]`` -> :class:`CheckpointProcessConfig`. Nested
+tables (``[storage.options]``, ``[barrier.barrier_args]``) become the dict fields as written.
+Sizes (``file_size``) take units (``"256MiB"``), durations (every ``*_secs`` key) too (``"10m"``).
+
+``cloudckpt config-reference`` prints the reference of every key (``docs/config-reference.md``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from .checkpoint_writer import CheckpointWriterConfig
 from .errors import ConfigError
 from .staging import CheckpointStagerConfig
 from .storage import StorageConfig
+from .utils import parse_duration, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,59 +53,132 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "process": ("process_config", CheckpointProcessConfig),
 }
 
+SIZE_KEYS = {("writer", "file_size")}
+"""Keys that are sizes: bytes or a string with units."""
+
+# What each key does, for the generated reference. A test fails if a field has no entry here.
+KEY_DOCS: dict[tuple[str, str], str] = {
+    ("storage", "backend"): "Registered backend name (`local`, `fsspec`, `s3`, `gcs`, ...). "
+    "Absent: the URI's scheme decides.",
+    ("storage", "root"): "URI that relative checkpoint names resolve against; the "
+    "`CheckpointManager` root and the command's default ROOT.",
+    ("storage", "options"): "Table `[storage.options]`: handed to the backend (fsspec storage "
+    "options, e.g. `endpoint_url`). A call's `storage_options=` / `--storage-option` wins.",
+    ("writer", "write_barrier_timeout_secs"): "How long ranks wait for each other at the commit "
+    "barrier.",
+    ("writer", "file_size"): "Target size of one data file; tensors are packed into files of "
+    "about this size (a larger tensor gets its own file).",
+    ("writer", "concurrency"): "Data files uploaded (and byte ranges read) at once per rank.",
+    ("barrier", "barrier_type"): "`tcp_store` or `dist_barrier`; absent: none for one process, "
+    "the process group's store when one is initialized.",
+    ("barrier", "barrier_args"): "Table `[barrier.barrier_args]`: constructor arguments of the "
+    "barrier (e.g. `master_address`, `tcpstore_port`).",
+    ("staging", "use_pinned_memory"): "Stage into pinned host memory (needs an accelerator).",
+    ("staging", "use_shared_memory"): "Stage into shared memory.",
+    ("staging", "use_async_staging"): "Stage in a background thread; `save` returns at once.",
+    ("staging", "use_non_blocking_copy"): "Non-blocking device-to-host copies (needs an "
+    "accelerator).",
+    ("process", "subprocess_init_timeout_secs"): "How long the background writer may take to "
+    "start.",
+    ("process", "subprocess_shutdown_timeout_secs"): "How long closing waits for the background "
+    "writer.",
+}
+
+
+def is_duration_key(key: str) -> bool:
+    """Keys ending in ``_secs`` are durations: seconds or a string with units."""
+    return key.endswith("_secs")
+
+
+def _where(path: str, line: int | None) -> str:
+    return f"{path}:{line}" if line else path
+
 
 def _line_of(text: str, section: str, key: str | None) -> int | None:
-    """Best-effort line number of ``key`` in ``[section]`` (for error messages)."""
-    current = None
+    """Best-effort line number of ``key`` in ``[section]`` (or of the table header)."""
+    current = ""  # top-level keys come before any table header
+    header = None
     for n, line in enumerate(text.splitlines(), 1):
-        s = line.strip()
+        s = line.split("#", 1)[0].strip()
         if s.startswith("["):
             current = s.strip("[]").strip()
-            if key is None and current == section:
-                return n
+            if current == section and header is None:
+                header = n
+            if key is not None and current == f"{section}.{key}":
+                return n  # a nested table where a plain value was expected
         elif key is not None and current == section and s.split("=", 1)[0].strip() == key:
             return n
-    return None
+    return header
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Whether ``value`` fits a field annotation such as ``int``, ``str | None``, ``dict[...]``."""
+    for alt in (a.strip() for a in annotation.split("|")):
+        base = alt.split("[", 1)[0]
+        if (
+            (base == "None" and value is None)
+            or (base == "bool" and type(value) is bool)
+            or (base == "int" and type(value) is int)
+            or (base == "float" and type(value) in (int, float))
+            or (base == "str" and isinstance(value, str))
+            or (base == "dict" and isinstance(value, dict))
+            or base == "Any"
+        ):
+            return True
+    return False
+
+
+def _convert(section: str, key: str, value: Any, annotation: str) -> Any:
+    """Check one value's type and parse units; ``ValueError`` says what was expected."""
+    if (section, key) in SIZE_KEYS:
+        if isinstance(value, dict):
+            raise ValueError(f"expected a size like 268435456 or '256MiB', got a table {value!r}")
+        return parse_size(value)
+    if is_duration_key(key):
+        if isinstance(value, dict):
+            raise ValueError(f"expected a duration like 600 or '10m', got a table {value!r}")
+        seconds = parse_duration(value)
+        return int(seconds) if seconds == int(seconds) else seconds
+    if not _type_ok(value, annotation):
+        raise ValueError(f"expected {annotation}, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _build(cls: type, values: dict[str, Any], path: str, text: str, section: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in fields:
-            line = _line_of(text, section, key)
-            raise ConfigError(
-                f"{path}{f':{line}' if line else ''}: unknown key [{section}] {key}; "
-                f"known keys: {sorted(fields)}"
-            )
+    kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        want = fields[key].type
-        if isinstance(want, str) and (
-            (want.startswith("int") and "str" not in want and type(value) is not int)
-            or (want == "bool" and type(value) is not bool)
-            or (want.startswith("dict") and not isinstance(value, dict))
-        ):
-            line = _line_of(text, section, key)
+        if key not in fields:
             raise ConfigError(
-                f"{path}{f':{line}' if line else ''}: [{section}] {key} must be {want}, got "
-                f"{value!r}"
+                f"{_where(path, _line_of(text, section, key))}: unknown key {key!r} in "
+                f"[{section}]; known keys: {', '.join(sorted(fields))}"
             )
+        try:
+            kwargs[key] = _convert(section, key, value, str(fields[key].type))
+        except ValueError as e:
+            raise ConfigError(
+                f"{_where(path, _line_of(text, section, key))}: [{section}] {key}: {e}"
+            ) from None
     try:
-        return cls(**values)
+        return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: [{section}]: {e}") from e
+        raise ConfigError(f"{_where(path, _line_of(text, section, None))}: [{section}]: {e}") from e
 
 
 def load_config(path: str | os.PathLike[str]) -> CheckpointerConfig:
     """Read a TOML config file into a :class:`CheckpointerConfig`.
 
-    Raises :class:`ConfigError` naming the file, the key and what was expected.
+    Raises :class:`ConfigError` naming the file, the line, the key and what was expected.
     """
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from e
+        raise ConfigError(
+            f"{path}: cannot read the config file ({e.strerror or e}); check the path "
+            f"(--config, config= or ${CONFIG_ENV})"
+        ) from e
     text = raw.decode("utf-8", errors="replace")
     try:
         doc = tomllib.loads(text)
@@ -108,24 +186,30 @@ def load_config(path: str | os.PathLike[str]) -> CheckpointerConfig:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     kwargs: dict[str, Any] = {}
     for section, value in doc.items():
-        if section not in SECTIONS:
-            line = _line_of(text, section, None)
+        if section not in SECTIONS or not isinstance(value, dict):
+            what = f"table [{section}]" if isinstance(value, dict) else f"top-level key {section!r}"
             raise ConfigError(
-                f"{path}{f':{line}' if line else ''}: unknown table [{section}]; known tables: "
-                f"{sorted(SECTIONS)}"
+                f"{_where(path, _line_of(text, section, None) or _line_of(text, '', section))}: "
+                f"unknown {what}; known tables: "
+                f"{', '.join(f'[{s}]' for s in sorted(SECTIONS))}"
             )
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: {section} must be a table ([{section}])")
         attr, cls = SECTIONS[section]
         kwargs[attr] = _build(cls, value, path, text, section)
     cfg = CheckpointerConfig(**kwargs)
+    _check_names(cfg, path, text)
+    return cfg
+
+
+def _check_names(cfg: CheckpointerConfig, path: str, text: str) -> None:
+    """The backend and barrier named must exist."""
     if cfg.storage.backend is not None:
         from .backends import available_backends
 
         if cfg.storage.backend not in available_backends():
             raise ConfigError(
-                f"{path}: [storage] backend = {cfg.storage.backend!r} is not installed; known: "
-                f"{sorted(available_backends())}. Install its plugin (pip install "
+                f"{_where(path, _line_of(text, 'storage', 'backend'))}: [storage] backend = "
+                f"{cfg.storage.backend!r} is not installed; known: "
+                f"{', '.join(sorted(available_backends()))}. Install its plugin (pip install "
                 "cloudckpt[s3] or cloudckpt[gcs]) or remove the key to pick by URI scheme."
             )
     if cfg.barrier_config.barrier_type is not None:
@@ -133,10 +217,10 @@ def load_config(path: str | os.PathLike[str]) -> CheckpointerConfig:
 
         if cfg.barrier_config.barrier_type not in BARRIER_REGISTRY:
             raise ConfigError(
-                f"{path}: [barrier] barrier_type = {cfg.barrier_config.barrier_type!r} is "
-                f"unknown; use one of {sorted(BARRIER_REGISTRY)} or leave it out"
+                f"{_where(path, _line_of(text, 'barrier', 'barrier_type'))}: [barrier] "
+                f"barrier_type = {cfg.barrier_config.barrier_type!r} is unknown; use one of "
+                f"{', '.join(sorted(BARRIER_REGISTRY))} or leave it out"
             )
-    return cfg
 
 
 def resolve_config(
@@ -151,3 +235,69 @@ def resolve_config(
     if env:
         return load_config(env)
     return CheckpointerConfig()
+
+
+def _default_text(f: dataclasses.Field[Any]) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:  # pragma: no cover - every config field has a default
+        return "(required)"
+    if value is None:
+        return "absent"
+    if isinstance(value, dict):
+        return "empty table" if not value else repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def config_reference() -> str:
+    """Markdown reference of every table and key, generated from the dataclasses."""
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `cloudckpt config-reference > docs/config-reference.md`; do not edit. -->",
+        "",
+        "A TOML file maps onto `CheckpointerConfig` one to one: `cloudckpt.load_config(path)`, "
+        "`config=` on every entry point, `--config` on the command, or `$CLOUDCKPT_CONFIG`. "
+        "Sizes take `B`, `KB`, `MB`, `GB`, `TB`, `KiB`, `MiB`, `GiB`, `TiB`; durations (keys "
+        "ending in `_secs`) take a number of seconds or `ms`, `s`, `m`, `h`, `d`, `w`. Unknown "
+        "tables or keys, wrong types and unknown backends or barriers are a `ConfigError` naming "
+        "the file, line and key. Examples: `docs/examples/`.",
+    ]
+    for section, (attr, cls) in SECTIONS.items():
+        out += [
+            "",
+            f"## [{section}]",
+            "",
+            f"`CheckpointerConfig.{attr}`: `{cls.__module__}.{cls.__name__}`.",
+            "",
+            "| key | type | default | meaning |",
+            "| --- | --- | --- | --- |",
+        ]
+        for f in dataclasses.fields(cls):
+            kind = str(f.type)
+            if (section, f.name) in SIZE_KEYS:
+                kind = "size"
+            elif is_duration_key(f.name):
+                kind = "duration"
+            elif kind.startswith("dict"):
+                kind = "table"
+            kind = kind.replace(" | None", ", optional").replace(" | ", " or ")
+            doc = KEY_DOCS.get((section, f.name), "")
+            out.append(f"| `{f.name}` | {kind} | {_default_text(f)} | {doc} |")
+    return "\n".join(out) + "\n"
+
+
+def missing_key_docs() -> list[str]:
+    """Config keys without an entry in :data:`KEY_DOCS` (the reference must cover all)."""
+    return [
+        f"[{s}] {f.name}"
+        for s, (_, cls) in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if (s, f.name) not in KEY_DOCS
+    ]
