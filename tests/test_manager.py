@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from config_files import write_store_config
 from stores import StoreTarget
 
 import cloudckpt
 from cloudckpt.backends import resolve
-from cloudckpt.manager import CheckpointManager, step_name
+from cloudckpt.manager import CheckpointManager, retained, step_name
 
 
 def _mgr(store: StoreTarget, **kw: object) -> CheckpointManager:
@@ -54,3 +57,55 @@ def test_empty_root_and_bad_arguments(store: StoreTarget) -> None:
         _mgr(store, keep_last=0)
     with pytest.raises(cloudckpt.ConfigError, match="CheckpointManager needs a root"):
         CheckpointManager()
+
+
+def test_async_save_runs_retention_after_the_commit(store: StoreTarget) -> None:
+    with (
+        pytest.warns(RuntimeWarning, match="no accelerator"),
+        _mgr(store, keep_last=2, async_save=True) as mgr,
+    ):
+        results = []
+        for step in range(1, 6):
+            sd = {"w": torch.full((8,), float(step)), "step": step}
+            stage_f, commit_f = mgr.save(step, sd)  # type: ignore[misc]
+            stage_f.result()
+            sd["w"].add_(100)  # the trainer goes on; the staged copy is saved
+            results.append(commit_f)
+        assert [f.result(timeout=60) for f in results] == [mgr.uri(s) for s in range(1, 6)]
+        assert mgr.steps() == [4, 5] and mgr.latest_step() == 5
+        out = mgr.load_latest()
+        assert out["step"] == 5 and torch.equal(out["w"], torch.full((8,), 5.0))
+
+
+def test_async_save_error_surfaces_on_the_commit_future(store: StoreTarget) -> None:
+    with pytest.warns(RuntimeWarning), _mgr(store, async_save=True) as mgr:
+        mgr.save(1, {"v": 1})[1].result(timeout=60)  # type: ignore[index]
+        _, commit_f = mgr.save(1, {"v": 2})  # type: ignore[misc]
+        with pytest.raises(cloudckpt.CheckpointExistsError, match="step-0000000001"):
+            commit_f.result(timeout=60)
+        assert mgr.load(1)["v"] == 1
+
+
+def test_root_from_config_any_width_and_nothing_outside_the_root(
+    store: StoreTarget, tmp_path: Path
+) -> None:
+    # a committed checkpoint beside the root whose name shares its prefix must survive
+    sibling = store.root.rstrip("/") + "-sibling/" + step_name(1)
+    cloudckpt.save(sibling, {"x": 1}, storage_options=store.storage_options)
+    cloudckpt.save(store.uri("step-7"), {"x": 7}, storage_options=store.storage_options)
+    cfg = write_store_config(tmp_path / "c.toml", store)
+    with CheckpointManager(config=str(cfg), keep_last=1) as mgr:
+        assert mgr.root == store.root.rstrip("/")
+        assert mgr.steps() == [7] and mgr.load(7)["x"] == 7  # an unpadded name is parsed
+        mgr.save(8, {"x": 8})
+        assert mgr.steps() == [8]
+    assert cloudckpt.load(sibling, storage_options=store.storage_options)["x"] == 1
+
+
+def test_retained_policy() -> None:
+    steps = [1, 2, 3, 4, 5, 10, 11]
+    assert retained(steps, None, None) == set(steps)
+    assert retained(steps, 2, None) == {10, 11}
+    assert retained(steps, None, 5) == {5, 10, 11}  # the newest always stays
+    assert retained(steps, 1, 2) == {2, 4, 10, 11}
+    assert retained([], 1, None) == set()
