@@ -57,6 +57,92 @@ def retained(steps: list[int], keep_last: int | None, keep_every: int | None) ->
     return keep
 
 
+class CheckpointRoot:
+    """The ``step-N`` checkpoints under one root URI, without a checkpointer: listing,
+    committed steps, the ``latest`` hint and removal (shared by the manager and the command)."""
+
+    def __init__(
+        self,
+        root: str,
+        backend_name: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.root = root.rstrip("/") or root
+        self.backend_name = backend_name
+        self.options = dict(storage_options or {})
+        self.backend, self.path = resolve(
+            self.root, backend=backend_name, storage_options=self.options
+        )
+
+    def uri_of(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def listed(self) -> dict[int, str]:
+        """``step -> directory name`` of every ``step-N`` directory, committed or not."""
+        try:
+            infos = self.backend.list_dir(self.path)
+        except FileNotFoundError:
+            return {}
+        found: dict[int, str] = {}
+        for info in infos:
+            step = parse_step(info.name)
+            if step is not None and info.is_dir and found.get(step) != step_name(step):
+                found[step] = info.name  # the padded name wins over another width
+        return found
+
+    def committed(self, name: str) -> bool:
+        """Whether ``<root>/<name>`` has a manifest that parses."""
+        try:
+            open_checkpoint(self.uri_of(name), self.backend_name, self.options)
+        except CheckpointError:
+            return False
+        return True
+
+    def uri(self, step: int) -> str:
+        """The URI of ``step``: the name found under the root (any width), else the padded one."""
+        return self.uri_of(self.listed().get(step, step_name(step)))
+
+    def steps(self) -> dict[int, str]:
+        """Committed ``step -> name``, ascending."""
+        return {s: n for s, n in sorted(self.listed().items()) if self.committed(n)}
+
+    def latest(self) -> tuple[int, str] | None:
+        """The newest committed ``(step, name)`` (newest first: one manifest read usually).
+        The ``latest`` hint is only compared, never trusted."""
+        listed = self.listed()
+        newest = next(
+            ((s, listed[s]) for s in sorted(listed, reverse=True) if self.committed(listed[s])),
+            None,
+        )
+        hint = self.read_hint()
+        if hint is not None and (newest is None or hint != newest[0]):
+            logger.debug("%s/%s says %s; the manifests say %s", self.root, LATEST, hint, newest)
+        return newest
+
+    def read_hint(self) -> int | None:
+        try:
+            return int(self.backend.read_bytes(self.backend.join(self.path, LATEST)))
+        except (OSError, ValueError):
+            return None
+
+    def write_hint(self, step: int) -> None:
+        data = str(step).encode()
+        self.backend.write_object(self.backend.join(self.path, LATEST), [data], len(data))
+
+    def remove(self, name: str) -> None:
+        """Delete ``<root>/<name>``: the manifest first, so a crash midway leaves it
+        uncommitted rather than damaged."""
+        path = self.backend.join(self.path, name)
+        self.backend.delete(self.backend.join(path, MANIFEST_NAME))
+        self.backend.delete(path, recursive=True)
+
+    def retention_victims(self, keep_last: int | None, keep_every: int | None) -> dict[int, str]:
+        """Committed ``step -> name`` that retention removes (never an uncommitted one)."""
+        steps = self.steps()
+        keep = retained(list(steps), keep_last, keep_every)
+        return {s: n for s, n in steps.items() if s not in keep}
+
+
 class CheckpointManager:
     """Saves ``state_dict`` per step under ``root`` and keeps the ones retention asks for.
 
@@ -88,15 +174,13 @@ class CheckpointManager:
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
-        self.root = root.rstrip("/")
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = async_save
         self._options = self._config.storage.options_with(storage_options)
         self._rank_info = rank_info or default_rank_info()
-        self._backend, self._root_path = resolve(
-            self.root, backend=self._config.storage.backend, storage_options=self._options
-        )
+        self._dir = CheckpointRoot(root, self._config.storage.backend, self._options)
+        self.root = self._dir.root
         self._ckpt: Checkpointer = (
             make_async_checkpointer(self._config, rank_info=self._rank_info)
             if async_save
@@ -106,46 +190,16 @@ class CheckpointManager:
 
     def uri(self, step: int) -> str:
         """The URI of ``step``: the name found under the root (any width), else the padded one."""
-        return f"{self.root}/{self._listed().get(step, step_name(step))}"
-
-    def _listed(self) -> dict[int, str]:
-        """``step -> directory name`` of every ``step-N`` directory, committed or not."""
-        try:
-            infos = self._backend.list_dir(self._root_path)
-        except FileNotFoundError:
-            return {}
-        found: dict[int, str] = {}
-        for info in infos:
-            step = parse_step(info.name)
-            if step is not None and info.is_dir and found.get(step) != step_name(step):
-                found[step] = info.name  # the padded name wins over another width
-        return found
-
-    def _committed(self, name: str) -> bool:
-        try:
-            open_checkpoint(f"{self.root}/{name}", self._config.storage.backend, self._options)
-        except CheckpointError:
-            return False
-        return True
+        return self._dir.uri(step)
 
     def steps(self) -> list[int]:
         """Committed steps, ascending."""
-        return sorted(s for s, name in self._listed().items() if self._committed(name))
+        return list(self._dir.steps())
 
     def latest_step(self) -> int | None:
-        """The newest committed step (newest first, so one manifest read in the usual case)."""
-        listed = self._listed()
-        newest = next((s for s in sorted(listed, reverse=True) if self._committed(listed[s])), None)
-        hint = self._read_hint()
-        if hint is not None and hint != newest:
-            logger.debug("%s/%s says %s; the manifests say %s", self.root, LATEST, hint, newest)
-        return newest
-
-    def _read_hint(self) -> int | None:
-        try:
-            return int(self._backend.read_bytes(self._backend.join(self._root_path, LATEST)))
-        except (OSError, ValueError):
-            return None
+        """The newest committed step, or ``None``."""
+        latest = self._dir.latest()
+        return latest[0] if latest else None
 
     def save(
         self, step: int, state_dict: STATE_DICT, **kwargs: Any
@@ -155,7 +209,7 @@ class CheckpointManager:
         Sync: returns the URI once all is done. Async: ``(stage_future, commit_future)``.
         ``kwargs`` go to the checkpointer (``metadata=``, ``overwrite=``).
         """
-        uri = f"{self.root}/{step_name(step)}"
+        uri = self._dir.uri_of(step_name(step))
         if not self.async_save:
             self._ckpt.save(uri, state_dict, storage_options=self._options, **kwargs)
             self._after_commit(step)
@@ -185,11 +239,8 @@ class CheckpointManager:
         checkpoint is committed, and the next save tries again."""
         if self._rank_info.global_rank != 0:
             return
-        hint = str(step).encode()
         try:
-            self._backend.write_object(
-                self._backend.join(self._root_path, LATEST), [hint], len(hint)
-            )
+            self._dir.write_hint(step)
         except OSError as e:
             logger.warning("could not write %s/%s: %s", self.root, LATEST, e)
         try:
@@ -197,18 +248,16 @@ class CheckpointManager:
         except (OSError, CheckpointError) as e:
             logger.warning("retention under %s failed (next save retries): %s", self.root, e)
 
-    def apply_retention(self, dry_run: bool = False) -> list[int]:
+    def apply_retention(self) -> list[int]:
         """Remove the committed steps that ``keep_last``/``keep_every`` do not keep; returns
         them. Uncommitted directories are never touched."""
-        listed = self._listed()
-        steps = sorted(s for s, name in listed.items() if self._committed(name))
-        doomed = [s for s in steps if s not in retained(steps, self.keep_last, self.keep_every)]
-        for s in doomed if not dry_run else ():
-            logger.info("retention: removing %s/%s", self.root, listed[s])
-            path = self._backend.join(self._root_path, listed[s])
-            self._backend.delete(self._backend.join(path, MANIFEST_NAME))  # uncommit first
-            self._backend.delete(path, recursive=True)
-        return doomed
+        if self.keep_last is None and self.keep_every is None:
+            return []
+        victims = self._dir.retention_victims(self.keep_last, self.keep_every)
+        for name in victims.values():
+            logger.info("retention: removing %s", self._dir.uri_of(name))
+            self._dir.remove(name)
+        return list(victims)
 
     def load(self, step: int, state_dict: STATE_DICT | None = None, **kwargs: Any) -> STATE_DICT:
         """Load committed ``step`` (only ``state_dict``'s keys, in place, if given)."""

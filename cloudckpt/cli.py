@@ -1,0 +1,718 @@
+"""The ``cloudckpt`` command: ls, info, verify, cp, rm, gc, latest (docs/cli.md).
+
+Exit codes: 0 ok, 1 damage or failure, 2 usage (bad arguments or a bad config file). Errors are
+one line, ``cloudckpt: error: <message>``, on stderr. ``--json`` prints one JSON document on
+stdout for scripts. ``cp`` and ``verify`` show a progress bar (tqdm, if installed) only when
+stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from .backends import Backend, available_backends, resolve, split_scheme
+from .checkpoint_reader import CommittedCheckpoint, open_checkpoint
+from .config import CheckpointerConfig, config_reference, resolve_config
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotCommittedError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+)
+from .format import (
+    MANIFEST_NAME,
+    MAX_HEADER_BYTES,
+    TensorRecord,
+    crc32c,
+    dtype_from_name,
+    parse_safetensors_header,
+    safetensors_entry,
+)
+from .manager import CheckpointRoot, parse_step
+from .utils import format_size, parse_duration
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+CHUNK = 8 << 20  # bytes per read when streaming (verify, cp)
+CHECKPOINT_ENTRIES = {MANIFEST_NAME, "data", "index"}
+
+
+class CommandError(Exception):
+    """A failure the command reports in one line (exit 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's one-line error format (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"cloudckpt: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+# -- shared plumbing ---------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What every subcommand needs: the config, the storage options, output mode."""
+
+    cfg: CheckpointerConfig
+    options: dict[str, Any]
+    json: bool
+    progress: bool
+
+    def backend_name(self, uri: str) -> str | None:
+        """The config's backend, if it serves ``uri``'s scheme (``cp`` spans two stores)."""
+        name = self.cfg.storage.backend
+        if name is None:
+            return None
+        cls = available_backends().get(name)
+        if cls is None or not ({split_scheme(uri), "*"} & set(cls.protocols)):
+            return None
+        return name
+
+    def resolve(self, uri: str) -> tuple[Backend, str]:
+        return resolve(uri, backend=self.backend_name(uri), storage_options=self.options)
+
+    def open(self, uri: str) -> CommittedCheckpoint:
+        return open_checkpoint(uri, self.backend_name(uri), self.options)
+
+    def root(self, uri: str | None) -> CheckpointRoot:
+        uri = uri or self.cfg.storage.root
+        if not uri:
+            raise ConfigError("no ROOT given and no [storage] root in the config: pass ROOT")
+        return CheckpointRoot(uri, self.backend_name(uri), self.options)
+
+
+def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs: VALUE as JSON if it parses (``20``, ``true``), else a string;
+    dots in KEY nest (``client_kwargs.region_name=eu``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--storage-option expects KEY=VALUE, got {pair!r}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+class _Progress:
+    """A byte counter drawn by tqdm when enabled and installed; thread-safe; else silent."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self._bar: Any = None
+        self._lock = threading.Lock()
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # pragma: no cover - tqdm is optional
+                return
+            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            with self._lock:
+                self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+
+
+def _time(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
+def _read_chunks(
+    backend: Backend, path: str, start: int, end: int, on_chunk: Callable[[int], None]
+) -> Iterator[tuple[int, memoryview]]:
+    """``(offset, bytes)`` of ``path[start:end]`` in fresh CHUNK-sized buffers."""
+    pos = start
+    while pos < end:
+        buf = memoryview(bytearray(min(CHUNK, end - pos)))
+        backend.read_into(path, pos, [buf])
+        yield pos, buf
+        pos += len(buf)
+        on_chunk(len(buf))
+
+
+# -- ls, info, latest --------------------------------------------------------------------------
+
+
+def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
+    root = ctx.root(args.root)
+    rows: list[dict[str, Any]] = []
+    for info in root.backend.list_dir(root.path):
+        if not info.is_dir:
+            continue
+        try:
+            ck = ctx.open(root.uri_of(info.name))
+        except (CheckpointNotFoundError, CheckpointNotCommittedError, CorruptCheckpointError):
+            continue  # only committed checkpoints are listed
+        m = ck.manifest
+        rows.append(
+            {
+                "name": info.name,
+                "uri": ck.uri,
+                "step": parse_step(info.name),
+                "bytes": m.total_bytes,
+                "world_size": m.world_size,
+                "created": _time(m.created_unix),
+                "created_unix": m.created_unix,
+            }
+        )
+    rows.sort(key=lambda r: (r["step"] is None, r["step"] or 0, r["name"]))
+    if ctx.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            step = "-" if r["step"] is None else str(r["step"])
+            sys.stdout.write(
+                f"{step:>10}  {format_size(r['bytes']):>10}  {r['created']}  {r['uri']}\n"
+            )
+    return EXIT_OK
+
+
+def cmd_info(ctx: Context, args: argparse.Namespace) -> int:
+    ck = ctx.open(args.uri)
+    m = ck.manifest
+    ranks: list[dict[str, Any]] = []
+    for entry in m.ranks:
+        idx = ck.read_index(entry.rank)
+        ranks.append(
+            {
+                "rank": entry.rank,
+                "files": len(idx.files),
+                "tensors": len(idx.tensors),
+                "bytes": sum(f.size for f in idx.files),
+            }
+        )
+    doc: dict[str, Any] = {
+        "uri": ck.uri,
+        "world_size": m.world_size,
+        "files": sum(r["files"] for r in ranks),
+        "tensors": sum(r["tensors"] for r in ranks),
+        "bytes": sum(r["bytes"] for r in ranks),
+        "created": _time(m.created_unix),
+        "library_version": m.library_version,
+        "metadata": m.metadata,
+        "ranks": ranks,
+    }
+    if ctx.json:
+        _print_json(doc)
+        return EXIT_OK
+    out = [
+        f"uri:       {doc['uri']}",
+        f"created:   {doc['created']} (cloudckpt {m.library_version or '?'})",
+        f"ranks:     {m.world_size}",
+        f"files:     {doc['files']}",
+        f"tensors:   {doc['tensors']}",
+        f"bytes:     {doc['bytes']} ({format_size(doc['bytes'])})",
+    ]
+    if m.metadata:
+        out.append(f"metadata:  {json.dumps(m.metadata)}")
+    out += [
+        f"  rank {r['rank']}: {r['files']} files, {r['tensors']} tensors, {format_size(r['bytes'])}"
+        for r in ranks
+    ]
+    sys.stdout.write("\n".join(out) + "\n")
+    return EXIT_OK
+
+
+def cmd_latest(ctx: Context, args: argparse.Namespace) -> int:
+    root = ctx.root(args.root)
+    latest = root.latest()
+    if latest is None:
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint under {root.root}; check ROOT (cloudckpt ls {root.root})"
+        )
+    uri = root.uri_of(latest[1])
+    if ctx.json:
+        _print_json({"uri": uri, "step": latest[0]})
+    else:
+        sys.stdout.write(uri + "\n")
+    return EXIT_OK
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+
+def verify_checkpoint(
+    ck: CommittedCheckpoint, on_bytes: Callable[[int], None] = lambda n: None
+) -> tuple[list[str], dict[str, int]]:
+    """Read every object of every rank: each index against the manifest, each data file's
+    safetensors header against the index, every tensor's CRC32C. Returns the problems found
+    (each naming the object and key) and counts of what was checked."""
+    problems: list[str] = []
+    stats = {"ranks": 0, "files": 0, "tensors": 0, "bytes": 0}
+    for entry in ck.manifest.ranks:
+        stats["ranks"] += 1
+        try:
+            idx = ck.read_index(entry.rank)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if sorted(entry.files) != sorted(f.path for f in idx.files):
+            problems.append(
+                f"{ck.object_uri(entry.index)}: lists files {sorted(f.path for f in idx.files)} "
+                f"but the manifest lists {sorted(entry.files)}"
+            )
+        per_file: dict[int, list[TensorRecord]] = {}
+        for t in idx.tensors:
+            per_file.setdefault(t.file, []).append(t)
+        for n, frec in enumerate(idx.files):
+            stats["files"] += 1
+            tensors = sorted(per_file.get(n, []), key=lambda t: t.offset)
+            stats["tensors"] += len(tensors)
+            problems += _verify_file(ck, frec.path, frec.size, tensors, on_bytes, stats)
+    return problems, stats
+
+
+def _verify_file(
+    ck: CommittedCheckpoint,
+    rel: str,
+    size: int,
+    tensors: list[TensorRecord],
+    on_bytes: Callable[[int], None],
+    stats: dict[str, int],
+) -> list[str]:
+    backend, path, where = ck.backend, ck.backend.join(ck.root, rel), ck.object_uri(rel)
+    try:
+        actual = backend.size(path)
+    except FileNotFoundError:
+        return [f"{where} is missing but the index lists it ({len(tensors)} tensors)"]
+    if actual != size:
+        return [f"{where} is {actual} bytes; the index says {size}: the file is damaged"]
+    problems = []
+    try:
+        head = bytearray(min(size, 8))
+        backend.read_into(path, 0, [memoryview(head)])
+        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+        head = bytearray(min(size, 8 + min(n, MAX_HEADER_BYTES)))
+        backend.read_into(path, 0, [memoryview(head)])
+        entries = {e.name: e for e in parse_safetensors_header(bytes(head), size, where)}
+        for t in tensors:
+            e = entries.pop(t.key, None)
+            want_dtype, want_shape = safetensors_entry(
+                dtype_from_name(t.dtype, where), tuple(t.shape), t.length
+            )
+            if e is None:
+                problems.append(f"{where}: tensor {t.key!r} is in the index but not the header")
+            elif (e.start, e.end, e.dtype, e.shape) != (
+                t.offset,
+                t.offset + t.length,
+                want_dtype,
+                want_shape,
+            ):
+                problems.append(
+                    f"{where}: tensor {t.key!r}: the safetensors header says {e.dtype} "
+                    f"{e.shape} at {e.start}..{e.end}, the index {want_dtype} {want_shape} at "
+                    f"{t.offset}..{t.offset + t.length}"
+                )
+        problems += [f"{where}: tensor {k!r} is in the header but not the index" for k in entries]
+    except CorruptCheckpointError as e:
+        problems.append(str(e))
+    except (OSError, EOFError) as e:
+        return [f"{where}: reading the header failed: {e}"]
+    problems += _verify_crcs(backend, path, where, tensors, on_bytes)
+    stats["bytes"] += size
+    return problems
+
+
+def _verify_crcs(
+    backend: Backend,
+    path: str,
+    where: str,
+    tensors: list[TensorRecord],
+    on_bytes: Callable[[int], None],
+) -> list[str]:
+    """Stream the tensors' span of the file once, CRC32C of each tensor on the way."""
+    if not tensors:
+        return []
+    crcs = [0] * len(tensors)
+    first = 0
+    start, end = tensors[0].offset, max(t.offset + t.length for t in tensors)
+    try:
+        for pos, buf in _read_chunks(backend, path, start, end, on_bytes):
+            stop = pos + len(buf)
+            while first < len(tensors) and tensors[first].offset + tensors[first].length <= pos:
+                first += 1
+            k = first
+            while k < len(tensors) and tensors[k].offset < stop:
+                t = tensors[k]
+                lo, hi = max(t.offset, pos), min(t.offset + t.length, stop)
+                if hi > lo:
+                    crcs[k] = crc32c(buf[lo - pos : hi - pos], crcs[k])
+                k += 1
+    except (OSError, EOFError) as e:
+        return [f"{where}: reading tensor data failed: {e}"]
+    return [
+        f"{where}: tensor {t.key!r}: CRC32C {crc:08x} differs from the index's {t.crc32c:08x}; "
+        "its bytes are damaged"
+        for t, crc in zip(tensors, crcs)
+        if crc != t.crc32c
+    ]
+
+
+def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
+    ck = ctx.open(args.uri)
+    bar = _Progress(ck.manifest.total_bytes, "verify", ctx.progress)
+    try:
+        problems, stats = verify_checkpoint(ck, bar.update)
+    finally:
+        bar.close()
+    if ctx.json:
+        _print_json({"uri": ck.uri, "ok": not problems, "problems": problems, **stats})
+    else:
+        for p in problems:
+            sys.stdout.write(p + "\n")
+        if not problems:
+            sys.stdout.write(
+                f"ok: {ck.uri}: {stats['ranks']} ranks, {stats['files']} files, "
+                f"{stats['tensors']} tensors, {format_size(stats['bytes'])} checked\n"
+            )
+    if problems:
+        raise CommandError(
+            f"{ck.uri} is damaged: {len(problems)} problem(s); load an earlier checkpoint "
+            "or copy it again from a good one"
+        )
+    return EXIT_OK
+
+
+# -- cp, rm ------------------------------------------------------------------------------------
+
+
+def copy_checkpoint(
+    ctx: Context,
+    src_uri: str,
+    dst_uri: str,
+    overwrite: bool = False,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> dict[str, Any]:
+    """Copy a committed checkpoint between any two stores: data files (streamed in chunks,
+    several at once), then indexes, then the manifest, create-only, last."""
+    src = ctx.open(src_uri)
+    dst, dst_root = ctx.resolve(dst_uri)
+    dst_manifest = dst.join(dst_root, MANIFEST_NAME)
+    if dst.exists(dst_manifest):
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"{dst_uri} already holds a committed checkpoint; pass --overwrite or `cloudckpt "
+                "rm` it first"
+            )
+        dst.delete(dst_manifest)  # uncommit before anything changes
+        dst.delete(dst_root, recursive=True)
+    indexes = {e.rank: src.read_index(e.rank) for e in src.manifest.ranks}
+    files = [(f.path, f.size) for idx in indexes.values() for f in idx.files]
+
+    def copy(rel: str, size: int) -> None:
+        chunks = (
+            buf
+            for _, buf in _read_chunks(
+                src.backend, src.backend.join(src.root, rel), 0, size, on_bytes
+            )
+        )
+        dst.write_object(dst.join(dst_root, rel), chunks, size)
+
+    with ThreadPoolExecutor(ctx.cfg.writer_config.concurrency) as pool:
+        for f in [pool.submit(copy, rel, size) for rel, size in files]:
+            f.result()
+    for entry in src.manifest.ranks:
+        raw = src.backend.read_bytes(src.backend.join(src.root, entry.index))
+        if len(raw) != entry.size or crc32c(raw) != entry.crc32c:
+            raise CorruptCheckpointError(
+                f"{src.object_uri(entry.index)} changed while copying; copy again"
+            )
+        dst.write_object(dst.join(dst_root, entry.index), [raw], len(raw))
+    raw_manifest = src.backend.read_bytes(src.backend.join(src.root, MANIFEST_NAME))
+    dst.put_create_only(dst_manifest, raw_manifest)
+    return {
+        "src": src.uri,
+        "dst": dst_uri,
+        "files": len(files),
+        "bytes": sum(s for _, s in files),
+    }
+
+
+def cmd_cp(ctx: Context, args: argparse.Namespace) -> int:
+    if args.src.rstrip("/") == args.dst.rstrip("/"):
+        raise CommandError("SRC and DST are the same checkpoint")
+    total = ctx.open(args.src).manifest.total_bytes
+    bar = _Progress(total, "cp", ctx.progress)
+    try:
+        doc = copy_checkpoint(ctx, args.src, args.dst, args.overwrite, bar.update)
+    finally:
+        bar.close()
+    if ctx.json:
+        _print_json(doc)
+    else:
+        sys.stdout.write(
+            f"copied {doc['src']} -> {doc['dst']} ({doc['files']} files, "
+            f"{format_size(doc['bytes'])})\n"
+        )
+    return EXIT_OK
+
+
+def _checkpoint_entries(backend: Backend, path: str) -> set[str] | None:
+    """The names directly under ``path`` if it looks like a checkpoint (only manifest.json,
+    data/, index/), else ``None``."""
+    names = {i.name for i in backend.list_dir(path)}
+    return names if names and names <= CHECKPOINT_ENTRIES else None
+
+
+def cmd_rm(ctx: Context, args: argparse.Namespace) -> int:
+    backend, path = ctx.resolve(args.uri)
+    names = _checkpoint_entries(backend, path)
+    if names is None:
+        if not backend.list_dir(path):
+            raise CheckpointNotFoundError(f"no checkpoint at {args.uri}: nothing to remove")
+        raise CommandError(
+            f"{args.uri} is not a checkpoint (it holds more than manifest.json, data/ and "
+            "index/); refusing to remove it. Use your store's own tools."
+        )
+    committed = MANIFEST_NAME in names
+    backend.delete(backend.join(path, MANIFEST_NAME))  # uncommit first
+    backend.delete(path, recursive=True)
+    if ctx.json:
+        _print_json({"removed": args.uri, "committed": committed})
+    else:
+        sys.stdout.write(f"removed {args.uri}{'' if committed else ' (was not committed)'}\n")
+    return EXIT_OK
+
+
+# -- gc ----------------------------------------------------------------------------------------
+
+
+def newest_mtime(backend: Backend, path: str) -> float | None:
+    """The newest modification time of anything under ``path`` (``None`` if unknown)."""
+    newest: float | None = None
+    for info in backend.list_dir(path):
+        m = newest_mtime(backend, info.path) if info.is_dir else info.mtime
+        if m is None and not info.is_dir:
+            return None  # an object of unknown age: never old enough
+        if m is not None and (newest is None or m > newest):
+            newest = m
+    return newest
+
+
+def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
+    root = ctx.root(args.root)
+    min_age = parse_duration(args.older_than)
+    actions: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    if args.keep_last is not None or args.keep_every is not None:
+        for step, name in root.retention_victims(args.keep_last, args.keep_every).items():
+            actions.append(
+                {"uri": root.uri_of(name), "step": step, "reason": "retention", "name": name}
+            )
+    now = time.time()
+    for info in root.backend.list_dir(root.path):
+        if not info.is_dir:
+            continue
+        names = _checkpoint_entries(root.backend, info.path)
+        if names is None or MANIFEST_NAME in names:
+            continue  # not checkpoint-shaped, or committed (retention decides)
+        uri = root.uri_of(info.name)
+        mtime = newest_mtime(root.backend, info.path)
+        if mtime is None or now - mtime < min_age:
+            age = "unknown age" if mtime is None else f"{now - mtime:.0f}s old"
+            skipped.append({"uri": uri, "reason": f"uncommitted, {age}, younger than --older-than"})
+            continue
+        actions.append(
+            {
+                "uri": uri,
+                "step": parse_step(info.name),
+                "reason": f"uncommitted leftover, {now - mtime:.0f}s old",
+                "name": info.name,
+            }
+        )
+    for a in actions:
+        if not args.dry_run:
+            root.remove(a["name"])
+        if not ctx.json:
+            verb = "would remove" if args.dry_run else "removed"
+            sys.stdout.write(f"{verb} {a['uri']} ({a['reason']})\n")
+    if ctx.json:
+        _print_json(
+            {
+                "root": root.root,
+                "dry_run": args.dry_run,
+                "removed": [{k: a[k] for k in ("uri", "step", "reason")} for a in actions],
+                "skipped": skipped,
+            }
+        )
+    else:
+        for s in skipped:
+            sys.stdout.write(f"kept {s['uri']} ({s['reason']})\n")
+    return EXIT_OK
+
+
+def cmd_config_reference(ctx: Context, args: argparse.Namespace) -> int:
+    sys.stdout.write(config_reference())
+    return EXIT_OK
+
+
+# -- parser and main ---------------------------------------------------------------------------
+
+
+def _count(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return n
+
+
+def _duration(value: str) -> str:
+    try:
+        parse_duration(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    # SUPPRESS: given before or after COMMAND, the subcommand's defaults must not undo it
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="TOML config file (default: $CLOUDCKPT_CONFIG)",
+    )
+    common.add_argument(
+        "--storage-option",
+        metavar="KEY=VALUE",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="storage option over the config's [storage.options] (repeatable; VALUE as JSON "
+        "if it parses; dotted KEY nests)",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+    )
+    parser = _Parser(
+        prog="cloudckpt",
+        description="Inspect, verify, copy and clean up cloudckpt checkpoints on any store.",
+        epilog="Exit codes: 0 ok, 1 damage or failure, 2 usage. See docs/cli.md.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    def add(name: str, func: Callable[..., int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    root_help = "URI of the directory holding checkpoints (default: [storage] root)"
+    p = add("ls", cmd_ls, "list the committed checkpoints under ROOT: step, size, time, URI")
+    p.add_argument("root", nargs="?", metavar="ROOT", help=root_help)
+    p = add("info", cmd_info, "describe a checkpoint: ranks, files, tensors, bytes, metadata")
+    p.add_argument("uri", metavar="URI")
+    p = add(
+        "verify",
+        cmd_verify,
+        "read every object of every rank and check every CRC32C and safetensors header "
+        "(exit 1 on damage)",
+    )
+    p.add_argument("uri", metavar="URI")
+    p = add(
+        "cp",
+        cmd_cp,
+        "copy a committed checkpoint between any two stores; the manifest is written last",
+    )
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at DST")
+    p = add("rm", cmd_rm, "remove one checkpoint (committed or not), manifest first")
+    p.add_argument("uri", metavar="URI")
+    p = add(
+        "gc",
+        cmd_gc,
+        "apply retention to the step-N checkpoints under ROOT and remove uncommitted leftovers "
+        "older than --older-than",
+    )
+    p.add_argument("root", nargs="?", metavar="ROOT", help=root_help)
+    p.add_argument("--keep-last", type=_count, metavar="N", help="keep the N newest committed")
+    p.add_argument("--keep-every", type=_count, metavar="M", help="also keep steps divisible by M")
+    p.add_argument(
+        "--older-than",
+        type=_duration,
+        default="1d",
+        metavar="AGE",
+        help="remove uncommitted leftovers only when nothing in them changed for AGE "
+        "(default 1d; units s, m, h, d, w), so a save in progress is never raced",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would be removed")
+    p = add("latest", cmd_latest, "print the URI of the newest committed checkpoint under ROOT")
+    p.add_argument("root", nargs="?", metavar="ROOT", help=root_help)
+    add(
+        "config-reference",
+        cmd_config_reference,
+        "print the reference of every config key (docs/config-reference.md)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="cloudckpt: %(message)s")
+    try:
+        try:
+            options = parse_storage_options(getattr(args, "storage_option", []))
+        except ValueError as e:
+            parser.error(str(e))
+        cfg = resolve_config(getattr(args, "config", None))
+        as_json = bool(getattr(args, "json", False))
+        ctx = Context(
+            cfg=cfg,
+            options=cfg.storage.options_with(options),
+            json=as_json,
+            progress=sys.stderr.isatty() and not as_json,
+        )
+        return int(args.func(ctx, args))
+    except ConfigError as e:
+        return _fail(e, EXIT_USAGE)
+    except (CheckpointError, CommandError, OSError, EOFError, ValueError) as e:
+        return _fail(e, EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as e:
+        if os.environ.get("CLOUDCKPT_DEBUG"):
+            raise
+        return _fail(f"{type(e).__name__}: {e} (set CLOUDCKPT_DEBUG=1 for a traceback)", 1)
+
+
+def _fail(error: object, code: int) -> int:
+    message = " ".join(str(error).split()) or type(error).__name__
+    sys.stderr.write(f"cloudckpt: error: {message}\n")
+    return code
