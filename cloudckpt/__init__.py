@@ -29,8 +29,10 @@ from .errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    StagingError,
     StateDictMismatchError,
     UnsupportedValueError,
+    WriterProcessError,
 )
 from .manager import CheckpointManager
 from .staging import CheckpointStager, CheckpointStagerConfig, DefaultStager
@@ -68,12 +70,14 @@ __all__ = [
     "LocalBackend",
     "ObjectInfo",
     "RankInfo",
+    "StagingError",
     "StateDictMismatchError",
     "StorageConfig",
     "SyncCheckpointer",
     "TCPStoreBarrier",
     "UnsupportedValueError",
     "WriterHook",
+    "WriterProcessError",
     "__version__",
     "create_barrier_from_config",
     "load",

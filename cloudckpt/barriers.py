@@ -266,23 +266,84 @@ class _StoreBarrier(Barrier):
 
 @register_barrier
 class DistBarrier(_StoreBarrier):
-    """Runs on the initialized process group's store (never on its NCCL communicator)."""
+    """Runs on the initialized process group's store (never on its NCCL communicator).
+
+    A writer process has no process group: there it is built with the group's TCPStore address
+    (``store_host``, ``store_port``) and the rank's ``rank`` and ``world_size`` instead; see
+    :func:`barrier_config_for_process`.
+    """
 
     barrier_type = "dist_barrier"
 
-    def __init__(self, barrier_prefix: str = "cloudckpt", timeout_secs: float = 600) -> None:
+    def __init__(
+        self,
+        barrier_prefix: str = "cloudckpt",
+        timeout_secs: float = 600,
+        store_host: str | None = None,
+        store_port: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         import torch.distributed as dist
 
+        self._timeout_secs = timeout_secs
+        if store_host is not None and store_port is not None:
+            if rank is None or world_size is None:
+                raise BarrierError("DistBarrier with a store address needs rank and world_size")
+            client = dist.TCPStore(
+                store_host,
+                store_port,
+                is_master=False,
+                timeout=timedelta(seconds=timeout_secs),
+                wait_for_workers=False,
+            )
+            self._exchange = StoreExchange(client, rank, world_size, f"{barrier_prefix}/writer")
+            return
         if not dist.is_initialized():
             raise BarrierError(
                 "DistBarrier requires an initialized process group: call "
                 "torch.distributed.init_process_group() first, or use barrier_type='tcp_store'."
             )
         store = dist.distributed_c10d._get_default_store()
-        self._timeout_secs = timeout_secs
         self._exchange = StoreExchange(
             store, dist.get_rank(), dist.get_world_size(), f"{barrier_prefix}/dist"
         )
+
+
+def barrier_config_for_process(barrier_config: BarrierConfig, world_size: int) -> BarrierConfig:
+    """The barrier a writer *process* builds: a process-group barrier becomes one on the group's
+    TCPStore address, since the writer process has no process group of its own."""
+    wants_group = barrier_config.barrier_type == "dist_barrier" or (
+        barrier_config.barrier_type is None and world_size > 1
+    )
+    if not wants_group:
+        return barrier_config
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if barrier_config.barrier_type is None:
+            return barrier_config  # the writer reports the missing barrier itself
+        raise BarrierError(
+            "DistBarrier requires an initialized process group: call "
+            "torch.distributed.init_process_group() first, or use barrier_type='tcp_store'."
+        )
+    store = dist.distributed_c10d._get_default_store()
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    if not isinstance(store, dist.TCPStore):
+        raise BarrierError(
+            f"the writer process reaches the other ranks through the process group's store, "
+            f"but this group's store is a {type(store).__name__}, not a TCPStore; configure "
+            '[barrier] barrier_type = "tcp_store" for the process writer'
+        )
+    args = dict(barrier_config.barrier_args)
+    args.update(
+        store_host=store.host,
+        store_port=store.port,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+    )
+    return BarrierConfig(barrier_type="dist_barrier", barrier_args=args)
 
 
 @register_barrier

@@ -1,30 +1,74 @@
-"""The background writer of an async checkpointer (a thread here; a process in issue 8)."""
+"""The background writer of an async checkpointer: a thread (default) or a persistent process.
+
+``WriterThread`` runs the writer in a thread of the training process. ``CheckpointProcess`` (the
+seed's name and signature) spawns one writer process, once, and feeds it staged state dicts
+through shared memory: each CPU storage goes over the pipe once, as a handle, and every save after
+that sends only the tree of key paths, offsets, shapes and dtypes. The writer process builds its
+own ``CheckpointWriter`` (barrier included), so uploads, CRCs and the commit never compete with
+training for the GIL. If the process dies, the save in flight fails with
+:class:`WriterProcessError` instead of hanging.
+"""
 
 from __future__ import annotations
 
+import abc
 import logging
+import logging.handlers
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .checkpoint_writer import CheckpointWriter
-from .types import STATE_DICT
+import torch
+
+from .backends import split_scheme
+from .errors import ConfigError, WriterProcessError
+from .tree import flatten
+from .types import STATE_DICT, RankInfo
 
 logger = logging.getLogger(__name__)
+
+WRITER_KINDS = ("thread", "process")
 
 
 @dataclass
 class CheckpointProcessConfig:
-    """Timeouts of the writer process (as in the seed)."""
+    """Where the background writer runs and its timeouts (as in the seed)."""
 
     subprocess_init_timeout_secs: int = 30
     subprocess_shutdown_timeout_secs: int = 60
+    writer: str = "thread"
 
 
-class CheckpointProcess:
+class BackgroundWriter(abc.ABC):
     """Runs writes of staged state dicts one at a time, off the caller's thread."""
 
-    def __init__(self, writer: CheckpointWriter, config: CheckpointProcessConfig | None = None):
+    @abc.abstractmethod
+    def write(
+        self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any
+    ) -> Future[None]:
+        """Write ``state_dict`` (or the staged result of a future) to ``path``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Wait for the write in flight, then stop."""
+
+
+def _resolved(state_dict: STATE_DICT | Future[STATE_DICT]) -> STATE_DICT:
+    return state_dict.result() if isinstance(state_dict, Future) else state_dict
+
+
+class WriterThread(BackgroundWriter):
+    """The default: a writer running in one background thread of this process."""
+
+    def __init__(self, writer: Any, config: CheckpointProcessConfig | None = None) -> None:
         self._writer = writer
         self._config = config or CheckpointProcessConfig()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-writer")
@@ -33,11 +77,367 @@ class CheckpointProcess:
         self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any
     ) -> Future[None]:
         def run() -> None:
-            sd = state_dict.result() if isinstance(state_dict, Future) else state_dict
-            self._writer.write(path, sd, **kwargs)
+            self._writer.write(path, _resolved(state_dict), **kwargs)
 
         return self._executor.submit(run)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._writer.close()
+
+
+# -- the wire format between the training process and its writer process -----------------------
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    """A staged CPU tensor, as a place in a storage the writer process already holds."""
+
+    storage: int
+    byte_offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _encode(
+    value: Any, storages: dict[int, torch.UntypedStorage]
+) -> Any:  # tree with _TensorRef leaves
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+        st = value.untyped_storage()
+        key = st.data_ptr()
+        storages.setdefault(key, st)
+        return _TensorRef(
+            key,
+            int(value.storage_offset()) * value.element_size(),
+            value.dtype,
+            tuple(value.shape),
+            tuple(value.stride()),
+        )
+    if isinstance(value, dict):
+        return type(value)((k, _encode(v, storages)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_encode(v, storages) for v in value)
+    return value  # scalars, and non-CPU tensors (torch pickles those itself)
+
+
+def _decode(value: Any, storages: dict[int, torch.UntypedStorage]) -> Any:
+    if isinstance(value, _TensorRef):
+        out = torch.empty(0, dtype=value.dtype)
+        offset = value.byte_offset // max(1, out.element_size())
+        return out.set_(storages[value.storage], offset, value.shape, value.stride)
+    if isinstance(value, dict):
+        return type(value)((k, _decode(v, storages)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_decode(v, storages) for v in value)
+    return value
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else a :class:`WriterProcessError` with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return WriterProcessError(f"{type(error).__name__}: {error}")
+
+
+class _PipeLogQueue:
+    """Lets a ``QueueHandler`` send log records over the pipe (threads share one lock)."""
+
+    def __init__(self, conn: Connection, lock: threading.Lock) -> None:
+        self._conn, self._lock = conn, lock
+
+    def put_nowait(self, record: logging.LogRecord) -> None:
+        with self._lock:
+            self._conn.send(("log", record))
+
+
+def writer_process_main(
+    conn: Connection,
+    log_level: int,
+    rank_info: RankInfo,
+    subprocess_init_fn: Callable[..., None] | None,
+    subprocess_init_args: tuple[Any, ...],
+    checkpoint_writer_init_fn: Callable[..., Any],
+    checkpoint_writer_init_args: dict[str, Any],
+) -> None:
+    """The writer process: build the writer, then write what arrives until told to exit."""
+    lock = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        with lock:
+            conn.send(message)
+
+    package_logger = logging.getLogger("cloudckpt")
+    package_logger.setLevel(log_level)
+    package_logger.addHandler(logging.handlers.QueueHandler(_PipeLogQueue(conn, lock)))  # type: ignore[arg-type]
+    package_logger.propagate = False  # the training process's handlers print it, once
+    try:
+        if subprocess_init_fn is not None:
+            subprocess_init_fn(*subprocess_init_args)
+        args = dict(checkpoint_writer_init_args)
+        args.setdefault("rank_info", rank_info)
+        writer = checkpoint_writer_init_fn(**args)
+    except BaseException as e:
+        send(("init_failed", _portable(e)))
+        return
+    send(("ready", os.getpid()))
+    held: dict[int, torch.UntypedStorage] = {}
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:  # the training process is gone
+            break
+        if message[0] == "exit":
+            break
+        _, path, tree, new_storages, keep, kwargs = message
+        held.update(new_storages)
+        for key in [k for k in held if k not in keep]:
+            del held[key]
+        try:
+            writer.write(path, _decode(tree, held), **kwargs)
+            send(("done",))
+        except BaseException as e:
+            logger.debug("write of %s failed in the writer process", path, exc_info=True)
+            send(("failed", _portable(e)))
+    try:
+        writer.close()
+    finally:
+        send(("closed",))
+
+
+def _how_it_died(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "stopped answering"
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (often the kernel's out-of-memory killer)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {exitcode}"
+
+
+class _Worker:
+    """One spawned writer process, its pipe and the thread that reads its answers."""
+
+    def __init__(self, owner: CheckpointProcess) -> None:
+        import torch.multiprocessing as mp  # registers torch's shared-memory reductions
+
+        ctx = mp.get_context("spawn")
+        self._conn, child_end = ctx.Pipe()
+        self._answers: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._sent: dict[int, torch.UntypedStorage] = {}  # storages the process holds
+        os.environ.setdefault("MKL_SERVICE_FORCE_INTEL", "GNU")  # pytorch/pytorch#37377
+        self.process = ctx.Process(
+            target=writer_process_main,
+            args=(
+                child_end,
+                logging.getLogger("cloudckpt").getEffectiveLevel(),
+                owner.rank_info,
+                owner.subprocess_init_fn,
+                owner.subprocess_init_args,
+                owner.checkpoint_writer_init_fn,
+                owner.checkpoint_writer_init_args,
+            ),
+            name=f"cloudckpt-writer-{owner.rank_info.global_rank}",
+            daemon=True,
+        )
+        self.process.start()
+        child_end.close()  # recv here fails fast when the process dies
+        self.dead: str | None = None
+        self._reader = threading.Thread(
+            target=self._read_answers, name="cloudckpt-writer-pipe", daemon=True
+        )
+        self._reader.start()
+        timeout = owner.config.subprocess_init_timeout_secs
+        try:
+            answer = self._answers.get(timeout=timeout)
+        except queue.Empty:
+            self.kill()
+            raise WriterProcessError(
+                f"the checkpoint writer process did not start within {timeout} s "
+                "([process] subprocess_init_timeout_secs); raise it, or check "
+                "subprocess_init_fn"
+            ) from None
+        if answer[0] == "init_failed":
+            self.process.join(5)
+            raise WriterProcessError(
+                f"the checkpoint writer process failed to start: {answer[1]}"
+            ) from answer[1]
+        if answer[0] == "dead":
+            raise WriterProcessError(
+                f"the checkpoint writer process {answer[1]} while starting (its stderr says "
+                "why); the process is spawned, so it imports your main module again: a script "
+                'must keep its top level under `if __name__ == "__main__":`'
+            )
+        logger.info("checkpoint writer process started (pid %d)", self.process.pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def _read_answers(self) -> None:
+        """Route log records to logging and answers to the waiting write; notice a death."""
+        while True:
+            try:
+                ready = wait([self._conn, self.process.sentinel])
+                if self._conn in ready:
+                    message = self._conn.recv()
+                elif self.process.sentinel in ready:
+                    raise EOFError
+            except (EOFError, OSError):
+                self.process.join(5)
+                self.dead = _how_it_died(self.process.exitcode)
+                self._answers.put(("dead", self.dead))
+                return
+            if message[0] == "log":
+                record: logging.LogRecord = message[1]
+                target = logging.getLogger(record.name)
+                if target.isEnabledFor(record.levelno):
+                    target.handle(record)
+            else:
+                self._answers.put(message)
+                if message[0] in ("closed", "init_failed"):
+                    return
+
+    def write(self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> None:
+        storages: dict[int, torch.UntypedStorage] = {}
+        tree = _encode(state_dict, storages)
+        new = {k: s for k, s in storages.items() if k not in self._sent}
+        # hold what the process holds, so no address is reused by another storage meanwhile
+        self._sent = storages
+        try:
+            self._conn.send(("write", path, tree, new, set(storages), kwargs))
+        except (OSError, ValueError):
+            pass  # the reader thread reports the death
+        answer = self._answers.get()
+        if answer[0] == "done":
+            return
+        if answer[0] == "failed":
+            raise answer[1]
+        raise WriterProcessError(
+            f"the checkpoint writer process (pid {self.pid}) {answer[1]} while saving {path}; "
+            "the save did not finish (a checkpoint is committed only if its manifest was "
+            f"written: `cloudckpt info {path}` tells)"
+        )
+
+    def stop(self, timeout: float) -> None:
+        if self.dead is None:
+            try:
+                self._conn.send(("exit",))
+            except (OSError, ValueError):
+                pass
+            self.process.join(timeout)
+            if self.process.is_alive():
+                logger.warning(
+                    "the checkpoint writer process (pid %s) did not stop within %s s "
+                    "([process] subprocess_shutdown_timeout_secs); killing it",
+                    self.pid,
+                    timeout,
+                )
+                self.kill()
+        self._reader.join(timeout)
+        self._conn.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(5)
+
+
+class CheckpointProcess(BackgroundWriter):
+    """A persistent writer process (seed signature), fed through shared memory.
+
+    Spawned in the background at construction. The writer inside it comes from
+    ``checkpoint_writer_init_fn(rank_info=..., **checkpoint_writer_init_args)`` after
+    ``subprocess_init_fn(*subprocess_init_args)``; both must be picklable (module-level). If the
+    process dies, the save in flight fails with :class:`WriterProcessError`; with one rank the
+    next save starts a new process, with several every later save fails (the ranks' barrier
+    cannot take back one rank's writer alone: make a new checkpointer on every rank).
+    """
+
+    def __init__(
+        self,
+        rank_info: RankInfo,
+        config: CheckpointProcessConfig,
+        subprocess_init_fn: Callable[..., None] | None,
+        subprocess_init_args: tuple[Any, ...],
+        checkpoint_writer_init_fn: Callable[..., Any],
+        checkpoint_writer_init_args: dict[str, Any],
+    ) -> None:
+        self.rank_info = rank_info
+        self.config = config
+        self.subprocess_init_fn = subprocess_init_fn
+        self.subprocess_init_args = tuple(subprocess_init_args)
+        self.checkpoint_writer_init_fn = checkpoint_writer_init_fn
+        self.checkpoint_writer_init_args = dict(checkpoint_writer_init_args)
+        try:
+            pickle.dumps(
+                (
+                    subprocess_init_fn,
+                    self.subprocess_init_args,
+                    checkpoint_writer_init_fn,
+                    self.checkpoint_writer_init_args,
+                )
+            )
+        except Exception as e:
+            raise ConfigError(
+                "the writer process gets subprocess_init_fn, checkpoint_writer_init_fn, their "
+                f"arguments and the commit hook by pickling, and they do not pickle ({e}); define "
+                'them at module level, or use [process] writer = "thread"'
+            ) from e
+        self._worker: _Worker | None = None
+        self._death: str | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-writer")
+        self.process_creation_future = self._executor.submit(self._ensure_worker)
+
+    @property
+    def pid(self) -> int | None:
+        """The writer process's pid (``None`` before it started)."""
+        return None if self._worker is None else self._worker.pid
+
+    def _ensure_worker(self) -> _Worker:
+        if self._worker is not None and self._worker.dead is None:
+            return self._worker
+        if self._worker is not None:  # it died, perhaps while idle
+            self._death = self._worker.dead
+            self._worker.stop(0)
+            self._worker = None
+        if self._death is not None and self.rank_info.global_world_size > 1:
+            raise WriterProcessError(
+                f"the checkpoint writer process of rank {self.rank_info.global_rank} "
+                f"{self._death} earlier; with several ranks this checkpointer cannot start a new "
+                "one alone (the barrier pairs the ranks' writers): close it and make a new one "
+                "on every rank"
+            )
+        started = time.monotonic()
+        self._worker = _Worker(self)
+        logger.debug("writer process up in %.2f s", time.monotonic() - started)
+        return self._worker
+
+    def write(
+        self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any
+    ) -> Future[None]:
+        return self._executor.submit(self._write, state_dict, path, kwargs)
+
+    def _write(
+        self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, kwargs: dict[str, Any]
+    ) -> None:
+        if split_scheme(path) == "memory":
+            raise ConfigError(
+                f"{path}: memory:// lives inside one process, so the writer process would save "
+                'into its own memory; use [process] writer = "thread" with memory://'
+            )
+        sd = _resolved(state_dict)
+        flatten(sd)  # refuse what cannot be saved here, by key path, before anything is sent
+        worker = self._ensure_worker()
+        try:
+            worker.write(path, sd, kwargs)
+        finally:
+            if worker.dead is not None:
+                self._death = worker.dead
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        if self._worker is not None:
+            self._worker.stop(self.config.subprocess_shutdown_timeout_secs)
+            self._worker = None

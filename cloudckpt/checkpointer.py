@@ -7,7 +7,7 @@ import logging
 from concurrent.futures import Future
 from typing import Any
 
-from .checkpoint_process import CheckpointProcess
+from .checkpoint_process import BackgroundWriter
 from .checkpoint_reader import CheckpointReader
 from .checkpoint_writer import CheckpointWriter
 from .errors import StateDictMismatchError
@@ -115,7 +115,7 @@ class AsyncCheckpointer(_ReaderCheckpointer):
     def __init__(
         self,
         checkpoint_stager: CheckpointStager,
-        checkpoint_process: CheckpointProcess,
+        checkpoint_process: BackgroundWriter,
         reader: CheckpointReader,
     ) -> None:
         self._stager = checkpoint_stager
@@ -126,8 +126,9 @@ class AsyncCheckpointer(_ReaderCheckpointer):
     def save(
         self, path: str, state_dict: STATE_DICT, **kwargs: Any
     ) -> tuple[Future[Any], Future[Any]] | None:
-        if self._write_future is not None:
-            self._write_future.result()  # one save in flight; the previous error surfaces here
+        previous, self._write_future = self._write_future, None
+        if previous is not None:
+            previous.result()  # one save in flight; the previous error surfaces here, once
         staged = self._stager.stage(state_dict)
         self._write_future = self._process.write(staged, path, **kwargs)
         return wrap_future(staged), self._write_future

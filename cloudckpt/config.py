@@ -53,7 +53,7 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "process": ("process_config", CheckpointProcessConfig),
 }
 
-SIZE_KEYS = {("writer", "file_size")}
+SIZE_KEYS = {("writer", "file_size"), ("staging", "max_staging_bytes")}
 """Keys that are sizes: bytes or a string with units."""
 
 # What each key does, for the generated reference. A test fails if a field has no entry here.
@@ -74,7 +74,10 @@ KEY_DOCS: dict[tuple[str, str], str] = {
     ("barrier", "barrier_args"): "Table `[barrier.barrier_args]`: constructor arguments of the "
     "barrier (e.g. `master_address`, `tcpstore_port`).",
     ("staging", "use_pinned_memory"): "Stage into pinned host memory (needs an accelerator).",
-    ("staging", "use_shared_memory"): "Stage into shared memory.",
+    ("staging", "use_shared_memory"): "Stage into shared memory when the writer is a process "
+    "(required then; a thread writer never needs it).",
+    ("staging", "max_staging_bytes"): "Upper bound on the host memory staging may hold (a size); "
+    "a save that would need more fails at once with a `StagingError`. Absent: no bound.",
     ("staging", "use_async_staging"): "Stage in a background thread; `save` returns at once.",
     ("staging", "use_non_blocking_copy"): "Non-blocking device-to-host copies (needs an "
     "accelerator).",
@@ -82,6 +85,9 @@ KEY_DOCS: dict[tuple[str, str], str] = {
     "start.",
     ("process", "subprocess_shutdown_timeout_secs"): "How long closing waits for the background "
     "writer.",
+    ("process", "writer"): "`thread` (a background thread of the training process) or `process` "
+    "(a persistent writer process fed through shared memory; uploads never hold the trainer's "
+    "GIL).",
 }
 
 
@@ -221,6 +227,14 @@ def _check_names(cfg: CheckpointerConfig, path: str, text: str) -> None:
                 f"barrier_type = {cfg.barrier_config.barrier_type!r} is unknown; use one of "
                 f"{', '.join(sorted(BARRIER_REGISTRY))} or leave it out"
             )
+    from .checkpoint_process import WRITER_KINDS
+
+    if cfg.process_config.writer not in WRITER_KINDS:
+        raise ConfigError(
+            f"{_where(path, _line_of(text, 'process', 'writer'))}: [process] writer = "
+            f"{cfg.process_config.writer!r} is not a writer kind; use one of "
+            f"{', '.join(WRITER_KINDS)}"
+        )
 
 
 def resolve_config(

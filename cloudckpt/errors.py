@@ -46,3 +46,11 @@ class StateDictMismatchError(CheckpointError, RuntimeError):
 
 class BarrierError(CheckpointError, RuntimeError):
     """Ranks did not agree: a rank failed or never arrived at the barrier."""
+
+
+class StagingError(CheckpointError, MemoryError):
+    """Staging would exceed ``max_staging_bytes`` or the shared memory available."""
+
+
+class WriterProcessError(CheckpointError, RuntimeError):
+    """The background writer process died or could not start; the save was not committed."""

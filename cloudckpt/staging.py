@@ -1,14 +1,17 @@
 """Staging: copy a state dict's tensors off the training path into reusable CPU buffers.
 
-``DefaultStager`` keeps one CPU buffer per tensor (keyed by position, shape and dtype) and reuses
-it on the next save of the same shapes. CUDA-only options fall back with a warning on a machine
-without an accelerator, so the defaults work everywhere.
+``DefaultStager`` copies every tensor into one CPU slab laid out for the state dict's shapes and
+keeps it for the next save of the same shapes: the second save allocates nothing. The slab is in
+shared memory when a writer process reads it (passed once by handle, never pickled), pinned when
+an accelerator is present and the writer is a thread. CUDA-only options fall back with a warning
+on a machine without an accelerator, so the defaults work everywhere.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
+import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,9 +19,17 @@ from typing import Any
 
 import torch
 
+from .errors import StagingError
+from .tree import check_tensor, child_key
 from .types import STATE_DICT
+from .utils import format_size
 
 logger = logging.getLogger(__name__)
+
+ALIGN = 64
+"""Byte alignment of every staged tensor in the slab (cache line; any dtype's element size)."""
+
+SHM_DIR = "/dev/shm"
 
 
 class CheckpointStager(abc.ABC):
@@ -35,12 +46,14 @@ class CheckpointStager(abc.ABC):
 
 @dataclass
 class CheckpointStagerConfig:
-    """The seed's flags. Pinned memory and non-blocking copies need an accelerator."""
+    """The seed's flags, plus a bound. Pinned memory and non-blocking copies need an accelerator;
+    shared memory is used only when the writer is a process (it is how the process reads)."""
 
     use_pinned_memory: bool = True
     use_shared_memory: bool = True
     use_async_staging: bool = True
     use_non_blocking_copy: bool = True
+    max_staging_bytes: int | None = None
 
 
 def _accelerator_available() -> bool:
@@ -50,13 +63,48 @@ def _accelerator_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-class DefaultStager(CheckpointStager):
-    """Copies every tensor into CPU buffers kept for the next save of the same shapes."""
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
 
-    def __init__(self, config: CheckpointStagerConfig | None = None) -> None:
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _view(storage: torch.UntypedStorage, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor shaped like ``like`` at byte ``offset`` of ``storage``."""
+    strides, step = [], 1
+    for n in reversed(like.shape):
+        strides.append(step)
+        step *= max(n, 1)
+    out = torch.empty(0, dtype=like.dtype)
+    offset //= max(1, like.element_size())
+    return out.set_(storage, offset, like.shape, tuple(reversed(strides)))
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
+    try:
+        dst.copy_(src, non_blocking=non_blocking)
+    except (RuntimeError, NotImplementedError):
+        # sub-byte dtypes (int1..int7, uint1..uint7, bit) have no copy kernel: copy their bytes
+        dst.view(torch.uint8).copy_(src.contiguous().view(torch.uint8), non_blocking=non_blocking)
+
+
+class DefaultStager(CheckpointStager):
+    """Copies every tensor into a CPU slab kept for the next save of the same shapes.
+
+    ``for_process=True`` (set by the builder when the writer is a process) puts the slab in
+    shared memory. ``max_staging_bytes`` makes a save that would need more fail at once.
+    """
+
+    def __init__(
+        self, config: CheckpointStagerConfig | None = None, *, for_process: bool = False
+    ) -> None:
         self._config = config or CheckpointStagerConfig()
         accel = _accelerator_available()
-        self._pin = self._config.use_pinned_memory and accel
+        self._share = for_process and self._config.use_shared_memory
+        # torch cannot hand pinned memory to another process: a process writer gets shared memory
+        self._pin = self._config.use_pinned_memory and accel and not self._share
         self._non_blocking = self._config.use_non_blocking_copy and accel
         if not accel and (self._config.use_pinned_memory or self._config.use_non_blocking_copy):
             warnings.warn(
@@ -65,53 +113,114 @@ class DefaultStager(CheckpointStager):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self._share = self._config.use_shared_memory
-        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._slab: torch.Tensor | None = None
+        self._layout: tuple[tuple[tuple[int, ...], torch.dtype], ...] | None = None
         self._executor = (
             ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-stage")
             if self._config.use_async_staging
             else None
         )
-        self.staged_bytes = 0
+
+    @property
+    def staged_bytes(self) -> int:
+        """Host bytes held by the staging slab (0 before the first save)."""
+        return 0 if self._slab is None else self._slab.numel()
+
+    @property
+    def shared_memory(self) -> bool:
+        return self._share
 
     def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
+        """Check the size now (fail fast); copy in the background if ``use_async_staging``."""
+        tensors: list[torch.Tensor] = []
+        _collect(state_dict, "", tensors)
+        total = sum(_align(tensor_nbytes(t)) for t in tensors)
+        limit = self._config.max_staging_bytes
+        if limit is not None and total > limit:
+            raise StagingError(
+                f"staging this state dict needs {format_size(total)} of host memory "
+                f"({len(tensors)} tensors), more than max_staging_bytes = {format_size(limit)} "
+                "([staging] max_staging_bytes): raise the limit, save a smaller state dict per "
+                "rank, or save synchronously"
+            )
         if self._executor is not None:
-            return self._executor.submit(self._stage, state_dict)
-        return self._stage(state_dict)
+            return self._executor.submit(self._stage, state_dict, tensors, total)
+        return self._stage(state_dict, tensors, total)
 
-    def _buffer_for(self, slot: int, t: torch.Tensor) -> torch.Tensor:
-        key = (slot, tuple(t.shape), t.dtype)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=self._pin)
-            if self._share and not self._pin:
-                buf.share_memory_()
-            self._buffers[key] = buf
-            self.staged_bytes += buf.numel() * buf.element_size()
-        return buf
+    def _slab_for(self, tensors: list[torch.Tensor], total: int) -> torch.Tensor:
+        layout = tuple((tuple(t.shape), t.dtype) for t in tensors)
+        if self._slab is not None and layout == self._layout:
+            return self._slab
+        self._slab = self._layout = None  # the old slab goes before the new one is allocated
+        if self._share:
+            _check_shm(total)
+        slab = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=self._pin)
+        if self._share:
+            slab.share_memory_()
+        kind = "shared" if self._share else "pinned" if self._pin else "plain"
+        logger.info(
+            "staging buffers: %s of %s host memory for %d tensors, reused by every save of "
+            "the same shapes",
+            format_size(total),
+            kind,
+            len(tensors),
+        )
+        self._slab, self._layout = slab, layout
+        return slab
 
-    def _stage(self, state_dict: STATE_DICT) -> STATE_DICT:
-        counter = iter(range(1 << 62))
-
-        def copy(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                if value.is_meta or value.layout != torch.strided or value.is_quantized:
-                    return value  # the writer refuses it with its key path
-                buf = self._buffer_for(next(counter), value)
-                buf.copy_(value.detach(), non_blocking=self._non_blocking)
-                return buf
-            if isinstance(value, dict):
-                return type(value)((k, copy(v)) for k, v in value.items())
-            if isinstance(value, (list, tuple)):
-                return type(value)(copy(v) for v in value)
-            return value
-
-        staged: STATE_DICT = copy(state_dict)
+    def _stage(self, state_dict: STATE_DICT, tensors: list[torch.Tensor], total: int) -> STATE_DICT:
+        storage = self._slab_for(tensors, total).untyped_storage()
+        staged: dict[int, torch.Tensor] = {}
+        offset = 0
+        for t in tensors:
+            dst = _view(storage, offset, t)
+            _copy_into(dst, t.detach(), self._non_blocking)
+            staged[id(t)] = dst
+            offset += _align(tensor_nbytes(t))
         if self._non_blocking:
             torch.cuda.synchronize()
-        return staged
+        return _replace(state_dict, staged)
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        self._buffers.clear()
+        self._slab = self._layout = None
+
+
+def _collect(value: Any, key: str, out: list[torch.Tensor]) -> None:
+    """Every tensor of the tree in visit order; refuses what the writer would refuse."""
+    if isinstance(value, torch.Tensor):
+        check_tensor(key or "<root>", value)
+        out.append(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _collect(v, child_key(key, k, False), out)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _collect(v, child_key(key, i, True), out)
+
+
+def _replace(value: Any, staged: dict[int, torch.Tensor]) -> Any:
+    """The tree with every tensor swapped for its staged copy; containers keep their types."""
+    if isinstance(value, torch.Tensor):
+        return staged[id(value)]
+    if isinstance(value, dict):
+        return type(value)((k, _replace(v, staged)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_replace(v, staged) for v in value)
+    return value
+
+
+def _check_shm(needed: int) -> None:
+    """Fail with advice, not a bus error, when shared memory cannot hold the slab."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return  # no /dev/shm (not Linux): let torch try
+    free = st.f_bavail * st.f_frsize
+    if needed > free:
+        raise StagingError(
+            f"staging for the writer process needs {format_size(needed)} of shared memory but "
+            f"{SHM_DIR} has {format_size(free)} free; give the container more (docker run "
+            '--shm-size, a Kubernetes emptyDir with medium: Memory) or use [process] writer = "thread"'
+        )

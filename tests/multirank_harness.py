@@ -156,10 +156,33 @@ def scenario_one_rank_killed(rank: int, world: int, args: dict[str, Any]) -> dic
     return {"ok": True}
 
 
+def scenario_async_process(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Every rank saves through a writer *process*; the barrier and commit happen there."""
+    if args.get("barrier") in ("dist_barrier", "auto"):
+        _init_group(args, rank, world)
+    cfg = _config(args, rank, world)
+    cfg.process_config.writer = "process"
+    rank_info = None if args.get("barrier") == "auto" else cloudckpt.RankInfo(rank, world)
+    ckpt = cloudckpt.make_async_checkpointer(cfg, rank_info=rank_info)
+    pids = set()
+    for step in range(2):
+        stage_f, write_f = ckpt.save(f"{args['root']}/step-{step}", rank_state(rank, step))
+        stage_f.result()
+        write_f.result()
+        pids.add(ckpt._process.pid)  # type: ignore[attr-defined]
+    for step in range(2):
+        out = ckpt.load(f"{args['root']}/step-{step}")
+        assert _same(out, rank_state(rank, step)), f"rank {rank} step {step} differs"
+    ckpt.close()
+    assert len(pids) == 1 and os.getpid() not in pids, pids
+    return {"ok": True}
+
+
 SCENARIOS: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]] = {
     "save_load": scenario_save_load,
     "one_rank_raises": scenario_one_rank_raises,
     "one_rank_killed": scenario_one_rank_killed,
+    "async_process": scenario_async_process,
 }
 
 

@@ -34,6 +34,16 @@ def test_every_rank_saves_and_loads_its_shard_locally(tmp_path: Path, barrier: s
     )
 
 
+@pytest.mark.parametrize("barrier", ["tcp_store", "auto"])
+def test_every_rank_saves_through_a_writer_process(tmp_path: Path, barrier: str) -> None:
+    """The barrier and the commit run in each rank's writer process; ``auto`` reaches the other
+    ranks through the process group's TCPStore address, since the writer has no group."""
+    root = str(tmp_path / "run")
+    _all_ok(run_ranks("async_process", 2, {"root": root, "barrier": barrier}))
+    manifest = cloudckpt.checkpoint_reader.open_checkpoint(f"{root}/step-1").manifest
+    assert manifest.world_size == 2
+
+
 def test_world_size_mismatch_needs_an_explicit_rank(tmp_path: Path) -> None:
     root = str(tmp_path / "run")
     _all_ok(run_ranks("save_load", 2, {"root": root, "saves": 1}))
