@@ -115,6 +115,7 @@ class DefaultStager(CheckpointStager):
             )
         self._slab: torch.Tensor | None = None
         self._layout: tuple[tuple[tuple[int, ...], torch.dtype], ...] | None = None
+        self._views: list[torch.Tensor] = []  # one per tensor, into the slab; kept with it
         self._executor = (
             ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-stage")
             if self._config.use_async_staging
@@ -143,20 +144,24 @@ class DefaultStager(CheckpointStager):
                 "([staging] max_staging_bytes): raise the limit, save a smaller state dict per "
                 "rank, or save synchronously"
             )
+        if self._share and total > self.staged_bytes:
+            _check_shm(total)  # a new slab is coming: fail here, not with a bus error later
         if self._executor is not None:
             return self._executor.submit(self._stage, state_dict, tensors, total)
         return self._stage(state_dict, tensors, total)
 
-    def _slab_for(self, tensors: list[torch.Tensor], total: int) -> torch.Tensor:
+    def _views_for(self, tensors: list[torch.Tensor], total: int) -> list[torch.Tensor]:
+        """The slab's tensor views for this layout: kept from the last save if shapes match."""
         layout = tuple((tuple(t.shape), t.dtype) for t in tensors)
         if self._slab is not None and layout == self._layout:
-            return self._slab
+            return self._views
         self._slab = self._layout = None  # the old slab goes before the new one is allocated
-        if self._share:
-            _check_shm(total)
-        slab = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=self._pin)
-        if self._share:
-            slab.share_memory_()
+        self._views = []
+        slab = _new_shared(total) if self._share else None
+        if slab is None:
+            slab = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=self._pin)
+            if self._share:
+                slab.share_memory_()
         kind = "shared" if self._share else "pinned" if self._pin else "plain"
         logger.info(
             "staging buffers: %s of %s host memory for %d tensors, reused by every save of "
@@ -165,26 +170,30 @@ class DefaultStager(CheckpointStager):
             kind,
             len(tensors),
         )
+        storage, offset = slab.untyped_storage(), 0
+        for t in tensors:
+            self._views.append(_view(storage, offset, t))
+            offset += _align(tensor_nbytes(t))
         self._slab, self._layout = slab, layout
-        return slab
+        return self._views
 
     def _stage(self, state_dict: STATE_DICT, tensors: list[torch.Tensor], total: int) -> STATE_DICT:
-        storage = self._slab_for(tensors, total).untyped_storage()
-        staged: dict[int, torch.Tensor] = {}
-        offset = 0
-        for t in tensors:
-            dst = _view(storage, offset, t)
-            _copy_into(dst, t.detach(), self._non_blocking)
-            staged[id(t)] = dst
-            offset += _align(tensor_nbytes(t))
+        views = self._views_for(tensors, total)
+        sources = [t.detach() for t in tensors]
+        try:  # one call for every tensor: the per-tensor Python cost dominates small tensors
+            torch._foreach_copy_(views, sources, non_blocking=self._non_blocking)
+        except (RuntimeError, NotImplementedError, TypeError):
+            for dst, src in zip(views, sources):
+                _copy_into(dst, src, self._non_blocking)
         if self._non_blocking:
             torch.cuda.synchronize()
-        return _replace(state_dict, staged)
+        return _replace(state_dict, {id(t): v for t, v in zip(tensors, views)})
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         self._slab = self._layout = None
+        self._views = []
 
 
 def _collect(value: Any, key: str, out: list[torch.Tensor]) -> None:
@@ -209,6 +218,16 @@ def _replace(value: Any, staged: dict[int, torch.Tensor]) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_replace(v, staged) for v in value)
     return value
+
+
+def _new_shared(nbytes: int) -> torch.Tensor | None:
+    """A byte tensor allocated straight in shared memory (``share_memory_()`` would allocate
+    private memory first and copy it over); ``None`` where torch lacks the helper."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is None:
+        return None
+    storage = new_shared(max(nbytes, 1))
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 def _check_shm(needed: int) -> None:

@@ -8,6 +8,8 @@ every conformance test by adding one such module.
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,3 +33,17 @@ STORE_FIXTURES: list[str] = [
 def store(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """A fresh, empty prefix on each storage target in turn."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real 1 MiB filesystem (tmpfs), so writes fail with ENOSPC."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 1 MiB tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -345,3 +345,22 @@ def test_s3_fault_that_exhausts_retries_surfaces_from_write_future(
     assert "Uploads" not in client.list_multipart_uploads(Bucket=bucket)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
     assert "run/step-2/manifest.json" in keys and "run/step-1/manifest.json" not in keys
+
+
+def test_too_little_shared_memory_fails_fast_with_advice(
+    tiny_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cloudckpt.staging, "SHM_DIR", str(tiny_disk))  # a real 1 MiB tmpfs
+    with cloudckpt.make_async_checkpointer(_config("process")) as ckpt:
+        with pytest.raises(cloudckpt.StagingError) as info:
+            ckpt.save(str(tmp_path / "c"), {"big": torch.zeros(1 << 19)})  # 2 MiB
+        message = str(info.value)
+        assert message.startswith(
+            f"staging for the writer process needs 2.0 MiB of shared memory but {tiny_disk} has "
+        )
+        assert message.endswith(
+            "free; give the container more (docker run --shm-size, a Kubernetes emptyDir with "
+            'medium: Memory) or use [process] writer = "thread"'
+        )
+        _, write_f = ckpt.save(str(tmp_path / "d"), {"small": torch.zeros(1000)})
+        write_f.result()

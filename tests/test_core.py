@@ -499,20 +499,6 @@ def test_no_temporary_files_left_after_save(tmp_path: Path) -> None:
     assert not [n for n in names if ".tmp-" in n]
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A real 1 MiB filesystem (tmpfs), so writes fail with ENOSPC."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a 1 MiB tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk_fails_cleanly_and_keeps_committed(tiny_disk: Path) -> None:
     cloudckpt.save(str(tiny_disk / "a"), {"x": torch.ones(1000)})
     with pytest.raises(cloudckpt.BackendError, match=r"the disk is full") as info:
