@@ -32,32 +32,9 @@ import time
 import warnings
 from typing import Any
 
-WORKLOADS = {
-    "large": "1 GiB in 64 tensors of 16 MiB",
-    "small": "300 MiB in 20,000 tensors of 15 KiB",
-}
+from bench_local import WORKLOADS, make_state, rss_mib  # same bytes as the local bench
+
 MODES = ["torch.clone", "sync save", "async thread", "async process"]
-
-
-def make_state(workload: str, device: str = "cpu") -> dict[str, Any]:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    if workload == "large":
-        sd = {f"layer{i}.weight": torch.randn(4 << 20, generator=g) for i in range(64)}
-    elif workload == "small":
-        sd = {f"p{i}": torch.randn(3840, generator=g) for i in range(20_000)}
-    else:
-        raise SystemExit(f"unknown workload {workload!r}; choose from {sorted(WORKLOADS)}")
-    return {k: v.to(device) for k, v in sd.items()}
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def trainer_rate(seconds: float | None, until: Any = None) -> float:
@@ -82,7 +59,7 @@ def child(mode: str, workload: str, runs: int, workdir: str) -> dict[str, Any]:
 
     warnings.simplefilter("ignore", RuntimeWarning)  # "no accelerator" on CPU machines
     device = "cuda" if mode.endswith("(cuda)") else "cpu"
-    sd = make_state(workload, device)
+    sd = {k: v.to(device) for k, v in make_state(workload).items()}
     size = sum(t.numel() * t.element_size() for t in sd.values())
     base = rss_mib()
     result: dict[str, Any] = {"bytes": size, "base_mib": base}

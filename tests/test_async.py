@@ -19,6 +19,7 @@ import torch
 from async_helpers import WaitBeforeCommit, failing_init, mark_init
 from conftest import STORE_FIXTURES
 from faults import FaultProxy
+from state_asserts import same
 from stores import StoreTarget
 from stores.s3 import S3Server
 
@@ -50,21 +51,6 @@ def _trainer_state() -> dict[str, Any]:
     }
 
 
-def _assert_same(a: Any, b: Any) -> None:
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            _assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    else:
-        assert a == b
-
-
 def _clone(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()
@@ -86,7 +72,7 @@ def test_mutation_after_staging_does_not_reach_the_checkpoint(writer: str, tmp_p
         sd["optim"][1].zero_()
         sd["step"] = 6
         write_f.result()
-        _assert_same(ckpt.load(str(tmp_path / "c")), expected)
+        same(ckpt.load(str(tmp_path / "c")), expected)
 
 
 # memory:// is per process: the process writer refuses it (test_process_writer_refuses_memory)
@@ -111,8 +97,8 @@ def test_round_trip_on_each_store(
             stage_f, write_f = ckpt.save(store.uri(f"step-{step}"), sd)
             stage_f.result()  # before the trainer may change sd again
         write_f.result()
-        _assert_same(ckpt.load(store.uri("step-1")), {**sd, "step": 1})
-        _assert_same(ckpt.load(store.uri("step-2")), sd)
+        same(ckpt.load(store.uri("step-1")), {**sd, "step": 1})
+        same(ckpt.load(store.uri("step-2")), sd)
 
 
 def test_process_writer_refuses_memory() -> None:
