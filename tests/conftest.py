@@ -23,6 +23,7 @@ _STORE_MODULES = sorted(
     if p.stem != "__init__"
 )
 pytest_plugins = _STORE_MODULES
+pytest.register_assert_rewrite(*_STORE_MODULES)  # imported just below, before pytest would
 
 STORE_FIXTURES: list[str] = [
     name for mod in _STORE_MODULES for name in importlib.import_module(mod).STORE_FIXTURES
