@@ -297,7 +297,7 @@ class DistBarrier(_StoreBarrier):
                 timeout=timedelta(seconds=timeout_secs),
                 wait_for_workers=False,
             )
-            self._exchange = StoreExchange(client, rank, world_size, f"{barrier_prefix}/writer")
+            self._exchange = _fresh_exchange(client, rank, world_size, f"{barrier_prefix}/writer")
             return
         if not dist.is_initialized():
             raise BarrierError(
@@ -305,9 +305,20 @@ class DistBarrier(_StoreBarrier):
                 "torch.distributed.init_process_group() first, or use barrier_type='tcp_store'."
             )
         store = dist.distributed_c10d._get_default_store()
-        self._exchange = StoreExchange(
+        self._exchange = _fresh_exchange(
             store, dist.get_rank(), dist.get_world_size(), f"{barrier_prefix}/dist"
         )
+
+
+def _fresh_exchange(store: Any, rank: int, world_size: int, prefix: str) -> StoreExchange:
+    """An exchange under a key prefix no earlier barrier on this long-lived store used.
+
+    The process group's store outlives checkpointers (``cloudckpt.save`` builds one per call),
+    and each exchange numbers its saves from 0. Every rank counts the barriers it built in the
+    store itself; ranks build them in the same order, so the n-th barrier of every rank meets
+    under ``prefix/n`` and never reads an earlier one's keys."""
+    generation = int(store.add(f"{prefix}/built/{rank}", 1))
+    return StoreExchange(store, rank, world_size, f"{prefix}/{generation}")
 
 
 def barrier_config_for_process(barrier_config: BarrierConfig, world_size: int) -> BarrierConfig:

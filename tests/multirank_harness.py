@@ -178,11 +178,23 @@ def scenario_async_process(rank: int, world: int, args: dict[str, Any]) -> dict[
     return {"ok": True}
 
 
+def scenario_save_per_call(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """``cloudckpt.save`` / ``load`` under a process group: a new checkpointer (and barrier on
+    the group's long-lived store) per call."""
+    _init_group(args, rank, world)
+    for step in range(3):
+        cloudckpt.save(f"{args['root']}/step-{step}", rank_state(rank, step))
+    for step in range(3):
+        assert _same(cloudckpt.load(f"{args['root']}/step-{step}"), rank_state(rank, step))
+    return {"ok": True}
+
+
 SCENARIOS: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]] = {
     "save_load": scenario_save_load,
     "one_rank_raises": scenario_one_rank_raises,
     "one_rank_killed": scenario_one_rank_killed,
     "async_process": scenario_async_process,
+    "save_per_call": scenario_save_per_call,
 }
 
 

@@ -44,6 +44,13 @@ def test_every_rank_saves_through_a_writer_process(tmp_path: Path, barrier: str)
     assert manifest.world_size == 2
 
 
+def test_save_per_call_under_a_process_group(tmp_path: Path) -> None:
+    """Each call builds a new barrier on the group's store: it must not meet an earlier one's keys."""
+    root = str(tmp_path / "run")
+    _all_ok(run_ranks("save_per_call", 3, {"root": root, "barrier": "auto"}))
+    assert cloudckpt.checkpoint_reader.open_checkpoint(f"{root}/step-2").manifest.world_size == 3
+
+
 def test_world_size_mismatch_needs_an_explicit_rank(tmp_path: Path) -> None:
     root = str(tmp_path / "run")
     _all_ok(run_ranks("save_load", 2, {"root": root, "saves": 1}))
