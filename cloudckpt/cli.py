@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import struct
 import sys
 import threading
@@ -129,7 +130,17 @@ class _Progress:
                 from tqdm import tqdm
             except ImportError:  # pragma: no cover - tqdm is optional
                 return
-            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+            # a terminal that reports a 0x0 size (a bare pty) would get no bar at all from tqdm
+            size = shutil.get_terminal_size()
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                unit="B",
+                unit_scale=True,
+                leave=False,
+                ncols=size.columns,
+                nrows=size.lines,
+            )
 
     def update(self, n: int) -> None:
         if self._bar is not None:

@@ -243,3 +243,47 @@ def test_help_and_config_reference() -> None:
     for command in ("ls", "info", "verify", "cp", "rm", "gc", "latest"):
         assert command in r.stdout
     assert run("config-reference").stdout == config_reference()
+
+
+def _run_on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """Run the command with stderr on a pseudo-terminal (stdout piped); return code, stdout and
+    what reached the terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "CLOUDCKPT_CONFIG"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloudckpt", *args],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+        env=env,
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the command closed the terminal's last writer
+            break
+        if not chunk:
+            break
+        seen += chunk
+    out, _ = proc.communicate(timeout=120)
+    os.close(master)
+    return proc.returncode, out, seen.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
+    uri = str(tmp_path / "ck")
+    _save_sample(uri)
+    code, out, tty = _run_on_a_terminal("verify", uri)
+    assert code == 0 and out.startswith("ok: ")
+    assert "verify:   0%|" in tty and "B/s]" in tty  # tqdm's bar, drawn to the terminal
+    code, out, tty = _run_on_a_terminal("cp", uri, str(tmp_path / "copy"))
+    assert code == 0 and out.startswith("copied ")
+    assert "cp:   0%|" in tty and "B/s]" in tty
+    code, out, tty = _run_on_a_terminal("verify", uri, "--json")
+    assert code == 0 and json.loads(out)["ok"] and tty == ""  # scripts get no bar
+    piped = run("verify", uri)
+    assert piped.returncode == 0 and piped.stderr == ""  # piped: quiet
