@@ -350,3 +350,17 @@ def test_too_little_shared_memory_fails_fast_with_advice(
         )
         _, write_f = ckpt.save(str(tmp_path / "d"), {"small": torch.zeros(1000)})
         write_f.result()
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_manager_async_save_with_either_writer(writer: str, tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    with cloudckpt.CheckpointManager(
+        root, config=_config(writer), keep_last=2, async_save=True
+    ) as mgr:
+        for step in (1, 2, 3):
+            stage_f, commit_f = mgr.save(step, {"w": torch.full((10,), float(step))})  # type: ignore[misc]
+            stage_f.result()
+        assert commit_f.result(timeout=60) == f"{root}/step-0000000003"
+        assert mgr.steps() == [2, 3] and mgr.latest_step() == 3
+        assert torch.equal(mgr.load_latest()["w"], torch.full((10,), 3.0))
