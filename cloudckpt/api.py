@@ -6,9 +6,10 @@ import dataclasses
 import os
 from typing import Any
 
-from .builder import make_sync_checkpointer
+from .builder import make_checkpoint_reader, make_sync_checkpointer
+from .checkpointer import load_with_reader
 from .config import CheckpointerConfig, resolve_config
-from .types import STATE_DICT, RankInfo
+from .types import STATE_DICT, RankInfo, default_rank_info
 
 ConfigArg = CheckpointerConfig | str | os.PathLike[str] | None
 
@@ -57,7 +58,10 @@ def load(
     """Load the committed checkpoint at ``uri``: everything, or only ``state_dict``'s keys
     (into its own tensors where they fit). ``strict`` raises on keys the checkpoint lacks."""
     cfg = _with_options(config, storage_options)
-    with make_sync_checkpointer(cfg, rank_info=rank_info) as ckpt:
-        return ckpt.load(
-            uri, state_dict, default_map_location=default_map_location, strict=strict, rank=rank
+    reader = make_checkpoint_reader(cfg, rank_info or default_rank_info())
+    try:
+        return load_with_reader(
+            reader, uri, state_dict, default_map_location, strict, {"rank": rank}
         )
+    finally:
+        reader.close()

@@ -36,7 +36,8 @@ def writer_from_config(
     )
 
 
-def _reader(cfg: CheckpointerConfig, rank_info: RankInfo) -> CheckpointReader:
+def make_checkpoint_reader(cfg: CheckpointerConfig, rank_info: RankInfo) -> CheckpointReader:
+    """A reader alone: loading needs no writer and no barrier (no store traffic)."""
     return CheckpointReader(
         rank_info, storage=cfg.storage, concurrency=cfg.writer_config.concurrency
     )
@@ -51,7 +52,8 @@ def make_sync_checkpointer(
     cfg = resolve_config(config)
     rank_info = rank_info or default_rank_info()
     return SyncCheckpointer(
-        writer=writer_from_config(rank_info, cfg, commit_hook), reader=_reader(cfg, rank_info)
+        writer=writer_from_config(rank_info, cfg, commit_hook),
+        reader=make_checkpoint_reader(cfg, rank_info),
     )
 
 
@@ -120,5 +122,5 @@ def make_async_checkpointer(
     return AsyncCheckpointer(
         checkpoint_stager=DefaultStager(cfg.staging_config, for_process=kind == "process"),
         checkpoint_process=background,
-        reader=_reader(cfg, rank_info),
+        reader=make_checkpoint_reader(cfg, rank_info),
     )

@@ -50,7 +50,7 @@ class Checkpointer(abc.ABC):
         self.close()
 
 
-def _load(
+def load_with_reader(
     reader: CheckpointReader,
     path: str,
     state_dict: STATE_DICT | None,
@@ -58,6 +58,7 @@ def _load(
     strict: bool,
     kwargs: dict[str, Any],
 ) -> STATE_DICT:
+    """Read ``path`` through ``reader``; ``strict`` raises on keys the checkpoint lacks."""
     loaded, missing = reader.read(path, state_dict, map_location=default_map_location, **kwargs)
     if strict and missing:
         shown = ", ".join(missing[:10]) + (
@@ -88,7 +89,9 @@ class _ReaderCheckpointer(Checkpointer):
         strict: bool = False,
         **kwargs: Any,
     ) -> STATE_DICT:
-        return _load(self._reader, path, state_dict, default_map_location, strict, kwargs)
+        return load_with_reader(
+            self._reader, path, state_dict, default_map_location, strict, kwargs
+        )
 
 
 class SyncCheckpointer(_ReaderCheckpointer):
