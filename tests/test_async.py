@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -364,3 +366,28 @@ def test_manager_async_save_with_either_writer(writer: str, tmp_path: Path) -> N
         assert commit_f.result(timeout=60) == f"{root}/step-0000000003"
         assert mgr.steps() == [2, 3] and mgr.latest_step() == 3
         assert torch.equal(mgr.load_latest()["w"], torch.full((10,), 3.0))
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_script_that_exits_without_close_still_commits(writer: str, tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch, cloudckpt\n"
+        "def main():\n"
+        "    cfg = cloudckpt.CheckpointerConfig()\n"
+        f"    cfg.process_config.writer = {writer!r}\n"
+        "    ckpt = cloudckpt.make_async_checkpointer(cfg)\n"
+        "    sd = {f't{i}': torch.randn(1 << 20) for i in range(8)}\n"
+        "    stage_f, _ = ckpt.save(sys.argv[1], sd)\n"
+        "    stage_f.result()\n"
+        "    torch.save(sd, sys.argv[1] + '.expected.pt')\n"
+        "if __name__ == '__main__':\n"
+        "    main()  # no close(), no write_future.result()\n"
+    )
+    uri = str(tmp_path / "ck")
+    done = subprocess.run(
+        [sys.executable, str(script), uri], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    expected = torch.load(uri + ".expected.pt")
+    same(cloudckpt.load(uri), expected)
