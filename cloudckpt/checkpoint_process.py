@@ -29,22 +29,12 @@ from typing import Any
 import torch
 
 from .backends import split_scheme
+from .config import WRITER_KINDS, CheckpointProcessConfig  # noqa: F401 - re-exported
 from .errors import ConfigError, WriterProcessError
 from .tree import flatten
 from .types import STATE_DICT, RankInfo
 
 logger = logging.getLogger(__name__)
-
-WRITER_KINDS = ("thread", "process")
-
-
-@dataclass
-class CheckpointProcessConfig:
-    """Where the background writer runs and its timeouts (as in the seed)."""
-
-    subprocess_init_timeout_secs: int = 30
-    subprocess_shutdown_timeout_secs: int = 60
-    writer: str = "thread"
 
 
 class BackgroundWriter(abc.ABC):

@@ -28,6 +28,7 @@ import torch
 from ._version import __version__
 from .backends import Backend, resolve
 from .barriers import Barrier
+from .config import CheckpointWriterConfig
 from .errors import (
     BackendError,
     BarrierError,
@@ -53,7 +54,7 @@ from .format import (
 from .storage import StorageConfig, describe_store_error
 from .tree import TensorLeaf, flatten
 from .types import STATE_DICT, RankInfo
-from .utils import format_size, parse_size, paused_gc
+from .utils import format_size, paused_gc
 
 logger = logging.getLogger(__name__)
 
@@ -69,26 +70,6 @@ class WriterHook(abc.ABC):
     @abc.abstractmethod
     def post_commit(self, path: str, **kwargs: Any) -> None:
         """Runs after the checkpoint is committed."""
-
-
-@dataclass
-class CheckpointWriterConfig:
-    """Writer knobs. ``file_size`` accepts bytes or a string with units (``"256MiB"``)."""
-
-    write_barrier_timeout_secs: int = 600
-    file_size: int | str = 256 << 20
-    concurrency: int = 8
-
-    def __post_init__(self) -> None:
-        self.file_size = parse_size(self.file_size)
-        if self.file_size < 1:
-            raise ValueError(f"file_size must be at least 1 byte, got {self.file_size}")
-        if not isinstance(self.concurrency, int) or self.concurrency < 1:
-            raise ValueError(f"concurrency must be an integer >= 1, got {self.concurrency!r}")
-
-    @property
-    def file_size_bytes(self) -> int:
-        return int(self.file_size)
 
 
 def host_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -324,7 +305,7 @@ class CheckpointWriter:
         for _, leaf, name in planned.leaves:
             t = leaf.tensor
             nbytes = t.numel() * t.element_size()
-            st_dtype, st_shape = safetensors_entry(t.dtype, tuple(t.shape), nbytes)
+            st_dtype, st_shape = safetensors_entry(dtype_name(t.dtype), tuple(t.shape), nbytes)
             entries.append((name, st_dtype, st_shape, nbytes))
         header = build_safetensors_header(entries)
         size = len(header) + planned.nbytes

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .backends import Backend, available_backends, resolve, split_scheme
-from .checkpoint_reader import CommittedCheckpoint, open_checkpoint
+from .committed import CommittedCheckpoint, open_checkpoint
 from .config import CheckpointerConfig, config_reference, resolve_config
 from .errors import (
     CheckpointError,
@@ -38,7 +38,6 @@ from .format import (
     MAX_HEADER_BYTES,
     TensorRecord,
     crc32c,
-    dtype_from_name,
     parse_safetensors_header,
     safetensors_entry,
 )
@@ -330,9 +329,7 @@ def _verify_file(
         entries = {e.name: e for e in parse_safetensors_header(bytes(head), size, where)}
         for t in tensors:
             e = entries.pop(t.key, None)
-            want_dtype, want_shape = safetensors_entry(
-                dtype_from_name(t.dtype, where), tuple(t.shape), t.length
-            )
+            want_dtype, want_shape = safetensors_entry(t.dtype, tuple(t.shape), t.length)
             if e is None:
                 problems.append(f"{where}: tensor {t.key!r} is in the index but not the header")
             elif (e.start, e.end, e.dtype, e.shape) != (

@@ -7,15 +7,18 @@ A checkpoint at ``<uri>`` holds ``data/rank-RRRRR-FFFF.safetensors`` (tensors, p
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import crc32c as _crc32c
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled, so the command starts fast
+    import torch
 
 from .errors import CorruptCheckpointError
 
@@ -36,20 +39,28 @@ def index_name(rank: int) -> str:
     return f"{INDEX_DIR}/rank-{rank:05d}.json"
 
 
-# dtypes numpy can view directly; the others go through a uint8 view first
-_NUMPY_DTYPES = {
-    torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
-}  # fmt: skip
+@functools.cache
+def _numpy_dtypes() -> frozenset[torch.dtype]:
+    """dtypes numpy can view directly; the others go through a uint8 view first."""
+    import torch
+
+    return frozenset(
+        {
+            torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
+            torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+        }
+    )  # fmt: skip
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy (the view keeps it alive)."""
+    import torch
+
     if t.numel() == 0:
         return memoryview(bytearray(0))
     if t.requires_grad:
         t = t.detach()
-    if t.dtype in _NUMPY_DTYPES and t.dim() > 0:
+    if t.dtype in _numpy_dtypes() and t.dim() > 0:
         array: Any = t.numpy()
     else:
         array = t.reshape(-1).view(torch.uint8).numpy()
@@ -63,29 +74,35 @@ def crc32c(data: Any, value: int = 0) -> int:
 
 # -- dtypes ---------------------------------------------------------------------------------
 
-# safetensors names for dtypes its readers know; others are stored as raw bytes ("U8").
+# safetensors names and item sizes for the dtypes its readers know, by torch dtype name; other
+# dtypes are stored as raw bytes ("U8"). Plain data: reading headers needs no torch.
 _SAFETENSORS_DTYPE = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
+    "float64": ("F64", 8),
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "int64": ("I64", 8),
+    "int32": ("I32", 4),
+    "int16": ("I16", 2),
+    "int8": ("I8", 1),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+    "uint16": ("U16", 2),
+    "uint32": ("U32", 4),
+    "uint64": ("U64", 8),
+    "float8_e4m3fn": ("F8_E4M3", 1),
+    "float8_e5m2": ("F8_E5M2", 1),
 }
-_SAFETENSORS_ITEMSIZE = {name: dt.itemsize for dt, name in _SAFETENSORS_DTYPE.items()}
+_SAFETENSORS_ITEMSIZE = dict(_SAFETENSORS_DTYPE.values())
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
-}
+
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {
+        str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
+    }
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -95,19 +112,20 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def dtype_from_name(name: str, where: str) -> torch.dtype:
     try:
-        return _TORCH_DTYPES[name]
+        return _torch_dtypes()[name]
     except KeyError:
         raise CorruptCheckpointError(
             f"{where}: unknown dtype {name!r} (saved by a newer torch?); upgrade torch to load it"
         ) from None
 
 
-def safetensors_entry(dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> tuple[str, list]:
-    """The (dtype, shape) a safetensors reader sees; unknown dtypes become a byte vector."""
-    name = _SAFETENSORS_DTYPE.get(dtype)
-    if name is None:
+def safetensors_entry(dtype: str, shape: tuple[int, ...], nbytes: int) -> tuple[str, list[int]]:
+    """The (dtype, shape) a safetensors reader sees for a tensor of torch dtype name ``dtype``;
+    unknown dtypes become a byte vector."""
+    known = _SAFETENSORS_DTYPE.get(dtype)
+    if known is None:
         return "U8", [nbytes]
-    return name, list(shape)
+    return known[0], list(shape)
 
 
 def build_safetensors_header(entries: list[tuple[str, str, list[int], int]]) -> bytes:

@@ -13,16 +13,17 @@ import logging
 import os
 import re
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backends import resolve
-from .builder import make_async_checkpointer, make_sync_checkpointer
-from .checkpoint_reader import open_checkpoint
-from .checkpointer import Checkpointer
+from .committed import open_checkpoint
 from .config import CheckpointerConfig, resolve_config
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from .format import MANIFEST_NAME
 from .types import STATE_DICT, RankInfo, default_rank_info
+
+if TYPE_CHECKING:  # the checkpointer (and torch) load with the first manager, not the command
+    from .checkpointer import Checkpointer
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,8 @@ class CheckpointManager:
         self._rank_info = rank_info or default_rank_info()
         self._dir = CheckpointRoot(root, self._config.storage.backend, self._options)
         self.root = self._dir.root
+        from .builder import make_async_checkpointer, make_sync_checkpointer
+
         self._ckpt: Checkpointer = (
             make_async_checkpointer(self._config, rank_info=self._rank_info)
             if async_save

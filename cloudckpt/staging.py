@@ -14,11 +14,11 @@ import logging
 import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .config import CheckpointStagerConfig
 from .errors import StagingError
 from .tree import check_tensor, child_key
 from .types import STATE_DICT
@@ -42,18 +42,6 @@ class CheckpointStager(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release buffers and threads."""
-
-
-@dataclass
-class CheckpointStagerConfig:
-    """The seed's flags, plus a bound. Pinned memory and non-blocking copies need an accelerator;
-    shared memory is used only when the writer is a process (it is how the process reads)."""
-
-    use_pinned_memory: bool = True
-    use_shared_memory: bool = True
-    use_async_staging: bool = True
-    use_non_blocking_copy: bool = True
-    max_staging_bytes: int | None = None
 
 
 def _accelerator_available() -> bool:

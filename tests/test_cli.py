@@ -287,3 +287,22 @@ def test_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
     assert code == 0 and json.loads(out)["ok"] and tty == ""  # scripts get no bar
     piped = run("verify", uri)
     assert piped.returncode == 0 and piped.stderr == ""  # piped: quiet
+
+
+def test_listing_commands_do_not_import_torch(tmp_path: Path) -> None:
+    """ls, latest, gc and rm need no tensors: the command starts without `import torch`."""
+    with CheckpointManager(str(tmp_path / "run")) as mgr:
+        mgr.save(1, {"w": torch.ones(3)})
+    probe = (
+        "import sys\n"
+        "from cloudckpt.cli import main\n"
+        "for argv in (['ls', sys.argv[1]], ['latest', sys.argv[1]],\n"
+        "             ['gc', sys.argv[1], '--keep-last', '1', '--dry-run']):\n"
+        "    assert main(argv) == 0, argv\n"
+        "print('torch' in sys.modules)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "run")], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "False"
