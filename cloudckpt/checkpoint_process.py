@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .backends import split_scheme
-from .config import WRITER_KINDS, CheckpointProcessConfig  # noqa: F401 - re-exported
+from .config_types import WRITER_KINDS, CheckpointProcessConfig  # noqa: F401 - re-exported
 from .errors import ConfigError, WriterProcessError
 from .tree import flatten
 from .types import STATE_DICT, RankInfo

@@ -28,7 +28,7 @@ import torch
 from ._version import __version__
 from .backends import Backend, resolve
 from .barriers import Barrier
-from .config import CheckpointWriterConfig
+from .config_types import CheckpointWriterConfig
 from .errors import (
     BackendError,
     BarrierError,

@@ -18,6 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .barriers import BarrierConfig
+from .config_types import (
+    WRITER_KINDS,
+    CheckpointProcessConfig,
+    CheckpointStagerConfig,
+    CheckpointWriterConfig,
+)
 from .errors import ConfigError
 from .storage import StorageConfig
 from .utils import parse_duration, parse_size
@@ -28,54 +34,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_ENV = "CLOUDCKPT_CONFIG"
-
-
-# The config dataclasses live here, free of torch, so the command can read a config file
-# without importing it; their home modules re-export them (the seed's import paths work).
-
-
-@dataclass
-class CheckpointWriterConfig:
-    """Writer knobs. ``file_size`` accepts bytes or a string with units (``"256MiB"``)."""
-
-    write_barrier_timeout_secs: int = 600
-    file_size: int | str = 256 << 20
-    concurrency: int = 8
-
-    def __post_init__(self) -> None:
-        self.file_size = parse_size(self.file_size)
-        if self.file_size < 1:
-            raise ValueError(f"file_size must be at least 1 byte, got {self.file_size}")
-        if not isinstance(self.concurrency, int) or self.concurrency < 1:
-            raise ValueError(f"concurrency must be an integer >= 1, got {self.concurrency!r}")
-
-    @property
-    def file_size_bytes(self) -> int:
-        return int(self.file_size)
-
-
-@dataclass
-class CheckpointStagerConfig:
-    """The seed's flags, plus a bound. Pinned memory and non-blocking copies need an accelerator;
-    shared memory is used only when the writer is a process (it is how the process reads)."""
-
-    use_pinned_memory: bool = True
-    use_shared_memory: bool = True
-    use_async_staging: bool = True
-    use_non_blocking_copy: bool = True
-    max_staging_bytes: int | None = None
-
-
-WRITER_KINDS = ("thread", "process")
-
-
-@dataclass
-class CheckpointProcessConfig:
-    """Where the background writer runs and its timeouts (as in the seed)."""
-
-    subprocess_init_timeout_secs: int = 30
-    subprocess_shutdown_timeout_secs: int = 60
-    writer: str = "thread"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .config import CheckpointStagerConfig
+from .config_types import CheckpointStagerConfig
 from .errors import StagingError
 from .tree import check_tensor, child_key
 from .types import STATE_DICT
