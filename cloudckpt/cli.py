@@ -541,8 +541,8 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
             )
     now = time.time()
     for info in root.backend.list_dir(root.path):
-        if not info.is_dir:
-            continue
+        if not info.is_dir or parse_step(info.name) is None:
+            continue  # only the step-N directories a manager writes; the rest is the user's
         names = _checkpoint_entries(root.backend, info.path)
         if names is None or MANIFEST_NAME in names:
             continue  # not checkpoint-shaped, or committed (retention decides)
@@ -664,8 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "gc",
         cmd_gc,
-        "apply retention to the step-N checkpoints under ROOT and remove uncommitted leftovers "
-        "older than --older-than",
+        "apply retention to the step-N checkpoints under ROOT and remove uncommitted step-N "
+        "leftovers older than --older-than",
     )
     p.add_argument("root", nargs="?", metavar="ROOT", help=root_help)
     p.add_argument("--keep-last", type=_count, metavar="N", help="keep the N newest committed")

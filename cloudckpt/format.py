@@ -119,6 +119,22 @@ def dtype_from_name(name: str, where: str) -> torch.dtype:
         ) from None
 
 
+# Item sizes by torch dtype name, plain data so that checking an index (cloudckpt info, verify,
+# cp) needs no torch; rarer dtypes (quantized, sub-byte, fnuz) ask torch. A test keeps it equal
+# to torch's own itemsize.
+_ITEMSIZE = {name: size for name, (_, size) in _SAFETENSORS_DTYPE.items()} | {
+    "complex32": 4,
+    "complex64": 8,
+    "complex128": 16,
+}
+
+
+def dtype_itemsize(name: str, where: str) -> int:
+    """Bytes per element of the torch dtype named ``name``; unknown names are refused."""
+    size = _ITEMSIZE.get(name)
+    return size if size is not None else dtype_from_name(name, where).itemsize
+
+
 def safetensors_entry(dtype: str, shape: tuple[int, ...], nbytes: int) -> tuple[str, list[int]]:
     """The (dtype, shape) a safetensors reader sees for a tensor of torch dtype name ``dtype``;
     unknown dtypes become a byte vector."""
@@ -284,8 +300,8 @@ class RankIndex:
                     f"{where}: tensor {t.key!r} claims bytes {t.offset}..{t.offset + t.length} "
                     f"of {self.files[t.file].path} ({size} bytes)"
                 )
-            dt = dtype_from_name(t.dtype, where)
-            if (t.shape and min(t.shape) < 0) or math.prod(t.shape) * dt.itemsize != t.length:
+            itemsize = dtype_itemsize(t.dtype, where)
+            if (t.shape and min(t.shape) < 0) or math.prod(t.shape) * itemsize != t.length:
                 raise CorruptCheckpointError(
                     f"{where}: tensor {t.key!r} length disagrees with its shape"
                 )

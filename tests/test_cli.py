@@ -115,6 +115,9 @@ def test_gc_removes_a_leftover_only_when_old_enough(tmp_path: Path) -> None:
     target = StoreTarget("local", str(root))
     _leftover(target, 99)
     leftover = root / step_name(99)
+    (root / "export" / "data").mkdir(parents=True)  # checkpoint-shaped, but not a step-N
+    (root / "export" / "data" / "rank-00000-0000.safetensors").write_bytes(b"x" * 64)
+    _age(root / "export", 30 * 86400)
     assert run("latest", str(root)).stdout.strip() == str(root / step_name(3))
     with CheckpointManager(str(root)) as mgr:
         assert mgr.steps() == [2, 3] and mgr.latest_step() == 3  # retention kept the leftover
@@ -130,7 +133,7 @@ def test_gc_removes_a_leftover_only_when_old_enough(tmp_path: Path) -> None:
     _age(leftover, 2 * 86400)
     gc = ok_json("gc", str(root))
     assert [r["uri"] for r in gc["removed"]] == [str(leftover)] and not leftover.exists()
-    assert sorted(p.name for p in root.iterdir()) == ["latest", step_name(2), step_name(3)]
+    assert sorted(p.name for p in root.iterdir()) == ["export", "latest", *map(step_name, (2, 3))]
 
 
 def _save_sample(uri: str) -> dict[str, Any]:
@@ -289,20 +292,26 @@ def test_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
     assert piped.returncode == 0 and piped.stderr == ""  # piped: quiet
 
 
-def test_listing_commands_do_not_import_torch(tmp_path: Path) -> None:
-    """ls, latest, gc and rm need no tensors: the command starts without `import torch`."""
-    with CheckpointManager(str(tmp_path / "run")) as mgr:
-        mgr.save(1, {"w": torch.ones(3)})
+def test_commands_do_not_import_torch(tmp_path: Path) -> None:
+    """No command handles tensors, so none pays for `import torch` (~1.4 s): indexes are
+    checked with plain dtype tables."""
+    root = tmp_path / "run"
+    with CheckpointManager(str(root)) as mgr:
+        sd = {"w": torch.ones(3), "h": torch.ones(2, dtype=torch.bfloat16), "n": torch.tensor(1)}
+        mgr.save(1, {**sd, "c": torch.zeros(2, dtype=torch.complex64)})
+    ck, copy = str(root / step_name(1)), str(tmp_path / "copy")
     probe = (
         "import sys\n"
         "from cloudckpt.cli import main\n"
-        "for argv in (['ls', sys.argv[1]], ['latest', sys.argv[1]],\n"
-        "             ['gc', sys.argv[1], '--keep-last', '1', '--dry-run']):\n"
+        "root, ck, copy = sys.argv[1:]\n"
+        "for argv in (['ls', root], ['latest', root], ['info', ck], ['verify', ck],\n"
+        "             ['cp', ck, copy], ['rm', copy], ['config-reference'],\n"
+        "             ['gc', root, '--keep-last', '1', '--dry-run']):\n"
         "    assert main(argv) == 0, argv\n"
         "print('torch' in sys.modules)\n"
     )
     r = subprocess.run(
-        [sys.executable, "-c", probe, str(tmp_path / "run")], capture_output=True, text=True
+        [sys.executable, "-c", probe, str(root), ck, copy], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "False"

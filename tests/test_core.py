@@ -82,6 +82,22 @@ def test_every_dtype_round_trips(tmp_path: Path, dtype: torch.dtype) -> None:
     same(cloudckpt.load(str(tmp_path / "c")), sd)
 
 
+def test_itemsize_table_agrees_with_torch() -> None:
+    """Index checks take item sizes from a plain table (so the command needs no torch): each
+    entry equals torch's, every torch dtype is still accepted, an unknown name is refused."""
+    from cloudckpt.format import _ITEMSIZE, dtype_itemsize
+
+    sizes = {
+        str(d).removeprefix("torch."): d.itemsize
+        for d in vars(torch).values()
+        if isinstance(d, torch.dtype)
+    }
+    assert {name: sizes.get(name) for name in _ITEMSIZE} == _ITEMSIZE
+    assert {name: dtype_itemsize(name, "i.json") for name in sizes} == sizes
+    with pytest.raises(cloudckpt.CorruptCheckpointError, match=r"i.json: unknown dtype 'float9'"):
+        dtype_itemsize("float9", "i.json")
+
+
 def test_every_leaf_and_container_type(tmp_path: Path) -> None:
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     sd = {
