@@ -25,14 +25,18 @@ import platform
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from typing import Any
 
-from bench_local import WORKLOADS, make_state, rss_mib  # same bytes as the local bench
+from bench_local import (  # same bytes as the local bench
+    WORKLOADS,
+    child_result,
+    make_state,
+    rss_mib,
+)
 
 MODES = ["torch.clone", "sync save", "async thread", "async process"]
 
@@ -108,12 +112,9 @@ def child(mode: str, workload: str, runs: int, workdir: str) -> dict[str, Any]:
 
 
 def run(mode: str, workload: str, runs: int, workdir: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", mode, workload, str(runs), workdir]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True)
-    except subprocess.CalledProcessError as e:
-        return {"error": e.stderr.strip().splitlines()[-1] if e.stderr else str(e)}
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    return child_result(
+        [sys.executable, __file__, "--child", mode, workload, str(runs), workdir], 1800
+    )
 
 
 def main() -> None:

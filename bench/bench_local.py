@@ -157,11 +157,22 @@ def run(tool: str, op: str, workload: str, runs: int, workdir: str, cap_s: float
         if op == "load":
             prep = [sys.executable, __file__, "--child", tool, "prepare", workload, "1", workdir]
             subprocess.run(prep, capture_output=True, text=True, timeout=cap_s, check=True)
-        cmd = [sys.executable, __file__, "--child", tool, op, workload, str(runs), workdir]
-        left = max(1.0, cap_s - (time.monotonic() - started))
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=left, check=True)
     except subprocess.TimeoutExpired:
         return {"capped": cap_s}
+    except subprocess.CalledProcessError as e:
+        return {"error": e.stderr.strip().splitlines()[-1] if e.stderr else str(e)}
+    cmd = [sys.executable, __file__, "--child", tool, op, workload, str(runs), workdir]
+    result = child_result(cmd, max(1.0, cap_s - (time.monotonic() - started)))
+    return {"capped": cap_s} if "capped" in result else result
+
+
+def child_result(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """The JSON line a bench child prints last; ``{"capped": s}`` past ``timeout``, or
+    ``{"error": ...}`` with its last stderr line."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+    except subprocess.TimeoutExpired:
+        return {"capped": timeout}
     except subprocess.CalledProcessError as e:
         return {"error": e.stderr.strip().splitlines()[-1] if e.stderr else str(e)}
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))

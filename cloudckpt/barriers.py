@@ -264,6 +264,12 @@ class _StoreBarrier(Barrier):
         return self._exchange.await_commit(timeout_secs)
 
 
+_NO_PROCESS_GROUP = (
+    "DistBarrier requires an initialized process group: call "
+    "torch.distributed.init_process_group() first, or use barrier_type='tcp_store'."
+)
+
+
 @register_barrier
 class DistBarrier(_StoreBarrier):
     """Runs on the initialized process group's store (never on its NCCL communicator).
@@ -300,10 +306,7 @@ class DistBarrier(_StoreBarrier):
             self._exchange = _fresh_exchange(client, rank, world_size, f"{barrier_prefix}/writer")
             return
         if not dist.is_initialized():
-            raise BarrierError(
-                "DistBarrier requires an initialized process group: call "
-                "torch.distributed.init_process_group() first, or use barrier_type='tcp_store'."
-            )
+            raise BarrierError(_NO_PROCESS_GROUP)
         store = dist.distributed_c10d._get_default_store()
         self._exchange = _fresh_exchange(
             store, dist.get_rank(), dist.get_world_size(), f"{barrier_prefix}/dist"
@@ -334,10 +337,7 @@ def barrier_config_for_process(barrier_config: BarrierConfig, world_size: int) -
     if not (dist.is_available() and dist.is_initialized()):
         if barrier_config.barrier_type is None:
             return barrier_config  # the writer reports the missing barrier itself
-        raise BarrierError(
-            "DistBarrier requires an initialized process group: call "
-            "torch.distributed.init_process_group() first, or use barrier_type='tcp_store'."
-        )
+        raise BarrierError(_NO_PROCESS_GROUP)
     store = dist.distributed_c10d._get_default_store()
     while isinstance(store, dist.PrefixStore):
         store = store.underlying_store

@@ -12,6 +12,7 @@ training for the GIL. If the process dies, the save in flight fails with
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import logging.handlers
 import os
@@ -31,7 +32,7 @@ import torch
 from .backends import split_scheme
 from .config_types import WRITER_KINDS, CheckpointProcessConfig  # noqa: F401 - re-exported
 from .errors import ConfigError, WriterProcessError
-from .tree import flatten
+from .tree import Node, TensorLeaf, flatten, unflatten
 from .types import STATE_DICT, RankInfo
 
 logger = logging.getLogger(__name__)
@@ -90,37 +91,30 @@ class _TensorRef:
     stride: tuple[int, ...]
 
 
-def _encode(
-    value: Any, storages: dict[int, torch.UntypedStorage]
-) -> Any:  # tree with _TensorRef leaves
-    if isinstance(value, torch.Tensor) and value.device.type == "cpu":
-        st = value.untyped_storage()
-        key = st.data_ptr()
-        storages.setdefault(key, st)
-        return _TensorRef(
-            key,
-            int(value.storage_offset()) * value.element_size(),
-            value.dtype,
-            tuple(value.shape),
-            tuple(value.stride()),
-        )
-    if isinstance(value, dict):
-        return type(value)((k, _encode(v, storages)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_encode(v, storages) for v in value)
-    return value  # scalars, and non-CPU tensors (torch pickles those itself)
+def _ref(t: torch.Tensor, storages: dict[int, torch.UntypedStorage]) -> _TensorRef | torch.Tensor:
+    """A CPU tensor as a place in its storage (recorded in ``storages``); other devices' tensors
+    go as themselves (torch pickles those)."""
+    if t.device.type != "cpu":
+        return t
+    st = t.untyped_storage()
+    storages.setdefault(st.data_ptr(), st)
+    offset = int(t.storage_offset()) * t.element_size()
+    return _TensorRef(st.data_ptr(), offset, t.dtype, tuple(t.shape), tuple(t.stride()))
 
 
-def _decode(value: Any, storages: dict[int, torch.UntypedStorage]) -> Any:
-    if isinstance(value, _TensorRef):
-        out = torch.empty(0, dtype=value.dtype)
-        offset = value.byte_offset // max(1, out.element_size())
-        return out.set_(storages[value.storage], offset, value.shape, value.stride)
-    if isinstance(value, dict):
-        return type(value)((k, _decode(v, storages)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_decode(v, storages) for v in value)
-    return value
+def _leaf(
+    refs: list[_TensorRef | torch.Tensor],
+    storages: dict[int, torch.UntypedStorage],
+    i: int,
+    key: str,
+) -> torch.Tensor:
+    """Tensor ``i`` of a received state dict, viewed in its storage (``unflatten``'s callback)."""
+    ref = refs[i]
+    if not isinstance(ref, _TensorRef):
+        return ref
+    out = torch.empty(0, dtype=ref.dtype)
+    offset = ref.byte_offset // max(1, out.element_size())
+    return out.set_(storages[ref.storage], offset, ref.shape, ref.stride)
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -133,14 +127,13 @@ def _portable(error: BaseException) -> BaseException:
 
 
 class _PipeLogQueue:
-    """Lets a ``QueueHandler`` send log records over the pipe (threads share one lock)."""
+    """Lets a ``QueueHandler`` send log records over the pipe, through ``send``."""
 
-    def __init__(self, conn: Connection, lock: threading.Lock) -> None:
-        self._conn, self._lock = conn, lock
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        self._send = send
 
     def put_nowait(self, record: logging.LogRecord) -> None:
-        with self._lock:
-            self._conn.send(("log", record))
+        self._send(("log", record))
 
 
 def writer_process_main(
@@ -161,7 +154,7 @@ def writer_process_main(
 
     package_logger = logging.getLogger("cloudckpt")
     package_logger.setLevel(log_level)
-    package_logger.addHandler(logging.handlers.QueueHandler(_PipeLogQueue(conn, lock)))  # type: ignore[arg-type]
+    package_logger.addHandler(logging.handlers.QueueHandler(_PipeLogQueue(send)))  # type: ignore[arg-type]
     package_logger.propagate = False  # the training process's handlers print it, once
     try:
         if subprocess_init_fn is not None:
@@ -181,12 +174,13 @@ def writer_process_main(
             break
         if message[0] == "exit":
             break
-        _, path, tree, new_storages, keep, kwargs = message
+        _, path, tree, refs, new_storages, keep, kwargs = message
         held.update(new_storages)
         for key in [k for k in held if k not in keep]:
             del held[key]
         try:
-            writer.write(path, _decode(tree, held), **kwargs)
+            state_dict = unflatten(tree, functools.partial(_leaf, refs, held), path)
+            writer.write(path, state_dict, **kwargs)
             send(("done",))
         except BaseException as e:
             logger.debug("write of %s failed in the writer process", path, exc_info=True)
@@ -290,14 +284,17 @@ class _Worker:
                 if message[0] in ("closed", "init_failed"):
                     return
 
-    def write(self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> None:
+    def write(
+        self, path: str, tree: Node, leaves: list[TensorLeaf], kwargs: dict[str, Any]
+    ) -> None:
+        """Send a flattened state dict: its tree, and each tensor as a place in a storage."""
         storages: dict[int, torch.UntypedStorage] = {}
-        tree = _encode(state_dict, storages)
+        refs = [_ref(leaf.tensor, storages) for leaf in leaves]
         new = {k: s for k, s in storages.items() if k not in self._sent}
         # hold what the process holds, so no address is reused by another storage meanwhile
         self._sent = storages
         try:
-            self._conn.send(("write", path, tree, new, set(storages), kwargs))
+            self._conn.send(("write", path, tree, refs, new, set(storages), kwargs))
         except (OSError, ValueError):
             pass  # the reader thread reports the death
         answer = self._answers.get()
@@ -417,11 +414,11 @@ class CheckpointProcess(BackgroundWriter):
                 f"{path}: memory:// lives inside one process, so the writer process would save "
                 'into its own memory; use [process] writer = "thread" with memory://'
             )
-        sd = _resolved(state_dict)
-        flatten(sd)  # refuse what cannot be saved here, by key path, before anything is sent
+        # one walk: refuses what cannot be saved, by key path, and is what the process receives
+        tree, leaves = flatten(_resolved(state_dict))
         worker = self._ensure_worker()
         try:
-            worker.write(path, sd, kwargs)
+            worker.write(path, tree, leaves, kwargs)
         finally:
             if worker.dead is not None:
                 self._death = worker.dead
