@@ -10,6 +10,9 @@ one deadline; writes stream from the caller's buffers; reads land in the caller'
   killed process leaves nothing. A failed piece is resumed from the offset the server persisted.
 - ``put_create_only``: a simple (multipart) upload with ``ifGenerationMatch=0``: the store refuses
   it (412) when any live object has the name, so of two writers exactly one commits.
+- ``read_version`` / ``put_replace``: the object with its generation (metadata, then the media
+  at that generation), and an upload with ``ifGenerationMatch=<that generation>``: 412 when
+  another writer replaced it meanwhile.
 - ``read_into``: ranged GETs, ``read_part_size`` pieces in parallel, each streamed into its slice
   of the destination buffers and resumed from where it stopped after a dropped connection.
 """
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from cloudckpt.backends import Backend, Buffer, ObjectInfo
+from cloudckpt.backends import Backend, Buffer, ObjectInfo, VersionedObject
 from cloudckpt.errors import BackendError
 from cloudckpt.retry import Retrier, RetryCounter, RetryPolicy, classify_network_error
 
@@ -142,6 +145,7 @@ class GCSBackend(Backend):
     name = "gcs"
     protocols = ("gs", "gcs")
     create_only_commit = True
+    conditional_replace = True
 
     #: Bytes per resumable-upload request (a multiple of 256 KiB, as GCS requires).
     part_size: int = 16 << 20
@@ -282,7 +286,7 @@ class GCSBackend(Backend):
         if size <= self.simple_upload_max:
             data = b"".join(bytes(_as_bytes_view(c)) for c in chunks)
             self._check_size(what, len(data), size)
-            self._retry(what, lambda: self._run(self._simple_upload, bucket, key, data, False))
+            self._retry(what, lambda: self._run(self._simple_upload, bucket, key, data, None))
             return
         session = self._retry(what, lambda: self._run(self._start_resumable, bucket, key, what))
         try:
@@ -442,7 +446,10 @@ class GCSBackend(Backend):
         except Exception as e:  # the original error matters more
             logger.debug("cancelling a GCS upload session failed: %s", type(e).__name__)
 
-    async def _simple_upload(self, bucket: str, key: str, data: bytes, create_only: bool) -> None:
+    async def _simple_upload(
+        self, bucket: str, key: str, data: bytes, if_generation: str | None
+    ) -> None:
+        """One multipart upload; ``if_generation``: only over that generation ("0": none)."""
         boundary = f"cloudckpt-{uuid.uuid4().hex}"
         meta = json.dumps({"name": key, "contentType": "application/octet-stream"})
         body = b"".join(
@@ -454,8 +461,8 @@ class GCSBackend(Backend):
             ]
         )
         params = {"uploadType": "multipart", "name": key}
-        if create_only:
-            params["ifGenerationMatch"] = "0"
+        if if_generation is not None:
+            params["ifGenerationMatch"] = if_generation
         await self._request(
             "POST",
             f"{self._base}/upload/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o",
@@ -473,7 +480,7 @@ class GCSBackend(Backend):
         def attempt() -> None:
             tried["n"] += 1
             try:
-                self._run(self._simple_upload, bucket, key, bytes(data), True)
+                self._run(self._simple_upload, bucket, key, bytes(data), "0")
             except FileExistsError:
                 # A retry after a lost response finds our own object: that is success.
                 if tried["n"] > 1 and self._read_or_none(path) == bytes(data):
@@ -481,6 +488,38 @@ class GCSBackend(Backend):
                 raise
 
         self._retry(what, attempt)
+
+    def read_version(self, path: str) -> VersionedObject | None:
+        bucket, key = self._split(path)
+        what = self.to_uri(path)
+
+        async def get() -> VersionedObject | None:
+            for _ in range(5):  # replaced between the two requests: read again
+                meta = await self._stat(bucket, key, what)
+                if meta is None:
+                    return None
+                generation = str(meta["generation"])
+                try:
+                    _, _, body = await self._request(
+                        "GET",
+                        self._object_url(bucket, key),
+                        what,
+                        params={"alt": "media", "ifGenerationMatch": generation},
+                    )
+                except FileExistsError:
+                    continue
+                return VersionedObject(bytes(body), generation)
+            raise GCSStatusError(409, what, "the object keeps changing while it is read")
+
+        return self._retry(what, lambda: self._run(get))
+
+    def put_replace(self, path: str, data: bytes, expected_version: str) -> None:
+        bucket, key = self._split(path)
+        what = self.to_uri(path)
+        generation = expected_version or None
+        self._retry(
+            what, lambda: self._run(self._simple_upload, bucket, key, bytes(data), generation)
+        )
 
     def _read_or_none(self, path: str) -> bytes | None:
         try:

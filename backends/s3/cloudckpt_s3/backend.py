@@ -8,9 +8,16 @@
 - ``put_create_only``: ``PutObject`` with ``If-None-Match: *``. A 412 (moto: with a
   ``<Condition>``; SeaweedFS: without one, which s3fs turns into ``OSError(EINVAL)``) becomes
   ``FileExistsError``.
+- ``put_replace``: ``PutObject`` with ``If-Match: <ETag read by read_version>``; a 412 becomes
+  ``FileExistsError``. A store that answers ``If-Match`` with 501 NotImplemented gets a plain
+  ``PutObject`` from then on (atomic for readers), and a warning says so once.
+- Multipart hygiene: a ``CreateMultipartUpload`` that needed a retry may have created an upload
+  whose answer was lost; once the object is done (or failed), every other upload open on its key
+  is aborted. ``abort_uploads(prefix)`` aborts every upload open under a prefix.
 - ``read_into``: ranged ``GetObject`` pieces in parallel, each streamed into its slice of the
   caller's buffers. Sizes come from the caller (the index), never from extra HEADs.
-- Retries: s3fs's and botocore's own retries are turned off; :mod:`cloudckpt.retry` retries
+- Retries: s3fs's and botocore's own retries are always off (a ``retries`` entry in
+  ``config_kwargs`` is replaced, with a warning); :mod:`cloudckpt.retry` retries
   500, 502, 503 SlowDown, 504, 429, resets and timeouts with jittered backoff until the operation
   makes no progress for ``retry_stall_timeout`` seconds. Other 4xx fail at once.
 """
@@ -25,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from cloudckpt.backends import Buffer, FsspecBackend
+from cloudckpt.backends import Buffer, FsspecBackend, VersionedObject
 from cloudckpt.retry import (
     Deadline,
     Retrier,
@@ -40,6 +47,7 @@ logger = logging.getLogger(__name__)
 MIN_PART = 5 << 20  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000
 DEFAULT_PART = 8 << 20
+NO_RETRIES = {"total_max_attempts": 1, "mode": "standard"}
 OWN_OPTIONS = ("part_size", "max_inflight_parts", "read_part_size")
 
 
@@ -94,6 +102,10 @@ def _is_precondition_failed(exc: BaseException) -> bool:
     )
 
 
+def _is_not_implemented(exc: BaseException) -> bool:
+    return _status(exc) == 501 or _error_code(exc) in ("NotImplemented", "501")
+
+
 def _slices(buffers: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
     """The parts of ``buffers`` (concatenated) covering ``[start, start + length)``."""
     out, pos, end = [], 0, start + length
@@ -118,6 +130,7 @@ class S3Backend(FsspecBackend):
     name = "s3"
     protocols = ("s3", "s3a")
     create_only_commit = True
+    conditional_replace = True  # If-Match where the store implements it (moto does)
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
         import s3fs
@@ -132,8 +145,15 @@ class S3Backend(FsspecBackend):
         if self.part_size < MIN_PART:
             raise ValueError(f"part_size must be at least {MIN_PART} bytes (S3's minimum part)")
         config = dict(options.pop("config_kwargs", None) or {})
-        # Our policy decides about retries; botocore's and s3fs's would multiply them.
-        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        # Our policy decides about retries; botocore's and s3fs's would multiply them and hide
+        # them from the retry count. botocore's max_attempts counts retries (1 = one retry);
+        # total_max_attempts counts the first attempt too: 1 = no retry.
+        if config.get("retries", NO_RETRIES) != NO_RETRIES:
+            logger.warning(
+                "s3: config_kwargs 'retries' is ignored; cloudckpt retries itself (storage "
+                "options retry_stall_timeout, retry_request_timeout, ...)"
+            )
+        config["retries"] = dict(NO_RETRIES)
         config.setdefault("connect_timeout", self.policy.request_timeout)
         config.setdefault("read_timeout", self.policy.request_timeout)
         # Our own CRC32C covers every tensor; botocore's request checksums cost ~25% per PUT.
@@ -146,6 +166,7 @@ class S3Backend(FsspecBackend):
         self.counter = RetryCounter()
         self.retrier = Retrier(self.policy, classify, self.counter)
         self._inflight = threading.BoundedSemaphore(self.max_inflight)
+        self._if_match = True  # until the store answers If-Match with 501
 
     def retry_total(self) -> int:
         return self.counter.total
@@ -193,10 +214,30 @@ class S3Backend(FsspecBackend):
                 raise ValueError(f"{what}: expected {size} bytes, the writer produced {pos}")
             self._run(self._call("put_object", what, deadline, Bucket=bucket, Key=key, Body=body))
             return
-        upload = self._run(
-            self._call("create_multipart_upload", what, deadline, Bucket=bucket, Key=key)
-        )
+        tries = [0]
+
+        async def create() -> Any:
+            tries[0] += 1
+            return await self.fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+
+        upload = self._run(self.retrier.acall(create, what=what, deadline=deadline))
         upload_id = upload["UploadId"]
+        try:
+            self._upload_parts(bucket, key, upload_id, chunks, part_size, what, deadline)
+        finally:
+            if tries[0] > 1:  # an earlier try may have created an upload whose answer was lost
+                self._abort_others(bucket, key, upload_id, what)
+
+    def _upload_parts(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        chunks: Iterable[Buffer],
+        part_size: int,
+        what: str,
+        deadline: Deadline,
+    ) -> None:
         futures: list[Future[Any]] = []
         try:
             number = 0
@@ -295,6 +336,97 @@ class S3Backend(FsspecBackend):
             )
         except Exception as e:  # the bucket's abort lifecycle rule is the backstop
             logger.warning("%s: could not abort multipart upload %s: %s", what, upload_id, e)
+
+    def _list_uploads(self, bucket: str, prefix: str, what: str) -> list[tuple[str, str]]:
+        """``(key, upload id)`` of every multipart upload open under ``prefix``."""
+        out: list[tuple[str, str]] = []
+        markers: dict[str, str] = {}
+        while True:
+            page = self._run(
+                self._call(
+                    "list_multipart_uploads",
+                    f"{what} (uploads)",
+                    self.retrier.deadline(),
+                    Bucket=bucket,
+                    Prefix=prefix,
+                    **markers,
+                )
+            )
+            out += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+            if not page.get("IsTruncated"):
+                return out
+            markers = {
+                "KeyMarker": page["NextKeyMarker"],
+                "UploadIdMarker": page["NextUploadIdMarker"],
+            }
+
+    def _abort_others(self, bucket: str, key: str, keep: str, what: str) -> None:
+        try:
+            found = self._list_uploads(bucket, key, what)
+        except Exception as e:
+            logger.warning("%s: could not list multipart uploads: %s", what, e)
+            return
+        for k, upload_id in found:
+            if k == key and upload_id != keep:
+                logger.info("%s: aborting upload %s (its create answer was lost)", what, upload_id)
+                self._abort(bucket, k, upload_id, what)
+
+    def abort_uploads(self, path: str) -> int:
+        bucket, key = self._split(path)
+        what = self.to_uri(path)
+        found = self._list_uploads(bucket, key.rstrip("/") + "/", what)
+        for k, upload_id in found:
+            self._abort(bucket, k, upload_id, self.to_uri(f"{bucket}/{k}"))
+        return len(found)
+
+    def read_version(self, path: str) -> VersionedObject | None:
+        """The object and its ETag (one ``GetObject``)."""
+        bucket, key = self._split(path)
+        what = self.to_uri(path)
+
+        async def get() -> tuple[bytes, str]:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return bytes(await resp["Body"].read()), str(resp.get("ETag", ""))
+            finally:
+                resp["Body"].close()
+
+        try:
+            data, etag = self._run(self.retrier.acall(get, what=what))
+        except Exception as e:
+            if _status(e) == 404 or isinstance(e, FileNotFoundError):
+                return None
+            raise
+        return VersionedObject(data, etag)
+
+    def put_replace(self, path: str, data: bytes, expected_version: str) -> None:
+        bucket, key = self._split(path)
+        what = self.to_uri(path)
+        cond = {"IfMatch": expected_version} if expected_version and self._if_match else {}
+        try:
+            self._run(
+                self._call(
+                    "put_object",
+                    what,
+                    self.retrier.deadline(),
+                    Bucket=bucket,
+                    Key=key,
+                    Body=data,
+                    **cond,
+                )
+            )
+        except Exception as e:
+            if _is_precondition_failed(e):
+                raise FileExistsError(errno.EEXIST, "object was replaced meanwhile", what) from None
+            if not cond or not _is_not_implemented(e):
+                raise
+            self._if_match = False
+            logger.warning(
+                "%s: this S3 store does not implement If-Match on PUT; the manifest is replaced "
+                "by a plain PUT (atomic for readers, not against a concurrent overwrite)",
+                what,
+            )
+            self.put_replace(path, data, expected_version)
 
     def put_create_only(self, path: str, data: bytes) -> None:
         bucket, key = self._split(path)
