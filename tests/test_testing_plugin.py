@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 USER_TESTS = textwrap.dedent(
-    '''
+    """
     import os
 
     import cloudckpt
@@ -70,7 +70,7 @@ USER_TESTS = textwrap.dedent(
 
     def test_environment_restored_after_the_store_tests():
         assert [k for k in AWS if k in os.environ] == []
-    '''
+    """
 )
 
 
