@@ -54,6 +54,8 @@ USER_TESTS = textwrap.dedent(
         out = cloudckpt.load(cloudckpt_gcs.join("a"), storage_options=cloudckpt_gcs.storage_options)
         assert torch.equal(out["x"], torch.ones(3))
         assert f"{cloudckpt_gcs.prefix}/a/manifest.json" in cloudckpt_gcs.keys()
+        names = [b.name for b in cloudckpt_gcs.client.list_buckets()]  # google.cloud.storage
+        assert cloudckpt_gcs.bucket in names
 
 
     def test_faults_in_front_of_s3(cloudckpt_s3, cloudckpt_faults):
