@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import resolve
 from .committed import open_checkpoint
 from .config import CheckpointerConfig, resolve_config
-from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from .errors import BackendError, CheckpointError, CheckpointNotFoundError, ConfigError
 from .format import MANIFEST_NAME
 from .types import STATE_DICT, RankInfo, default_rank_info
 
@@ -95,6 +95,8 @@ class CheckpointRoot:
         """Whether ``<root>/<name>`` has a manifest that parses."""
         try:
             open_checkpoint(self.uri_of(name), self.backend_name, self.options)
+        except BackendError:  # the store failed: not an answer about this checkpoint
+            raise
         except CheckpointError:
             return False
         return True

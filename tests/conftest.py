@@ -28,6 +28,12 @@ pytest.register_assert_rewrite(*_STORE_MODULES)  # imported just below, before p
 STORE_FIXTURES: list[str] = [
     name for mod in _STORE_MODULES for name in importlib.import_module(mod).STORE_FIXTURES
 ]
+#: Targets whose store lives inside this process (another process cannot see their objects).
+IN_PROCESS_FIXTURES: list[str] = [
+    name
+    for mod in _STORE_MODULES
+    for name in getattr(importlib.import_module(mod), "IN_PROCESS_FIXTURES", [])
+]
 
 
 @pytest.fixture(params=STORE_FIXTURES)

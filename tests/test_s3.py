@@ -98,7 +98,10 @@ def test_access_denied_fails_at_once(moto_server: S3Server, proxy: FaultProxy) -
     body = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
     proxy.inject(status=403, times=None, method="PUT", body=body)
     started = time.monotonic()
-    with pytest.raises(cloudckpt.BackendError, match=rf"s3://{bucket}/c: storing .* failed"):
+    with pytest.raises(
+        cloudckpt.BackendError,
+        match=rf"s3://{bucket}/c/data/\S+: the store refused the request \(HTTP 403 AccessDenied",
+    ):
         cloudckpt.save(
             f"s3://{bucket}/c", {"x": torch.ones(2)}, storage_options=_opts(moto_server, proxy)
         )
