@@ -171,3 +171,45 @@ def test_options_with_units_and_one_error_type() -> None:
     for opts, pattern in bad:
         with pytest.raises(cloudckpt.ConfigError, match=pattern):
             resolve("s3://b/k", storage_options={**opts, "endpoint_url": "http://127.0.0.1:1"})
+
+
+def test_registries_refuse_silent_replacement() -> None:
+    from cloudckpt.backends import FsspecBackend, available_backends, register_backend
+    from cloudckpt.barriers import BARRIER_REGISTRY, TCPStoreBarrier, register_barrier
+
+    class Impostor(FsspecBackend):
+        name = "s3-impostor"
+        protocols = ("s3",)
+
+    available_backends()  # the entry points are loaded
+    if "s3" in available_backends():
+        with pytest.raises(cloudckpt.ConfigError, match=r"scheme 's3' by S3Backend is already"):
+            register_backend(Impostor)
+    with pytest.raises(TypeError):
+        available_backends()["x"] = Impostor  # type: ignore[index]
+
+    class OtherTCP(TCPStoreBarrier):
+        pass
+
+    with pytest.raises(
+        cloudckpt.ConfigError,
+        match=r"barrier_type 'tcp_store' is already registered by TCPStoreBarrier\. Pass clobber",
+    ):
+        register_barrier(OtherTCP)
+    with pytest.raises(TypeError):
+        BARRIER_REGISTRY["x"] = OtherTCP  # type: ignore[index]
+    assert register_barrier(TCPStoreBarrier) is TCPStoreBarrier  # the same class again is fine
+
+
+def test_backend_cache_is_bounded_and_clearable() -> None:
+    from cloudckpt import backends
+
+    backends.clear_backend_cache()
+    first, _ = resolve("memory://cache-test/a")
+    assert resolve("memory://cache-test/b")[0] is first  # shared per options
+    for i in range(backends.CACHE_SIZE + 3):
+        resolve("memory://cache-test/a", storage_options={"x": i})
+    assert len(backends._cache) == backends.CACHE_SIZE
+    backends.clear_backend_cache()
+    assert len(backends._cache) == 0
+    assert resolve("memory://cache-test/a")[0] is not first
