@@ -20,7 +20,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -367,7 +367,7 @@ class FsspecBackend(Backend):
         data = self.fs.cat_file(path, start=offset, end=offset + total)
         if len(data) < total:
             raise EOFError(f"{path}: object ends at byte {offset + len(data)}, {total} expected")
-        buffers.scatter(data, [buffers.byte_view(b) for b in dest])
+        buffers.scatter(data, deque(buffers.byte_view(b) for b in dest))
 
     def read_bytes(self, path: str) -> bytes:
         return bytes(self.fs.cat_file(path))

@@ -7,6 +7,7 @@ such lists; the helpers here do it without copying a byte.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
 Buffer = bytes | bytearray | memoryview
@@ -70,8 +71,8 @@ def split(views: Sequence[memoryview], size: int) -> list[list[memoryview]]:
     return groups
 
 
-def scatter(data: Buffer, targets: list[memoryview]) -> int:
-    """Copy ``data`` into the front of ``targets``; drop filled views from the list in place.
+def scatter(data: Buffer, targets: deque[memoryview]) -> int:
+    """Copy ``data`` into the front of ``targets``; drop filled views from the deque in place.
 
     Returns the bytes copied (less than ``len(data)`` only when ``targets`` ran out).
     """
@@ -84,7 +85,7 @@ def scatter(data: Buffer, targets: list[memoryview]) -> int:
         copied += n
         src = src[n:]
         if n == dst.nbytes:
-            targets.pop(0)
+            targets.popleft()
         else:
             targets[0] = dst[n:]
     return copied

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -354,7 +355,7 @@ class ObjectStoreBackend(Backend):
         """Fetch the rest of ``p`` (after a drop, from where it stopped) into its views."""
         first = p.start + p.done
         last = p.start + p.length - 1
-        targets = buffers.skip(p.views, p.done)
+        targets = deque(buffers.skip(p.views, p.done))
         async with contextlib.aclosing(self.open_range(bucket, key, first, last)) as body:
             async for data in body:
                 p.done += buffers.scatter(data, targets)

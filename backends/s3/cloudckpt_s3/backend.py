@@ -24,6 +24,8 @@ from collections.abc import AsyncGenerator, Iterable
 from concurrent.futures import Future
 from typing import Any
 
+from aiohttp import payload
+
 from cloudckpt import buffers
 from cloudckpt.backends import Buffer, Capabilities, ObjectInfo
 from cloudckpt.objectstore import ObjectStoreBackend, OptionSpec, StoreAnswer
@@ -34,6 +36,53 @@ logger = logging.getLogger(__name__)
 MIN_PART = 5 << 20  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000
 DEFAULT_PART = 8 << 20
+
+
+_SLICE = 256 << 10
+
+
+class PartBody(payload.Payload):
+    """One part's bytes (a view of tensor memory) as a request body.
+
+    aiohttp hands a whole ``bytes``/``memoryview`` body to the socket layer at once, which
+    copies every byte the socket does not take right away: a part's worth of memory per part in
+    flight. This body is written in 256 KiB slices, each after the previous one drained. It is
+    also seekable and readable, which is what botocore needs to sign it and to rewind it.
+    """
+
+    def __init__(self, data: Buffer) -> None:
+        view = buffers.byte_view(data)
+        super().__init__(view, content_type="application/octet-stream")
+        self.view = view
+        self._size = view.nbytes
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return self.view.nbytes
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else len(self) + pos)
+        return self.pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = len(self) if n is None or n < 0 else min(len(self), self.pos + n)
+        out = bytes(self.view[self.pos : end])
+        self.pos = end
+        return out
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a checkpoint part is binary")
+
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        end = self.view.nbytes if content_length is None else min(content_length, len(self))
+        for i in range(0, end, _SLICE):
+            await writer.write(self.view[i : min(i + _SLICE, end)])
 
 
 class S3Backend(ObjectStoreBackend):
@@ -196,7 +245,7 @@ class S3Backend(ObjectStoreBackend):
                         Key=key,
                         UploadId=upload_id,
                         PartNumber=number,
-                        Body=body,
+                        Body=PartBody(body),
                     ),
                     f"{what} part {number}",
                     deadline,
