@@ -304,7 +304,6 @@ class FsspecBackend(Backend):
 
     name = "fsspec"
     protocols: ClassVar[tuple[str, ...]] = ("*",)
-    create_only_commit = False
 
     def __init__(
         self, storage_options: Mapping[str, Any] | None = None, *, protocol: str = "memory"
