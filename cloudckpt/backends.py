@@ -13,10 +13,13 @@ and ``file://``) and ``fsspec`` (any protocol fsspec knows, ``memory://`` includ
 from __future__ import annotations
 
 import abc
+import difflib
 import errno
+import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -77,6 +80,15 @@ class Backend(abc.ABC):
     name: ClassVar[str] = ""
     protocols: ClassVar[tuple[str, ...]] = ()
     capabilities: Capabilities = Capabilities()
+    #: The storage options this backend takes itself. ``None``: not declared, every option is
+    #: passed on unchecked. A backend that hands the rest to an fsspec filesystem also accepts
+    #: that filesystem's options (see :meth:`fsspec_class`).
+    accepted_options: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
+        """The fsspec filesystem class the remaining options go to (``None``: none)."""
+        return None
 
     @property
     def create_only_commit(self) -> bool:
@@ -151,6 +163,12 @@ class Backend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads; the default holds none."""
 
+    def check_location(self, path: str) -> None:  # noqa: B027 - optional check
+        """Raise :class:`BackendError` naming ``path`` if nothing could ever be stored there
+        (its bucket does not exist, a parent is a file). A prefix that is merely empty is fine.
+        Listings call this when they find nothing, so a mistyped location is an error rather
+        than an empty listing. The default checks nothing."""
+
     def retry_total(self) -> int:
         """Requests this backend has retried so far (for log lines); 0 if it never retries."""
         return 0
@@ -169,6 +187,7 @@ class LocalBackend(Backend):
 
     name = "local"
     protocols = ("", "file", "local")
+    accepted_options: ClassVar[frozenset[str] | None] = frozenset()
 
     def to_path(self, uri: str) -> str:
         for prefix in ("file://", "local://"):
@@ -268,6 +287,21 @@ class LocalBackend(Backend):
                 os.unlink(tmp)
         self._fsync_dir(os.path.dirname(path))
 
+    def check_location(self, path: str) -> None:
+        parent = path
+        while not os.path.lexists(parent):
+            up = os.path.dirname(parent)
+            if up == parent:
+                return
+            parent = up
+        if parent != path and not os.path.isdir(parent):
+            raise BackendError(
+                f"{path}: cannot hold checkpoints: {parent} is a file, not a directory; check "
+                "the path"
+            )
+        if parent == path and not os.path.isdir(path):
+            raise BackendError(f"{path}: is a file, not a directory of checkpoints")
+
     def list_dir(self, path: str) -> list[ObjectInfo]:
         try:
             entries = list(os.scandir(path))
@@ -304,6 +338,16 @@ class FsspecBackend(Backend):
 
     name = "fsspec"
     protocols: ClassVar[tuple[str, ...]] = ("*",)
+    accepted_options: ClassVar[frozenset[str] | None] = frozenset()
+
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
+        import fsspec
+
+        try:
+            return fsspec.get_filesystem_class(protocol or "file")
+        except (ValueError, ImportError):
+            return None  # construction reports the unknown protocol
 
     def __init__(
         self, storage_options: Mapping[str, Any] | None = None, *, protocol: str = "memory"
@@ -522,8 +566,95 @@ def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
     return _by_protocol.get(scheme, FsspecBackend)
 
 
+FSSPEC_COMMON_OPTIONS = frozenset(
+    {
+        "skip_instance_cache",
+        "use_listings_cache",
+        "listings_expiry_time",
+        "max_paths",
+        "asynchronous",
+        "loop",
+        "batch_size",
+    }
+)
+"""Options every fsspec filesystem takes (its instance cache, listings cache and event loop)."""
+
+
+def _named_parameters(fs_class: type) -> set[str]:
+    names: set[str] = set()
+    for klass in fs_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            continue
+        names.update(
+            p.name
+            for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        )
+    return names
+
+
+def known_options(cls: type[Backend], protocol: str) -> frozenset[str] | None:
+    """Every storage option ``cls`` takes for ``protocol``; ``None`` if it does not declare them."""
+    if cls.accepted_options is None:
+        return None
+    fs_class = cls.fsspec_class(protocol)
+    if fs_class is None:
+        return cls.accepted_options
+    return cls.accepted_options | FSSPEC_COMMON_OPTIONS | _named_parameters(fs_class)
+
+
+def unknown_options(
+    cls: type[Backend], protocol: str, options: Mapping[str, Any]
+) -> tuple[list[str], frozenset[str]]:
+    """The keys of ``options`` that ``cls`` does not take, and the ones it takes."""
+    known = known_options(cls, protocol)
+    if known is None:
+        return [], frozenset()
+    return sorted(str(k) for k in options if k not in known), known
+
+
+def describe_unknown_options(
+    cls: type[Backend], protocol: str, unknown: list[str], known: frozenset[str]
+) -> str:
+    """``storage option 'x' is not one the s3 backend takes (did you mean 'y'?); known: ...``."""
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    what = f"backend {cls.name!r}" + (f" for {protocol}://" if protocol else "")
+    known_text = ", ".join(sorted(known)) if known else "none"
+    return (
+        f"storage option{'s' if len(unknown) > 1 else ''} {', '.join(hints)} "
+        f"{'are' if len(unknown) > 1 else 'is'} not taken by {what}; known options: {known_text}"
+    )
+
+
+_MALFORMED_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/*(?!/)")
+
+
+def check_uri(uri: str) -> None:
+    """Refuse a URI with a scheme but without ``://`` (``s3:/bucket``, ``gs:bucket``)."""
+    if "://" not in uri and _MALFORMED_URI.match(uri) and ":" in uri.split("/", 1)[0]:
+        scheme = uri.split(":", 1)[0]
+        raise ConfigError(
+            f"malformed URI {uri!r}: a store URI is {scheme}://bucket/prefix (two slashes after "
+            f"the scheme); a local path with a colon in its first component: write ./{uri}"
+        )
+
+
 def _options_key(options: Mapping[str, Any]) -> str:
     return json.dumps(options, sort_keys=True, default=repr)
+
+
+def _check_options(uri: str, cls: type[Backend], scheme: str, options: dict[str, Any]) -> None:
+    unknown, known = unknown_options(cls, scheme, options)
+    if unknown:
+        raise ConfigError(f"{uri}: {describe_unknown_options(cls, scheme, unknown, known)}")
 
 
 def open_backend(
@@ -535,8 +666,10 @@ def open_backend(
     """A new backend for ``uri`` (the caller owns it and closes it) and ``uri``'s path."""
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
+    check_uri(uri)
     cls = backend_class_for(uri, backend)
     options = dict(storage_options or {})
+    _check_options(uri, cls, split_scheme(uri), options)
     if cls is FsspecBackend:
         inst: Backend = FsspecBackend(options, protocol=split_scheme(uri) or "file")
     else:
@@ -558,8 +691,12 @@ def resolve(
     """
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
+    check_uri(uri)
     cls = backend_class_for(uri, backend)
-    key = (cls.name, split_scheme(uri), _options_key(storage_options or {}))
+    options = dict(storage_options or {})
+    scheme = split_scheme(uri)
+    _check_options(uri, cls, scheme, options)
+    key = (cls.name, scheme, _options_key(options))
     with _registry_lock:
         inst = _cache.get(key)
         if inst is not None:

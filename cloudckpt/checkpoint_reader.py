@@ -87,8 +87,14 @@ class CheckpointReader:
 
         With ``state_dict``, only its keys are read, into its own tensors where they fit.
         ``rank`` picks whose shard to read (default: this rank; required when the world
-        size differs from the checkpoint's).
+        size differs from the checkpoint's). Other keywords are a ``TypeError``.
         """
+        if kwargs:
+            raise TypeError(
+                f"CheckpointReader.read() got unexpected keyword argument(s) "
+                f"{', '.join(map(repr, sorted(kwargs)))}; it takes map_location, rank and "
+                "storage_options"
+            )
         with paused_gc():
             return self._read(path, state_dict, map_location, rank, storage_options)
 

@@ -159,8 +159,15 @@ class CheckpointWriter:
         """Save ``state_dict`` at ``path`` (a URI, a plain path, or a name under the root).
 
         Raises ``CheckpointExistsError`` if a committed checkpoint is there and not
-        ``overwrite``; ``UnsupportedValueError`` for a leaf that cannot be saved.
+        ``overwrite``; ``UnsupportedValueError`` for a leaf that cannot be saved. Other keyword
+        arguments go to the commit hook; without a hook they are a ``TypeError``.
         """
+        if kwargs and self._commit_hook is None:
+            raise TypeError(
+                f"CheckpointWriter.write() got unexpected keyword argument(s) "
+                f"{', '.join(map(repr, sorted(kwargs)))}: extra keywords go to a commit hook, "
+                "and this writer has none"
+            )
         with paused_gc():
             self._write(path, state_dict, overwrite, metadata, storage_options, kwargs)
         return None
@@ -182,6 +189,13 @@ class CheckpointWriter:
         )
         rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
         multi = world > 1
+        barrier_world = self._barrier.world_size if self._barrier is not None else None
+        if barrier_world is not None and barrier_world != world:
+            raise ConfigError(
+                f"{uri}: rank {rank} thinks the job has {world} rank(s) but its barrier waits "
+                f"for {barrier_world}; nothing was written. Make rank_info (or the process "
+                "group) agree with [barrier.barrier_args] global_world_size."
+            )
         if multi and self._barrier is None:
             raise ConfigError(
                 f"rank {rank} of {world} has no barrier, so no rank could commit {uri} for all: "

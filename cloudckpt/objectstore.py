@@ -153,6 +153,12 @@ class ObjectStoreBackend(Backend):
     read_part_size: int
     max_inflight_parts: int
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # What config validation accepts: the options declared here (the store client's own
+        # are added from fsspec_class).
+        cls.accepted_options = frozenset(cls.own_options())
+
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
         super().__init__(storage_options)
         client_options = dict(self.storage_options)
@@ -298,11 +304,7 @@ class ObjectStoreBackend(Backend):
         if answer.message:
             said += f": {answer.message[:200]}"
         if answer.code in self.missing_bucket_codes:
-            bucket = self.split(self.to_path(what))[0]
-            return BackendError(
-                f"{what}: the bucket {bucket!r} does not exist at {endpoint} ({said}). Create "
-                "it, or fix the bucket name in the URI"
-            )
+            return self.missing_bucket(what, self.split(self.to_path(what))[0], said)
         if answer.status == 404:
             return FileNotFoundError(errno.ENOENT, f"no such object ({said})", what)
         if answer.status == 412:
@@ -317,6 +319,14 @@ class ObjectStoreBackend(Backend):
             err.errno = errno.EACCES
             return err
         return BackendError(f"{what}: the store answered {said}")
+
+    def missing_bucket(self, what: str, bucket: str, said: str) -> BackendError:
+        """The error for a bucket that does not exist (``said``: the store's answer)."""
+        endpoint = self.endpoint or f"the {self.name} service"
+        return BackendError(
+            f"{what}: the bucket {bucket!r} does not exist at {endpoint} ({said}), or these "
+            "credentials cannot see it. Create it, or fix the bucket name in the URI"
+        )
 
     # -- ranged reads -----------------------------------------------------------------------
 

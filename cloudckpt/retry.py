@@ -100,16 +100,6 @@ class RetryDeadlineExceeded(BackendError, TimeoutError):
     """An operation made no progress for its stall timeout (or ran out of attempts)."""
 
 
-_OPTION_FIELDS = {
-    "retry_stall_timeout": "stall_timeout",
-    "retry_max_attempts": "max_attempts",
-    "retry_initial_backoff": "initial_backoff",
-    "retry_max_backoff": "max_backoff",
-    "retry_multiplier": "multiplier",
-    "retry_request_timeout": "request_timeout",
-}
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
     """How to retry one request and when to give up on the operation it belongs to.
@@ -151,7 +141,7 @@ class RetryPolicy:
     @staticmethod
     def option_names() -> tuple[str, ...]:
         """The storage options :meth:`from_options` reads."""
-        return tuple(_OPTION_FIELDS)
+        return tuple(RETRY_OPTION_FIELDS)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> RetryPolicy:
@@ -161,7 +151,7 @@ class RetryPolicy:
         ``retry_max_backoff``, ``retry_request_timeout``.
         """
         kwargs: dict[str, Any] = {}
-        for key, name in _OPTION_FIELDS.items():
+        for key, name in RETRY_OPTION_FIELDS.items():
             if key in options:
                 value = options.pop(key)
                 try:
@@ -175,6 +165,18 @@ class RetryPolicy:
                         f"storage option {key!r} must be a number, got {value!r}"
                     ) from None
         return cls(**kwargs)
+
+
+RETRY_OPTION_FIELDS = {
+    "retry_stall_timeout": "stall_timeout",
+    "retry_max_attempts": "max_attempts",
+    "retry_initial_backoff": "initial_backoff",
+    "retry_max_backoff": "max_backoff",
+    "retry_multiplier": "multiplier",
+    "retry_request_timeout": "request_timeout",
+}
+RETRY_OPTIONS = frozenset(RETRY_OPTION_FIELDS)
+"""The storage options :meth:`RetryPolicy.from_options` takes."""
 
 
 class Deadline:

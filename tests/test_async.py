@@ -219,7 +219,7 @@ def test_max_staging_bytes_from_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(cloudckpt.ConfigError) as info:
         cloudckpt.load_config(path)
     assert str(info.value) == (
-        f"{path}:2: [process] writer = 'fork' is not a writer kind; use one of thread, process"
+        f"{path}:2: [process] writer = 'fork' is not accepted; use one of thread, process"
     )
 
 
@@ -319,7 +319,9 @@ def test_process_writer_config_errors() -> None:
     bogus = _config("thread")
     bogus.process_config.writer = "fork"
     with pytest.raises(
-        cloudckpt.ConfigError, match=r"\[process\] writer = 'fork' is not a writer kind"
+        cloudckpt.ConfigError,
+        match=r"^config built in Python: \[process\] writer = 'fork' is not accepted; use one "
+        r"of thread, process$",
     ):
         cloudckpt.make_async_checkpointer(bogus)
 

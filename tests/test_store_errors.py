@@ -83,7 +83,8 @@ def test_s3_missing_bucket_is_an_error_naming_it(moto_server: S3Server) -> None:
     uri = "s3://no-such-bucket-here/run"
     expected = (
         r"s3://no-such-bucket-here/run\S*: the bucket 'no-such-bucket-here' does not exist at "
-        rf"{moto_server.endpoint} \(HTTP 404 NoSuchBucket.*\)\. Create it, or fix the bucket name"
+        rf"{moto_server.endpoint} \(HTTP 404 NoSuchBucket.*\), or these credentials cannot see "
+        r"it\. Create it, or fix the bucket name"
     )
     with pytest.raises(cloudckpt.BackendError, match=expected):
         cloudckpt.CheckpointManager(uri, storage_options=opts).latest_step()
@@ -208,7 +209,7 @@ def test_backend_cache_is_bounded_and_clearable() -> None:
     first, _ = resolve("memory://cache-test/a")
     assert resolve("memory://cache-test/b")[0] is first  # shared per options
     for i in range(backends.CACHE_SIZE + 3):
-        resolve("memory://cache-test/a", storage_options={"x": i})
+        resolve("memory://cache-test/a", storage_options={"listings_expiry_time": i})
     assert len(backends._cache) == backends.CACHE_SIZE
     backends.clear_backend_cache()
     assert len(backends._cache) == 0

@@ -99,6 +99,12 @@ class GCSBackend(ObjectStoreBackend):
     #: Objects up to this size go as one simple upload rather than a resumable session.
     simple_upload_max: int = 8 << 20
 
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
+        from gcsfs.core import GCSFileSystem
+
+        return GCSFileSystem
+
     def open_client(self, options: dict[str, Any]) -> None:
         if self.part_size % _KIB256:
             raise ConfigError(
@@ -465,6 +471,11 @@ class GCSBackend(ObjectStoreBackend):
             token = page.get("nextPageToken")
             if not token or max_results == 1:  # one answer is enough for exists()
                 return items, prefixes
+
+    def check_location(self, path: str) -> None:
+        bucket, _ = self.split(path)
+        what = self.to_uri(path)
+        self._sync(what, lambda: self._list(bucket, "", what, delimiter=True, max_results=1))
 
     def list_dir(self, path: str) -> list[ObjectInfo]:
         bucket, key = self.split(path)

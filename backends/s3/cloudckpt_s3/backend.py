@@ -107,6 +107,12 @@ class S3Backend(ObjectStoreBackend):
          "ConditionalRequestConflict", "OperationAborted"}
     )  # fmt: skip
 
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
+        import s3fs
+
+        return s3fs.S3FileSystem
+
     def open_client(self, options: dict[str, Any]) -> None:
         import s3fs
 
@@ -391,6 +397,14 @@ class S3Backend(ObjectStoreBackend):
             return bool(objects or prefixes)
 
         return self.run(self.call(check, self.to_uri(path)))
+
+    def check_location(self, path: str) -> None:
+        bucket, _ = self.split(path)
+        what = self.to_uri(path)
+        try:
+            self._do("head_bucket", what, Bucket=bucket)
+        except FileNotFoundError:  # HEAD has no body: a bare 404 is the bucket
+            raise self.missing_bucket(what, bucket, "HTTP 404 on HeadBucket") from None
 
     def size(self, path: str) -> int:
         bucket, key = self.split(path)
