@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .committed import CommittedCheckpoint, open_checkpoint
+from .committed import CommittedCheckpoint, open_checkpoint, unreadable_name
 from .errors import (
     BackendError,
     CheckpointError,
@@ -120,7 +120,7 @@ class CheckpointReader:
             rec = index.tensors[i]
             dtype = dtype_from_name(rec.dtype, ckpt.uri)
             if target is None:
-                dest = torch.empty(rec.shape, dtype=dtype)
+                dest = _empty(rec, dtype, ckpt.uri)
                 requests.append(_Request(rec, dest))
                 return dest
             if tuple(target.shape) != tuple(rec.shape) or target.dtype != dtype:
@@ -132,7 +132,7 @@ class CheckpointReader:
             if target.device.type == "cpu" and target.is_contiguous():
                 requests.append(_Request(rec, target))
             else:
-                requests.append(_Request(rec, torch.empty(rec.shape, dtype=dtype), target))
+                requests.append(_Request(rec, _empty(rec, dtype, ckpt.uri), target))
             return target
 
         if state_dict is None:
@@ -224,6 +224,8 @@ class CheckpointReader:
             raise
         except OSError as e:
             raise BackendError(describe_store_error(ckpt.uri, where, e, reading=True)) from e
+        except (ValueError, TypeError) as e:
+            raise unreadable_name(where, e) from e
         for r, view in zip(group, views):
             if crc32c(view) != r.record.crc32c:
                 raise CorruptCheckpointError(
@@ -236,6 +238,20 @@ class CheckpointReader:
     def close(self) -> None:
         """Stop the reader's threads."""
         self._pool.shutdown(wait=True)
+
+
+def _empty(rec: TensorRecord, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """The destination of one stored tensor. The index has already bounded its size by the
+    file it lies in (and the file's real end stops the read); an allocation the machine refuses
+    means the index claims more than any real checkpoint of this job holds."""
+    try:
+        return torch.empty(rec.shape, dtype=dtype)
+    except (RuntimeError, MemoryError, ValueError, OverflowError) as e:
+        raise CorruptCheckpointError(
+            f"{where}: tensor {rec.key!r} claims shape {rec.shape[:8]} ({rec.length} bytes), "
+            f"which cannot be allocated ({type(e).__name__}); the index is damaged or the "
+            "checkpoint is larger than this machine's memory"
+        ) from e
 
 
 def _merge(

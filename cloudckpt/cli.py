@@ -31,7 +31,7 @@ from .backends import (
     resolve,
     split_scheme,
 )
-from .committed import CommittedCheckpoint, open_checkpoint
+from .committed import CommittedCheckpoint, open_checkpoint, unreadable_name
 from .config import CheckpointerConfig, config_reference, resolve_config
 from .errors import (
     CheckpointError,
@@ -370,6 +370,8 @@ def _verify_file(
         actual = backend.size(path)
     except FileNotFoundError:
         return [f"{where} is missing but the index lists it ({len(tensors)} tensors)"]
+    except (ValueError, TypeError) as error:
+        return [str(unreadable_name(where, error))]
     if actual != size:
         return [f"{where} is {actual} bytes; the index says {size}: the file is damaged"]
     problems = []

@@ -219,10 +219,10 @@ def _check_backend(cfg: CheckpointerConfig, source: ConfigSource) -> None:
             check_uri(storage.root)
         except ConfigError as e:
             raise ConfigError(f"{source.where('storage', 'root')}: [storage] root: {e}") from None
-    if storage.backend is None and not storage.root:
-        return  # the backend is known only from each call's URI; checked there
-    scheme = split_scheme(storage.root or "")
-    cls = backend_class_for(storage.root or "", storage.backend)
+    if not storage.root:
+        return  # the URI scheme (and so the options taken) is known only per call; checked there
+    scheme = split_scheme(storage.root)
+    cls = backend_class_for(storage.root, storage.backend)
     unknown, known = unknown_options(cls, scheme, storage.options)
     if unknown:
         raise ConfigError(

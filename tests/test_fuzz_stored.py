@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import struct
 import tracemalloc
@@ -193,3 +194,56 @@ def test_fuzzed_objects_raise_only_documented_errors(
         shutil.rmtree(root)
     assert escaped == []
     assert refused > MUTATIONS_PER_KIND // 4, refused  # the mutations do reach the parsers
+
+
+def _rewrite_index(ck: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    manifest = json.loads((ck / "manifest.json").read_text())
+    entry = manifest["ranks"][0]
+    index = json.loads((ck / entry["index"]).read_text())
+    change(index)
+    raw = json.dumps(index).encode()
+    (ck / entry["index"]).write_bytes(raw)
+    entry["size"], entry["crc32c"] = len(raw), crc32c(raw)  # checksums made to match
+    (ck / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def test_a_name_the_store_cannot_take_is_corruption_for_load_and_verify(tmp_path: Path) -> None:
+    uri = str(tmp_path / "ck")
+    cloudckpt.save(uri, {"x": torch.ones(4)})
+
+    def nul(index: dict[str, Any]) -> None:
+        index["files"][0][0] = "data/a\x00b"
+
+    _rewrite_index(tmp_path / "ck", nul)
+    expected = (
+        f"{uri}/data/a\\x00b: the store cannot read this name (ValueError: embedded null byte)"
+    )
+    with pytest.raises(cloudckpt.CorruptCheckpointError, match=re.escape(expected)) as info:
+        cloudckpt.load(uri)
+    assert isinstance(info.value.__cause__, ValueError)
+    problems, _ = verify_checkpoint(open_checkpoint(uri, None, {}))
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_a_tensor_claiming_more_than_memory_is_corruption(tmp_path: Path) -> None:
+    uri = str(tmp_path / "ck")
+    cloudckpt.save(uri, {"x": torch.ones(4)})
+    huge = 1 << 61  # float32 elements: 8 EiB, more than any machine
+
+    def grow(index: dict[str, Any]) -> None:
+        index["files"][0][1] = 8 + huge * 4 + 4096
+        rec = index["tensors"][0]
+        rec[2], rec[5] = [huge], huge * 4
+
+    _rewrite_index(tmp_path / "ck", grow)
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            cloudckpt.CorruptCheckpointError,
+            match=r"tensor 'x' claims shape \[2305843009213693952\] .*cannot be allocated",
+        ):
+            cloudckpt.load(uri)
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < PEAK_BYTES

@@ -550,3 +550,31 @@ def test_verify_reports_an_unknown_tree_node_that_load_refuses(tmp_path: Path, k
     r = _cli("verify", uri)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert expected in r.stdout + r.stderr
+
+
+def test_process_group_disagreeing_with_barrier_args_names_both(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        with pytest.raises(
+            cloudckpt.ConfigError,
+            match=re.escape(
+                "[barrier.barrier_args] says rank 1 of 2 (global_rank, global_world_size) but the "
+                "process group says rank 0 of 1; make them agree"
+            ),
+        ):
+            cloudckpt.save(
+                str(tmp_path / "g"), {"x": torch.ones(1)}, config=_tcp_config(1, 2, free_port())
+            )
+        # a disagreeing rank_info= with a group and no barrier: the writer refuses, nothing written
+        with pytest.raises(
+            cloudckpt.ConfigError,
+            match=r"rank 0 thinks the job has 2 rank\(s\) but its barrier waits for 1; nothing was written",
+        ):
+            cloudckpt.save(str(tmp_path / "h"), {"x": torch.ones(1)}, rank_info=RankInfo(0, 2))
+    finally:
+        dist.destroy_process_group()
+    assert not (tmp_path / "g").exists() and not (tmp_path / "h").exists()
