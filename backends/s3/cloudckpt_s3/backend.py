@@ -42,23 +42,23 @@ _SLICE = 256 << 10
 
 
 class PartBody(payload.Payload):
-    """One part's bytes (a view of tensor memory) as a request body.
+    """An object's or a part's bytes, views of tensor memory, as a request body (no copy).
 
     aiohttp hands a whole ``bytes``/``memoryview`` body to the socket layer at once, which
     copies every byte the socket does not take right away: a part's worth of memory per part in
-    flight. This body is written in 256 KiB slices, each after the previous one drained. It is
-    also seekable and readable, which is what botocore needs to sign it and to rewind it.
+    flight. This body is written in slices of about 256 KiB (large views cut, small ones
+    gathered), each after the previous one drained. It is also seekable and readable, which is
+    what botocore needs to sign it and to rewind it.
     """
 
-    def __init__(self, data: Buffer) -> None:
-        view = buffers.byte_view(data)
-        super().__init__(view, content_type="application/octet-stream")
-        self.view = view
-        self._size = view.nbytes
+    def __init__(self, views: list[memoryview]) -> None:
+        super().__init__(views, content_type="application/octet-stream")
+        self.views = [v for v in views if v.nbytes]
+        self._size = buffers.total(self.views)
         self.pos = 0
 
     def __len__(self) -> int:
-        return self.view.nbytes
+        return self._size or 0
 
     def tell(self) -> int:
         return self.pos
@@ -69,7 +69,7 @@ class PartBody(payload.Payload):
 
     def read(self, n: int | None = -1) -> bytes:
         end = len(self) if n is None or n < 0 else min(len(self), self.pos + n)
-        out = bytes(self.view[self.pos : end])
+        out = b"".join(buffers.window(self.views, self.pos, end - self.pos))
         self.pos = end
         return out
 
@@ -80,9 +80,24 @@ class PartBody(payload.Payload):
         await self.write_with_length(writer, None)
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        end = self.view.nbytes if content_length is None else min(content_length, len(self))
-        for i in range(0, end, _SLICE):
-            await writer.write(self.view[i : min(i + _SLICE, end)])
+        views = self.views
+        if content_length is not None and content_length < len(self):
+            views = buffers.window(views, 0, content_length)
+        batch: list[memoryview] = []
+        held = 0
+        for v in views:
+            for i in range(0, v.nbytes, _SLICE):
+                piece = v[i : i + _SLICE]
+                if not batch and piece.nbytes == _SLICE:
+                    await writer.write(piece)  # a whole slice of one tensor: as it is
+                    continue
+                batch.append(piece)
+                held += piece.nbytes
+                if held >= _SLICE:
+                    await writer.write(b"".join(batch))
+                    batch, held = [], 0
+        if batch:
+            await writer.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
 
 class S3Backend(ObjectStoreBackend):
@@ -182,10 +197,11 @@ class S3Backend(ObjectStoreBackend):
         deadline = self.retrier.deadline()
         part_size = self._part_size_for(size)
         if size <= part_size:
-            data = b"".join(buffers.byte_view(c) for c in chunks)
-            if len(data) != size:
-                raise ValueError(f"{what}: expected {size} bytes, the writer produced {len(data)}")
-            self._do("put_object", what, deadline, Bucket=bucket, Key=key, Body=data)
+            views = [buffers.byte_view(c) for c in chunks]
+            got = buffers.total(views)
+            if got != size:
+                raise ValueError(f"{what}: expected {size} bytes, the writer produced {got}")
+            self._do("put_object", what, deadline, Bucket=bucket, Key=key, Body=PartBody(views))
             return
         upload = self._do("create_multipart_upload", what, deadline, Bucket=bucket, Key=key)
         upload_id = upload["UploadId"]
@@ -196,10 +212,9 @@ class S3Backend(ObjectStoreBackend):
             for number, views in enumerate(
                 buffers.iter_parts(chunks, part_size, min_part=min_part), 1
             ):
-                body: Buffer = views[0] if len(views) == 1 else b"".join(views)
-                sent += len(body)
+                sent += buffers.total(views)
                 futures.append(
-                    self._send_part(bucket, key, upload_id, number, body, what, deadline)
+                    self._send_part(bucket, key, upload_id, number, views, what, deadline)
                 )
                 self._raise_failed(futures)
             if sent != size:
@@ -235,7 +250,7 @@ class S3Backend(ObjectStoreBackend):
         key: str,
         upload_id: str,
         number: int,
-        body: Buffer,
+        body: list[memoryview],
         what: str,
         deadline: Deadline,
     ) -> Future[Any]:
