@@ -24,6 +24,7 @@ from cloudckpt.barriers import Barrier, BarrierConfig
 from cloudckpt.checkpoint_writer import CheckpointWriter
 from cloudckpt.config import CheckpointerConfig, load_config, validate
 from cloudckpt.config_types import CheckpointWriterConfig
+from cloudckpt.protocol.records import manifest_crc
 from cloudckpt.storage import StorageConfig
 from cloudckpt.types import RankInfo
 
@@ -543,6 +544,8 @@ def test_verify_reports_an_unknown_tree_node_that_load_refuses(tmp_path: Path, k
     raw = _json.dumps(index, separators=(",", ":")).encode()
     index_path.write_bytes(raw)
     entry["size"], entry["crc32c"] = len(raw), crc32c(raw)
+    manifest.pop("crc32c", None)
+    manifest["crc32c"] = manifest_crc(manifest)
     manifest_path.write_text(_json.dumps(manifest, indent=1))
     expected = f"unknown node type {kind!r} at opt; this cloudckpt reads tensor, none, bool"
     with pytest.raises(cloudckpt.CorruptCheckpointError, match=re.escape(expected)):
