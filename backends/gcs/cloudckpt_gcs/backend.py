@@ -13,6 +13,9 @@ one deadline; writes stream from the caller's buffers; reads land in the caller'
   killed process leaves nothing. A failed piece is resumed from the offset the server persisted.
 - ``put_create_only``: a simple (multipart) upload with ``ifGenerationMatch=0``: the store refuses
   it (412) when any live object has the name, so of two writers exactly one commits.
+- ``read_version`` / ``put_replace``: the object with its generation (metadata, then the media
+  at that generation), and an upload with ``ifGenerationMatch=<that generation>``: 412 when
+  another writer replaced it meanwhile.
 - ``open_range``: one ranged GET (the base cuts reads into ``read_part_size`` pieces).
 """
 
@@ -29,7 +32,7 @@ from datetime import datetime
 from typing import Any
 
 from cloudckpt import buffers
-from cloudckpt.backends import Buffer, Capabilities, ObjectInfo
+from cloudckpt.backends import Buffer, Capabilities, ObjectInfo, VersionedObject
 from cloudckpt.errors import BackendError, ConfigError
 from cloudckpt.objectstore import ObjectStoreBackend, OptionSpec, StoreAnswer
 
@@ -89,7 +92,7 @@ class GCSBackend(ObjectStoreBackend):
     name = "gcs"
     protocols = ("gs", "gcs")
     scheme = "gs"
-    capabilities = Capabilities(create_only_commit=True)
+    capabilities = Capabilities(create_only_commit=True, conditional_replace=True)
     option_specs = (
         OptionSpec("part_size", "size", 16 << 20, "bytes per resumable-upload piece", _KIB256),
         OptionSpec("read_part_size", "size", 16 << 20, "bytes per ranged GET"),
@@ -187,7 +190,7 @@ class GCSBackend(ObjectStoreBackend):
         if size <= self.simple_upload_max:
             data = b"".join(buffers.byte_view(c) for c in chunks)
             self._check_size(what, len(data), size)
-            self._sync(what, self._simple_upload, bucket, key, data, False)
+            self._sync(what, self._simple_upload, bucket, key, data, None)
             return
         session = self._sync(what, self._start_resumable, bucket, key, what)
         try:
@@ -332,7 +335,10 @@ class GCSBackend(ObjectStoreBackend):
         except Exception as e:  # the original error matters more
             logger.debug("cancelling a GCS upload session failed: %s", type(e).__name__)
 
-    async def _simple_upload(self, bucket: str, key: str, data: bytes, create_only: bool) -> None:
+    async def _simple_upload(
+        self, bucket: str, key: str, data: bytes, if_generation: str | None
+    ) -> None:
+        """One multipart upload; ``if_generation``: only over that generation ("0": none)."""
         boundary = f"cloudckpt-{uuid.uuid4().hex}"
         meta = json.dumps({"name": key, "contentType": "application/octet-stream"})
         body = b"".join(
@@ -344,8 +350,8 @@ class GCSBackend(ObjectStoreBackend):
             ]
         )
         params = {"uploadType": "multipart", "name": key}
-        if create_only:
-            params["ifGenerationMatch"] = "0"
+        if if_generation is not None:
+            params["ifGenerationMatch"] = if_generation
         await self._request(
             "POST",
             f"{self._base}/upload/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o",
@@ -363,7 +369,7 @@ class GCSBackend(ObjectStoreBackend):
         async def attempt() -> None:
             tried["n"] += 1
             try:
-                await self._simple_upload(bucket, key, bytes(data), True)
+                await self._simple_upload(bucket, key, bytes(data), "0")
             except GCSStatusError as e:
                 # A retry after a lost response finds our own object: that is success.
                 if (
@@ -375,6 +381,45 @@ class GCSBackend(ObjectStoreBackend):
                 raise
 
         self.run(self.call(attempt, what))
+
+    def read_version(self, path: str) -> VersionedObject | None:
+        """The object and its generation (metadata, then the media at that generation)."""
+        bucket, key = self.split(path)
+        what = self.to_uri(path)
+
+        async def get() -> VersionedObject | None:
+            for _ in range(5):  # replaced between the two requests: read again
+                meta = await self._stat(bucket, key, what)
+                if meta is None:
+                    return None
+                generation = str(meta["generation"])
+                try:
+                    _, _, body = await self._request(
+                        "GET",
+                        self._object_url(bucket, key),
+                        what,
+                        params={"alt": "media", "ifGenerationMatch": generation},
+                    )
+                except GCSStatusError as e:
+                    if e.status == 412:
+                        continue
+                    raise
+                return VersionedObject(bytes(body), generation)
+            raise GCSStatusError(409, what, "the object keeps changing while it is read")
+
+        return self._sync(what, get)
+
+    def put_replace(self, path: str, data: bytes, expected_version: str) -> None:
+        """An upload with ``ifGenerationMatch=<expected_version>``: ``FileExistsError`` (412)
+        when another writer replaced the object meanwhile."""
+        bucket, key = self.split(path)
+        what = self.to_uri(path)
+        try:
+            self._sync(
+                what, self._simple_upload, bucket, key, bytes(data), expected_version or None
+            )
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "object was replaced meanwhile", what) from None
 
     async def _get_or_none(self, bucket: str, key: str) -> bytes | None:
         try:

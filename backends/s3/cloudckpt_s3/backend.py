@@ -10,6 +10,12 @@ mapping and parallel ranged reads. What is S3's own:
   upload: nothing half-written is ever completed.
 - ``put_create_only``: ``PutObject`` with ``If-None-Match: *``; the store's 412 becomes
   ``FileExistsError`` (by status, on moto and SeaweedFS alike).
+- ``read_version`` / ``put_replace``: the object with its ETag, and ``PutObject`` with
+  ``If-Match: <that ETag>``; a 412 (replaced meanwhile) is ``FileExistsError``. A store that
+  answers ``If-Match`` with 501 gets a plain ``PutObject`` from then on, with one warning.
+- Multipart hygiene: a ``CreateMultipartUpload`` that needed a retry may have created an upload
+  whose answer was lost; once the object is done (or failed), every other upload open on its key
+  is aborted. ``abort_uploads(prefix)`` aborts every upload open under a prefix.
 - Retries: botocore's and s3fs's are off; the base's policy retries 500, 502, 503 SlowDown, 504,
   429, resets and timeouts. Other 4xx fail at once; an endpoint nobody answers at fails at once.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import threading
 from collections.abc import AsyncGenerator, Iterable
@@ -27,7 +34,8 @@ from typing import Any
 from aiohttp import payload
 
 from cloudckpt import buffers
-from cloudckpt.backends import Buffer, Capabilities, ObjectInfo
+from cloudckpt.backends import Buffer, Capabilities, ObjectInfo, VersionedObject
+from cloudckpt.errors import BackendError
 from cloudckpt.objectstore import ObjectStoreBackend, OptionSpec, StoreAnswer
 from cloudckpt.retry import Deadline
 
@@ -36,6 +44,7 @@ logger = logging.getLogger(__name__)
 MIN_PART = 5 << 20  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000
 DEFAULT_PART = 8 << 20
+NO_RETRIES = {"total_max_attempts": 1, "mode": "standard"}
 
 
 _SLICE = 256 << 10
@@ -111,7 +120,7 @@ class S3Backend(ObjectStoreBackend):
     name = "s3"
     protocols = ("s3", "s3a")
     scheme = "s3"
-    capabilities = Capabilities(create_only_commit=True)
+    capabilities = Capabilities(create_only_commit=True, conditional_replace=True)
     option_specs = (
         OptionSpec("part_size", "size", DEFAULT_PART, "S3's smallest part is 5 MiB", MIN_PART),
         OptionSpec("read_part_size", "size", DEFAULT_PART, "bytes per ranged GET"),
@@ -134,7 +143,12 @@ class S3Backend(ObjectStoreBackend):
         config = dict(options.pop("config_kwargs", None) or {})
         # Our policy decides about retries; botocore's and s3fs's would multiply them.
         # ("max_attempts" counts retries, not attempts: 1 would mean one botocore retry.)
-        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+        if config.get("retries", NO_RETRIES) != NO_RETRIES:
+            logger.warning(
+                "s3: config_kwargs 'retries' is ignored; cloudckpt retries itself (storage "
+                "options retry_stall_timeout, retry_request_timeout, ...)"
+            )
+        config["retries"] = dict(NO_RETRIES)
         config.setdefault("connect_timeout", self.policy.request_timeout)
         config.setdefault("read_timeout", self.policy.request_timeout)
         # Our own CRC32C covers every tensor; botocore's request checksums cost ~25% per PUT.
@@ -147,6 +161,7 @@ class S3Backend(ObjectStoreBackend):
         )
         self.fs.retries = 1
         self._inflight = threading.BoundedSemaphore(self.max_inflight_parts)
+        self._if_match = True  # until the store answers If-Match with 501
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -181,7 +196,7 @@ class S3Backend(ObjectStoreBackend):
         client = await self._client()
         return await getattr(client, method)(**kwargs)
 
-    def _do(self, method: str, what: str, deadline: Deadline | None = None, **kw: Any) -> Any:
+    def _do(self, method: str, what: str, deadline: Deadline | None = None, /, **kw: Any) -> Any:
         return self.run(self.call(lambda: self._req(method, **kw), what, deadline))
 
     def _part_size_for(self, size: int) -> int:
@@ -203,8 +218,31 @@ class S3Backend(ObjectStoreBackend):
                 raise ValueError(f"{what}: expected {size} bytes, the writer produced {got}")
             self._do("put_object", what, deadline, Bucket=bucket, Key=key, Body=PartBody(views))
             return
-        upload = self._do("create_multipart_upload", what, deadline, Bucket=bucket, Key=key)
+        tries = [0]
+
+        async def create() -> Any:
+            tries[0] += 1
+            return await self._req("create_multipart_upload", Bucket=bucket, Key=key)
+
+        upload = self.run(self.call(create, what, deadline))
         upload_id = upload["UploadId"]
+        try:
+            self._upload_parts(bucket, key, upload_id, chunks, size, part_size, what, deadline)
+        finally:
+            if tries[0] > 1:  # an earlier try may have created an upload whose answer was lost
+                self._abort_others(bucket, key, upload_id, what)
+
+    def _upload_parts(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        chunks: Iterable[Buffer],
+        size: int,
+        part_size: int,
+        what: str,
+        deadline: Deadline,
+    ) -> None:
         futures: list[Future[Any]] = []
         try:
             sent = 0
@@ -289,6 +327,77 @@ class S3Backend(ObjectStoreBackend):
             )
         except Exception as e:  # the bucket's abort lifecycle rule is the backstop
             logger.warning("%s: could not abort multipart upload %s: %s", what, upload_id, e)
+
+    def _list_uploads(self, bucket: str, prefix: str, what: str) -> list[tuple[str, str]]:
+        """``(key, upload id)`` of every multipart upload open under ``prefix``."""
+        out: list[tuple[str, str]] = []
+        markers: dict[str, str] = {}
+        while True:
+            page = self._do(
+                "list_multipart_uploads", f"{what} (uploads)", Bucket=bucket, Prefix=prefix,
+                **markers,
+            )  # fmt: skip
+            out += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+            if not page.get("IsTruncated"):
+                return out
+            markers = {
+                "KeyMarker": page["NextKeyMarker"],
+                "UploadIdMarker": page["NextUploadIdMarker"],
+            }
+
+    def _abort_others(self, bucket: str, key: str, keep: str, what: str) -> None:
+        try:
+            found = self._list_uploads(bucket, key, what)
+        except Exception as e:
+            logger.warning("%s: could not list multipart uploads: %s", what, e)
+            return
+        for k, upload_id in found:
+            if k == key and upload_id != keep:
+                logger.info("%s: aborting upload %s (its create answer was lost)", what, upload_id)
+                self._abort(bucket, k, upload_id, what)
+
+    def abort_uploads(self, path: str) -> int:
+        bucket, key = self.split(path)
+        found = self._list_uploads(bucket, key.rstrip("/") + "/", self.to_uri(path))
+        for k, upload_id in found:
+            self._abort(bucket, k, upload_id, self.to_uri(f"{bucket}/{k}"))
+        return len(found)
+
+    def read_version(self, path: str) -> VersionedObject | None:
+        """The object and its ETag (one ``GetObject``)."""
+        bucket, key = self.split(path)
+
+        async def get() -> VersionedObject:
+            resp = await self._req("get_object", Bucket=bucket, Key=key)
+            try:
+                return VersionedObject(bytes(await resp["Body"].read()), str(resp.get("ETag", "")))
+            finally:
+                resp["Body"].close()
+
+        try:
+            return self.run(self.call(get, self.to_uri(path)))
+        except FileNotFoundError:
+            return None
+
+    def put_replace(self, path: str, data: bytes, expected_version: str) -> None:
+        bucket, key = self.split(path)
+        what = self.to_uri(path)
+        cond = {"IfMatch": expected_version} if expected_version and self._if_match else {}
+        try:
+            self._do("put_object", what, Bucket=bucket, Key=key, Body=data, **cond)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "object was replaced meanwhile", what) from None
+        except BackendError as e:
+            answer = self.answer_of(e.__cause__) if e.__cause__ is not None else None
+            if not cond or answer is None or answer.status != 501:
+                raise
+            self._if_match = False
+            logger.warning(
+                "%s: this S3 store does not implement If-Match on PUT; the manifest is replaced "
+                "by a plain PUT (atomic for readers, not against a concurrent overwrite)",
+                what,
+            )
+            self.put_replace(path, data, expected_version)
 
     def put_create_only(self, path: str, data: bytes) -> None:
         bucket, key = self.split(path)
