@@ -23,18 +23,39 @@ import re
 import shutil
 import threading
 import uuid
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from types import MappingProxyType
 from typing import Any, ClassVar
 
+from . import buffers
+from .buffers import Buffer
 from .errors import BackendError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-Buffer = bytes | bytearray | memoryview
+__all__ = ["Backend", "Buffer", "Capabilities", "FsspecBackend", "LocalBackend", "ObjectInfo"]
 
 _IOV_MAX = 1024
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's store can do; callers read these after resolving a URI.
+
+    ``process_shareable``: another process with the same options sees the same objects (false
+    for an in-process store such as ``memory://``). ``create_only_commit``:
+    :meth:`Backend.put_create_only` is atomic against a concurrent writer. ``conditional_replace``:
+    the store can replace an object only if it is still the version read before.
+    ``ranged_reads``: a read of a byte range costs only that range.
+    """
+
+    process_shareable: bool = True
+    create_only_commit: bool = True
+    conditional_replace: bool = False
+    ranged_reads: bool = True
 
 
 @dataclass(frozen=True)
@@ -60,16 +81,14 @@ class VersionedObject:
 class Backend(abc.ABC):
     """A store of objects, addressed by path, bound to one set of storage options.
 
-    Subclasses set ``name`` and ``protocols`` (URI schemes; ``""`` means a plain path) and
-    implement the abstract methods. ``create_only_commit`` says whether
-    :meth:`put_create_only` is atomic against a concurrent writer on this store;
-    ``conditional_replace`` whether :meth:`put_replace` refuses to replace a version other than
-    the expected one.
+    Subclasses set ``name`` and ``protocols`` (URI schemes; ``""`` means a plain path),
+    declare ``capabilities`` (per class, or per instance where the store decides) and implement
+    the abstract methods. Whoever creates a backend closes it.
     """
 
     name: ClassVar[str] = ""
     protocols: ClassVar[tuple[str, ...]] = ()
-    create_only_commit: ClassVar[bool] = True
+    capabilities: Capabilities = Capabilities()
     #: The storage options this backend takes itself. ``None``: not declared, every option is
     #: passed on unchecked. A backend that hands the rest to an fsspec filesystem also accepts
     #: that filesystem's options (see :meth:`fsspec_class`).
@@ -80,7 +99,16 @@ class Backend(abc.ABC):
         """The fsspec filesystem class the remaining options go to (``None``: none)."""
         return None
 
-    conditional_replace: ClassVar[bool] = False
+    @property
+    def create_only_commit(self) -> bool:
+        """Whether :meth:`put_create_only` is atomic (``capabilities.create_only_commit``)."""
+        return self.capabilities.create_only_commit
+
+    @property
+    def conditional_replace(self) -> bool:
+        """Whether :meth:`put_replace` refuses to replace a version other than the expected one
+        (``capabilities.conditional_replace``)."""
+        return self.capabilities.conditional_replace
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
         self.storage_options: dict[str, Any] = dict(storage_options or {})
@@ -180,20 +208,12 @@ class Backend(abc.ABC):
         return 0
 
 
-def _write_all(fd: int, buffers: list[memoryview]) -> None:
-    """Write ``buffers`` to ``fd`` with as few ``writev`` calls as the kernel allows."""
-    while buffers:
-        batch = buffers[:_IOV_MAX]
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write ``views`` to ``fd`` with as few ``writev`` calls as the kernel allows."""
+    while views:
+        batch = views[:_IOV_MAX]
         written = os.writev(fd, batch)
-        # Drop what was written; a partial write leaves the tail of one buffer.
-        i = 0
-        while i < len(batch) and written >= len(batch[i]):
-            written -= len(batch[i])
-            i += 1
-        rest = buffers[i:]
-        if written and rest:
-            rest[0] = rest[0][written:]
-        buffers = rest
+        views = buffers.skip(batch, written) + views[len(batch) :]
 
 
 class LocalBackend(Backend):
@@ -238,11 +258,9 @@ class LocalBackend(Backend):
             pending: list[memoryview] = []
             pending_bytes = 0
             for chunk in chunks:
-                view = memoryview(chunk).cast("B") if not isinstance(chunk, memoryview) else chunk
+                view = buffers.byte_view(chunk)
                 if view.nbytes == 0:
                     continue
-                if view.format != "B" or view.ndim != 1:
-                    view = view.cast("B")
                 pending.append(view)
                 pending_bytes += view.nbytes
                 if len(pending) >= _IOV_MAX or pending_bytes >= (8 << 20):
@@ -265,25 +283,18 @@ class LocalBackend(Backend):
         os.replace(tmp, path)
         self._fsync_dir(os.path.dirname(path))
 
-    def read_into(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
+    def read_into(self, path: str, offset: int, dest: Sequence[memoryview]) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
-            views = [b for b in buffers if b.nbytes]
+            views = [b for b in dest if b.nbytes]
             while views:
                 batch = views[:_IOV_MAX]
                 got = os.preadv(fd, batch, offset)
                 if got == 0:
-                    want = sum(v.nbytes for v in views)
+                    want = buffers.total(views)
                     raise EOFError(f"{path}: object ends at byte {offset}, {want} more expected")
                 offset += got
-                i = 0
-                while i < len(batch) and got >= batch[i].nbytes:
-                    got -= batch[i].nbytes
-                    i += 1
-                rest = views[i:]
-                if got and rest:
-                    rest[0] = rest[0][got:]
-                views = rest
+                views = buffers.skip(batch, got) + views[len(batch) :]
         finally:
             os.close(fd)
 
@@ -390,7 +401,6 @@ class FsspecBackend(Backend):
 
     name = "fsspec"
     protocols: ClassVar[tuple[str, ...]] = ("*",)
-    create_only_commit = False
     accepted_options: ClassVar[frozenset[str] | None] = frozenset()
 
     @classmethod
@@ -416,6 +426,13 @@ class FsspecBackend(Backend):
                 f"fsspec cannot open protocol {protocol!r}: {e}. Install the package that "
                 f"provides it, or {plugin_install_hint(protocol)}."
             ) from e
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        # The filesystem decides: an in-process store is invisible to a writer process.
+        self.capabilities = Capabilities(
+            process_shareable=not isinstance(self.fs, MemoryFileSystem),
+            create_only_commit=False,
+        )
 
     def to_path(self, uri: str) -> str:
         return str(self.fs._strip_protocol(uri)).rstrip("/")
@@ -451,16 +468,12 @@ class FsspecBackend(Backend):
             raise
         f.close()
 
-    def read_into(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
-        total = sum(b.nbytes for b in buffers)
+    def read_into(self, path: str, offset: int, dest: Sequence[memoryview]) -> None:
+        total = buffers.total(dest)
         data = self.fs.cat_file(path, start=offset, end=offset + total)
         if len(data) < total:
             raise EOFError(f"{path}: object ends at byte {offset + len(data)}, {total} expected")
-        view = memoryview(data)
-        pos = 0
-        for b in buffers:
-            b[:] = view[pos : pos + b.nbytes]
-            pos += b.nbytes
+        buffers.scatter(data, deque(buffers.byte_view(b) for b in dest))
 
     def read_bytes(self, path: str) -> bytes:
         return bytes(self.fs.cat_file(path))
@@ -529,16 +542,36 @@ _registry: dict[str, type[Backend]] = {}
 _by_protocol: dict[str, type[Backend]] = {}
 _entry_points_loaded = False
 _registry_lock = threading.RLock()
-_instances: dict[tuple[str, str, str], Backend] = {}
+
+#: Backends shared by ``resolve`` per (backend, scheme, options), least recently used first.
+#: The cache owns them: :func:`clear_backend_cache` closes them.
+_cache: OrderedDict[tuple[str, str, str], Backend] = OrderedDict()
+CACHE_SIZE = 16
 
 
-def register_backend(cls: type[Backend], *, protocols: Iterable[str] | None = None) -> None:
-    """Make ``cls`` available by its ``name`` and for its URI schemes (or ``protocols``)."""
+def register_backend(
+    cls: type[Backend], *, protocols: Iterable[str] | None = None, clobber: bool = False
+) -> None:
+    """Make ``cls`` available by its ``name`` and for its URI schemes (or ``protocols``).
+
+    A name or scheme already taken by another class is refused with ``ConfigError`` unless
+    ``clobber=True``.
+    """
+    protos = [p for p in (protocols if protocols is not None else cls.protocols) if p != "*"]
     with _registry_lock:
+        if not clobber:
+            taken = [f"scheme {p!r} by {_by_protocol[p].__qualname__}" for p in protos
+                     if _by_protocol.get(p, cls) is not cls]  # fmt: skip
+            if _registry.get(cls.name, cls) is not cls:
+                taken.insert(0, f"name {cls.name!r} by {_registry[cls.name].__qualname__}")
+            if taken:
+                raise ConfigError(
+                    f"cannot register {cls.__qualname__}: {'; '.join(taken)} is already "
+                    "registered. Pass clobber=True to replace it."
+                )
         _registry[cls.name] = cls
-        for proto in protocols if protocols is not None else cls.protocols:
-            if proto != "*":
-                _by_protocol[proto] = cls
+        for proto in protos:
+            _by_protocol[proto] = cls
 
 
 def _load_entry_points() -> None:
@@ -547,8 +580,8 @@ def _load_entry_points() -> None:
         if _entry_points_loaded:
             return
         _entry_points_loaded = True
-        register_backend(LocalBackend)
-        register_backend(FsspecBackend)
+        register_backend(LocalBackend, clobber=True)
+        register_backend(FsspecBackend, clobber=True)
         for ep in entry_points(group="cloudckpt.backends"):
             if ep.name in ("local", "fsspec"):
                 continue
@@ -561,14 +594,17 @@ def _load_entry_points() -> None:
                 logger.warning("entry point %r is not a cloudckpt Backend; ignored", ep.name)
                 continue
             # Plugins registered by hand (register_backend) win over entry points.
-            if cls.name not in _registry or _registry[cls.name] is cls:
-                register_backend(cls)
+            if cls.name not in _registry:
+                try:
+                    register_backend(cls)
+                except ConfigError as e:
+                    logger.warning("cloudckpt backend plugin %r ignored: %s", ep.name, e)
 
 
-def available_backends() -> dict[str, type[Backend]]:
-    """Every registered backend by name."""
+def available_backends() -> Mapping[str, type[Backend]]:
+    """Every registered backend by name (a read-only view)."""
     _load_entry_points()
-    return dict(_registry)
+    return MappingProxyType(dict(_registry))
 
 
 def split_scheme(uri: str) -> str:
@@ -697,29 +733,75 @@ def _options_key(options: Mapping[str, Any]) -> str:
     return json.dumps(options, sort_keys=True, default=repr)
 
 
+def _check_options(uri: str, cls: type[Backend], scheme: str, options: dict[str, Any]) -> None:
+    unknown, known = unknown_options(cls, scheme, options)
+    if unknown:
+        raise ConfigError(f"{uri}: {describe_unknown_options(cls, scheme, unknown, known)}")
+
+
+def open_backend(
+    uri: str,
+    *,
+    backend: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[Backend, str]:
+    """A new backend for ``uri`` (the caller owns it and closes it) and ``uri``'s path."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
+    check_uri(uri)
+    cls = backend_class_for(uri, backend)
+    options = dict(storage_options or {})
+    _check_options(uri, cls, split_scheme(uri), options)
+    if cls is FsspecBackend:
+        inst: Backend = FsspecBackend(options, protocol=split_scheme(uri) or "file")
+    else:
+        inst = cls(options)
+    return inst, inst.to_path(uri)
+
+
 def resolve(
     uri: str,
     *,
     backend: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[Backend, str]:
-    """The backend for ``uri`` (shared per backend, protocol and options) and ``uri``'s path."""
+    """The backend for ``uri`` (shared per backend, scheme and options) and ``uri``'s path.
+
+    Shared backends live in a cache of :data:`CACHE_SIZE` entries; the least recently used one
+    is dropped (not closed: a caller may still hold it) when a new one would exceed it. Use
+    :func:`open_backend` for a backend of your own.
+    """
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
     check_uri(uri)
     cls = backend_class_for(uri, backend)
     options = dict(storage_options or {})
     scheme = split_scheme(uri)
-    unknown, known = unknown_options(cls, scheme, options)
-    if unknown:
-        raise ConfigError(f"{uri}: {describe_unknown_options(cls, scheme, unknown, known)}")
+    _check_options(uri, cls, scheme, options)
     key = (cls.name, scheme, _options_key(options))
     with _registry_lock:
-        inst = _instances.get(key)
-        if inst is None:
-            if cls is FsspecBackend:
-                inst = FsspecBackend(options, protocol=scheme or "file")
-            else:
-                inst = cls(options)
-            _instances[key] = inst
-    return inst, inst.to_path(uri)
+        inst = _cache.get(key)
+        if inst is not None:
+            _cache.move_to_end(key)
+            return inst, inst.to_path(uri)
+    inst, path = open_backend(uri, backend=backend, storage_options=storage_options)
+    with _registry_lock:
+        shared = _cache.setdefault(key, inst)
+        _cache.move_to_end(key)
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    if shared is not inst:  # another thread made one first
+        inst.close()
+    return shared, path
+
+
+def clear_backend_cache() -> None:
+    """Close and forget every shared backend (call when no save or load is in flight)."""
+    with _registry_lock:
+        cached = list(_cache.values())
+        _cache.clear()
+    for inst in cached:
+        try:
+            inst.close()
+        except Exception as e:  # one broken close must not keep the others open
+            logger.warning("closing %r failed: %s", inst, e)
