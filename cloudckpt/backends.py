@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import abc
 import errno
+import fcntl
 import json
 import logging
+import mmap
 import os
 import shutil
 import threading
 import uuid
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -146,11 +150,64 @@ def _write_all(fd: int, buffers: list[memoryview]) -> None:
         buffers = rest
 
 
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none (macOS)
+DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes
+DIRECT_BLOCK = 4 << 20  # one aligned staging buffer
+DIRECT_DEPTH = 4  # staging buffers in flight per object
+DIRECT_AUTO_MIN = 16 << 20  # "auto": objects from this size on go through O_DIRECT
+DIRECT_THREADS = 16  # the backend's writer threads, shared by the objects it writes at once
+
+
+def parse_direct_io(value: Any) -> bool | None:
+    """The ``direct_io`` storage option: ``True``, ``False`` or ``None`` for ``"auto"``."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(
+        f"storage option direct_io = {value!r} is not valid for the local backend: use "
+        '"auto" (the default: O_DIRECT for large objects where the filesystem accepts it), '
+        "true or false"
+    )
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of ``view`` at ``offset`` (``pwrite`` may write less than asked)."""
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:  # pragma: no cover - the kernel raises ENOSPC/EIO instead
+            raise OSError(f"pwrite wrote {n} bytes")
+        view, offset = view[n:], offset + n
+
+
 class LocalBackend(Backend):
-    """Plain paths and ``file://``: temporary name, fsync, then rename (link for create-only)."""
+    """Plain paths and ``file://``: temporary name, fsync, then rename (link for create-only).
+
+    Large objects are written with ``O_DIRECT`` (storage option ``direct_io``): chunks are
+    copied into page-aligned staging buffers that ``DIRECT_DEPTH`` at a time go to the disk from
+    the backend's writer threads, bypassing the page cache; the unaligned tail is written padded
+    to the block size and the file truncated to its size. A filesystem that refuses ``O_DIRECT``
+    (tmpfs) gets buffered writes instead. Durability is the same either way: fsync of the file,
+    rename, fsync of the directory.
+    """
 
     name = "local"
     protocols = ("", "file", "local")
+
+    def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(storage_options)
+        self.direct_io = parse_direct_io(self.storage_options.get("direct_io", "auto"))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._no_direct: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def to_path(self, uri: str) -> str:
         for prefix in ("file://", "local://"):
@@ -178,26 +235,51 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
 
-    def _write_temp(self, path: str, chunks: Iterable[Buffer]) -> str:
+    def _wants_direct(self, size: int) -> bool:
+        if not _O_DIRECT or self.direct_io is False:
+            return False
+        return self.direct_io is True or size >= DIRECT_AUTO_MIN
+
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(DIRECT_THREADS, thread_name_prefix="cloudckpt-dio")
+            return self._pool
+
+    def _open_temp(self, path: str, direct: bool) -> tuple[str, int, bool]:
+        """A new temporary file next to ``path``: its name, fd, and whether it is O_DIRECT."""
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = self._temp_name(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        if direct and os.stat(parent).st_dev not in self._no_direct:
+            try:
+                return tmp, os.open(tmp, flags | _O_DIRECT, 0o644), True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._refused_direct(parent)
+                try:  # some filesystems (ramfs) create the file before refusing the flag
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+        return tmp, os.open(tmp, flags, 0o644), False
+
+    def _refused_direct(self, parent: str) -> None:
+        dev = os.stat(parent).st_dev
+        if dev not in self._no_direct:
+            self._no_direct.add(dev)
+            log = logger.warning if self.direct_io else logger.debug
+            log("%s: the filesystem refuses O_DIRECT; writing through the page cache", parent)
+
+    def _write_temp(self, path: str, chunks: Iterable[Buffer], size: int | None = None) -> str:
+        direct = size is not None and self._wants_direct(size)
+        tmp, fd, direct = self._open_temp(path, direct)
         try:
-            pending: list[memoryview] = []
-            pending_bytes = 0
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B") if not isinstance(chunk, memoryview) else chunk
-                if view.nbytes == 0:
-                    continue
-                if view.format != "B" or view.ndim != 1:
-                    view = view.cast("B")
-                pending.append(view)
-                pending_bytes += view.nbytes
-                if len(pending) >= _IOV_MAX or pending_bytes >= (8 << 20):
-                    _write_all(fd, pending)
-                    pending, pending_bytes = [], 0
-            _write_all(fd, pending)
+            if direct:
+                self._write_direct(fd, path, chunks)
+            else:
+                self._write_buffered(fd, chunks)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -209,8 +291,93 @@ class LocalBackend(Backend):
         os.close(fd)
         return tmp
 
+    @staticmethod
+    def _write_buffered(fd: int, chunks: Iterable[Buffer]) -> None:
+        pending: list[memoryview] = []
+        pending_bytes = 0
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B") if not isinstance(chunk, memoryview) else chunk
+            if view.nbytes == 0:
+                continue
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            pending.append(view)
+            pending_bytes += view.nbytes
+            if len(pending) >= _IOV_MAX or pending_bytes >= (8 << 20):
+                _write_all(fd, pending)
+                pending, pending_bytes = [], 0
+        _write_all(fd, pending)
+
+    def _write_direct(self, fd: int, path: str, chunks: Iterable[Buffer]) -> None:
+        """Copy ``chunks`` into aligned buffers; keep ``DIRECT_DEPTH`` of them writing."""
+        pool = self._writer_pool()
+        parent = os.path.dirname(path)
+        maps: list[mmap.mmap] = []
+        free: list[memoryview] = []
+        inflight: deque[tuple[Future[None], memoryview]] = deque()
+
+        def write(buf: memoryview, offset: int) -> None:
+            try:
+                _pwrite_all(fd, buf, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # Opened with O_DIRECT but refused at write time: go on through the page cache.
+                self._refused_direct(parent)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+                _pwrite_all(fd, buf, offset)
+
+        def take() -> memoryview:
+            if free:
+                return free.pop()
+            if len(maps) < DIRECT_DEPTH:
+                maps.append(mmap.mmap(-1, DIRECT_BLOCK))  # page-aligned, zero-filled
+                return memoryview(maps[-1])
+            future, buf = inflight.popleft()
+            future.result()
+            return buf
+
+        def submit(buf: memoryview, n: int, offset: int) -> None:
+            padded = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+            if padded != n:
+                buf[n:padded] = bytes(padded - n)  # the tail's padding, cut off by ftruncate
+            inflight.append((pool.submit(write, buf[:padded], offset), buf))
+
+        total = 0
+        try:
+            buf, fill = take(), 0
+            for chunk in chunks:
+                view = memoryview(chunk)
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                while view.nbytes:
+                    n = min(view.nbytes, DIRECT_BLOCK - fill)
+                    buf[fill : fill + n] = view[:n]
+                    fill += n
+                    view = view[n:]
+                    if fill == DIRECT_BLOCK:
+                        submit(buf, fill, total)
+                        total += fill
+                        buf, fill = take(), 0
+            if fill:
+                submit(buf, fill, total)
+                total += fill
+            while inflight:
+                inflight.popleft()[0].result()
+            if total % DIRECT_ALIGN:
+                os.ftruncate(fd, total)
+            logger.debug("%s: %d bytes written with O_DIRECT", path, total)
+        finally:
+            # On an error: nothing may still write to ``fd`` once this returns.
+            for future, _ in inflight:
+                future.cancel()
+            for future, _ in inflight:
+                if not future.cancelled():
+                    future.exception()
+            inflight.clear()  # the staging maps go with the last view of them
+
     def write_object(self, path: str, chunks: Iterable[Buffer], size: int) -> None:
-        tmp = self._write_temp(path, chunks)
+        tmp = self._write_temp(path, chunks, size)
         os.replace(tmp, path)
         self._fsync_dir(os.path.dirname(path))
 
