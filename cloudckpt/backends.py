@@ -13,6 +13,7 @@ and ``file://``) and ``fsspec`` (any protocol fsspec knows, ``memory://`` includ
 from __future__ import annotations
 
 import abc
+import ctypes
 import errno
 import fcntl
 import json
@@ -20,6 +21,7 @@ import logging
 import mmap
 import os
 import shutil
+import sys
 import threading
 import uuid
 from collections import deque
@@ -153,7 +155,8 @@ def _write_all(fd: int, buffers: list[memoryview]) -> None:
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none (macOS)
 DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes
 DIRECT_BLOCK = 4 << 20  # one aligned staging buffer
-DIRECT_DEPTH = 4  # staging buffers in flight per object
+DIRECT_DEPTH = 8  # staging buffers in flight per object, at most
+DIRECT_POOL = 16  # staging buffers of one backend in all (64 MiB), shared by its objects
 DIRECT_AUTO_MIN = 16 << 20  # "auto": objects from this size on go through O_DIRECT
 DIRECT_THREADS = 16  # the backend's writer threads, shared by the objects it writes at once
 
@@ -182,6 +185,96 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+_libc_fallocate: Any = None
+
+
+def _fallocate(fd: int, length: int) -> int:
+    """Reserve ``length`` bytes for ``fd`` (``fallocate(2)``, no emulation); returns the size
+    reserved, 0 where the filesystem cannot. A full disk raises ``ENOSPC`` here, early."""
+    global _libc_fallocate
+    if length <= 0 or not sys.platform.startswith("linux"):
+        return 0
+    if _libc_fallocate is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        fn.restype = ctypes.c_int
+        _libc_fallocate = fn
+    if _libc_fallocate(fd, 0, 0, length) == 0:
+        return length
+    err = ctypes.get_errno()
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        raise OSError(err, os.strerror(err))
+    return 0  # EOPNOTSUPP and the like: write without reserving
+
+
+def _address(view: memoryview) -> int | None:
+    """The address of a large writable buffer (for ``memmove``); ``None`` for small or
+    read-only ones, which are copied by slice assignment."""
+    if view.nbytes < (64 << 10) or view.readonly:
+        return None
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class _Staging:
+    """One page-aligned staging buffer: the map, a view of it and its address."""
+
+    map: mmap.mmap
+    view: memoryview
+    address: int
+
+
+class _StagingPool:
+    """At most ``limit`` staging buffers shared by the objects a backend writes at once, all
+    unmapped when the last of those objects is done (an idle backend holds no memory).
+
+    An object that holds a buffer never waits for the pool (it reuses its own), so one waiting
+    here always gets one from an object that finishes: no deadlock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._free: list[_Staging] = []
+        self._count = 0
+        self._users = 0
+
+    def enter(self) -> None:
+        with self._cond:
+            self._users += 1
+
+    def leave(self, held: list[_Staging]) -> None:
+        with self._cond:
+            self._free.extend(held)
+            self._users -= 1
+            if self._users == 0:
+                self._free.clear()  # the maps go with their last reference
+                self._count = 0
+            self._cond.notify_all()
+
+    def try_take(self) -> _Staging | None:
+        with self._cond:
+            return self._take_locked()
+
+    def take(self) -> _Staging:
+        with self._cond:
+            while (buf := self._take_locked()) is None:
+                self._cond.wait()
+            return buf
+
+    def _take_locked(self) -> _Staging | None:
+        if self._free:
+            return self._free.pop()
+        if self._count >= self.limit:
+            return None
+        self._count += 1
+        m = mmap.mmap(-1, DIRECT_BLOCK)  # page-aligned, zero-filled
+        return _Staging(m, memoryview(m), ctypes.addressof(ctypes.c_char.from_buffer(m)))
+
+
 class LocalBackend(Backend):
     """Plain paths and ``file://``: temporary name, fsync, then rename (link for create-only).
 
@@ -202,6 +295,7 @@ class LocalBackend(Backend):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._no_direct: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
+        self._staging = _StagingPool(DIRECT_POOL)
 
     def close(self) -> None:
         with self._pool_lock:
@@ -277,7 +371,8 @@ class LocalBackend(Backend):
         tmp, fd, direct = self._open_temp(path, direct)
         try:
             if direct:
-                self._write_direct(fd, path, chunks)
+                assert size is not None
+                self._write_direct(fd, path, chunks, size)
             else:
                 self._write_buffered(fd, chunks)
             os.fsync(fd)
@@ -308,53 +403,67 @@ class LocalBackend(Backend):
                 pending, pending_bytes = [], 0
         _write_all(fd, pending)
 
-    def _write_direct(self, fd: int, path: str, chunks: Iterable[Buffer]) -> None:
-        """Copy ``chunks`` into aligned buffers; keep ``DIRECT_DEPTH`` of them writing."""
+    def _write_direct(self, fd: int, path: str, chunks: Iterable[Buffer], size: int) -> None:
+        """Copy ``chunks`` into aligned staging buffers, up to ``DIRECT_DEPTH`` of them writing
+        at once; the buffers come from the backend's pool, shared with concurrent objects."""
         pool = self._writer_pool()
+        staging = self._staging
         parent = os.path.dirname(path)
-        maps: list[mmap.mmap] = []
-        free: list[memoryview] = []
-        inflight: deque[tuple[Future[None], memoryview]] = deque()
+        mine: list[_Staging] = []
+        free: list[_Staging] = []
+        inflight: deque[tuple[Future[None], _Staging]] = deque()
 
-        def write(buf: memoryview, offset: int) -> None:
+        def write(view: memoryview, offset: int) -> None:
             try:
-                _pwrite_all(fd, buf, offset)
+                _pwrite_all(fd, view, offset)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 # Opened with O_DIRECT but refused at write time: go on through the page cache.
                 self._refused_direct(parent)
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
-                _pwrite_all(fd, buf, offset)
+                _pwrite_all(fd, view, offset)
 
-        def take() -> memoryview:
+        def take() -> _Staging:
             if free:
                 return free.pop()
-            if len(maps) < DIRECT_DEPTH:
-                maps.append(mmap.mmap(-1, DIRECT_BLOCK))  # page-aligned, zero-filled
-                return memoryview(maps[-1])
-            future, buf = inflight.popleft()
-            future.result()
+            buf = staging.try_take() if len(mine) < DIRECT_DEPTH else None
+            if buf is None and inflight:
+                future, buf = inflight.popleft()
+                future.result()
+                return buf
+            if buf is None:  # nothing of our own yet: wait for another object's buffer
+                buf = staging.take()
+            mine.append(buf)
             return buf
 
-        def submit(buf: memoryview, n: int, offset: int) -> None:
+        def submit(buf: _Staging, n: int, offset: int) -> None:
             padded = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
             if padded != n:
-                buf[n:padded] = bytes(padded - n)  # the tail's padding, cut off by ftruncate
-            inflight.append((pool.submit(write, buf[:padded], offset), buf))
+                buf.view[n:padded] = bytes(padded - n)  # the tail's padding, cut by ftruncate
+            inflight.append((pool.submit(write, buf.view[:padded], offset), buf))
 
         total = 0
+        # Allocated up front, the writes land inside the file: ext4 and XFS then run them in
+        # parallel (writes that extend a file take its lock one at a time).
+        allocated = _fallocate(fd, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN)
+        staging.enter()
         try:
             buf, fill = take(), 0
             for chunk in chunks:
                 view = memoryview(chunk)
                 if view.format != "B" or view.ndim != 1:
                     view = view.cast("B")
-                while view.nbytes:
-                    n = min(view.nbytes, DIRECT_BLOCK - fill)
-                    buf[fill : fill + n] = view[:n]
+                src = _address(view)
+                pos = 0
+                while pos < view.nbytes:
+                    n = min(view.nbytes - pos, DIRECT_BLOCK - fill)
+                    if src is not None:  # memmove lets the other threads run meanwhile
+                        ctypes.memmove(buf.address + fill, src + pos, n)
+                    else:
+                        buf.view[fill : fill + n] = view[pos : pos + n]
                     fill += n
-                    view = view[n:]
+                    pos += n
                     if fill == DIRECT_BLOCK:
                         submit(buf, fill, total)
                         total += fill
@@ -364,17 +473,18 @@ class LocalBackend(Backend):
                 total += fill
             while inflight:
                 inflight.popleft()[0].result()
-            if total % DIRECT_ALIGN:
+            if total % DIRECT_ALIGN or (allocated and total != allocated):
                 os.ftruncate(fd, total)
             logger.debug("%s: %d bytes written with O_DIRECT", path, total)
         finally:
-            # On an error: nothing may still write to ``fd`` once this returns.
+            # On an error: nothing may still write to ``fd`` (or a buffer) once this returns.
             for future, _ in inflight:
                 future.cancel()
             for future, _ in inflight:
                 if not future.cancelled():
                     future.exception()
-            inflight.clear()  # the staging maps go with the last view of them
+            inflight.clear()
+            staging.leave(mine)
 
     def write_object(self, path: str, chunks: Iterable[Buffer], size: int) -> None:
         tmp = self._write_temp(path, chunks, size)
