@@ -136,23 +136,33 @@ def fit(model: str, tp: int, size: int) -> Workload:
 
 
 def make_state(w: Workload, empty: bool = False) -> dict[str, Any]:
-    """The checkpoint's state dict: model (bf16), optimizer state (fp32) and a step."""
+    """The checkpoint's state dict: model (bf16), optimizer state (fp32) and a step. Values
+    are tiled from one random block (no tool compresses; building it stays cheap)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
+    block = torch.randn(1 << 22, generator=g)
+
+    def filled(shape: tuple[int, ...], scale: float, offset: int) -> torch.Tensor:
+        t = torch.empty(shape)
+        if empty:
+            return t
+        flat, n = t.view(-1), t.numel()
+        for start in range(0, n, block.numel()):
+            k = min(block.numel(), n - start)
+            src = block.roll(offset)[:k] if start == 0 else block[:k]
+            flat[start : start + k].copy_(src).mul_(scale)
+        return t
+
     model: dict[str, Any] = {}
     state: dict[str, Any] = {}
-    for name, shape in w.shapes().items():
-        if empty:
-            model[name] = torch.empty(shape, dtype=torch.bfloat16)
-            state[name] = {k: torch.empty(shape) for k in ("fp32_master", "exp_avg", "exp_avg_sq")}
-            continue
-        master = torch.randn(shape, generator=g) * 0.02
-        model[name] = master.to(torch.bfloat16)
+    for i, (name, shape) in enumerate(w.shapes().items()):
+        master = filled(shape, 0.02, i)
+        model[name] = torch.empty(shape, dtype=torch.bfloat16) if empty else master.bfloat16()
         state[name] = {
             "fp32_master": master,
-            "exp_avg": torch.randn(shape, generator=g) * 1e-3,
-            "exp_avg_sq": torch.rand(shape, generator=g) * 1e-6,
+            "exp_avg": filled(shape, 1e-3, i + 1),
+            "exp_avg_sq": filled(shape, 1e-6, i + 2).abs_(),
         }
     groups = [{"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
                "params": list(w.shapes())}]  # fmt: skip
@@ -453,6 +463,31 @@ def verdict(rows: dict[tuple[str, str], Row]) -> list[str]:
     return lines
 
 
+def plot(rows: dict[tuple[str, str], Row], w: Workload, path: str) -> None:
+    """Mean GB/s per tool, writes and reads side by side, the device limit as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, op in zip(axes, ("write", "read"), strict=True):
+        done = [r for (t, o), r in rows.items() if o == op and r.times and t != "limit"]
+        done.sort(key=Row.mean_gbps)
+        names = [r.tool for r in done]
+        colors = ["tab:blue" if n.startswith("cloudckpt") else "tab:gray" for n in names]
+        ax.barh(names, [r.mean_gbps() for r in done], color=colors)
+        limit = rows.get(("limit", op))
+        if limit is not None and limit.times:
+            ax.axvline(limit.mean_gbps(), color="tab:red", linestyle="--", label="device limit")
+            ax.legend(loc="lower right")
+        ax.set_title(f"{op} (mean of {max((len(r.times) for r in done), default=0)})")
+        ax.set_xlabel("GB/s")
+    fig.suptitle(w.describe(), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="8b")
@@ -465,6 +500,7 @@ def main() -> None:
     p.add_argument("--moto", action="store_true", help="start a moto server and use it")
     p.add_argument("--tools", default=None, help="comma-separated subset of the tools")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--plot", default=None, help="also draw them in this PNG (matplotlib)")
     p.add_argument("--cap", type=float, default=600.0, help="seconds per write/read")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -538,6 +574,8 @@ def main() -> None:
     print("\n".join(table(rows, remote)))
     print()
     print("\n".join(verdict(rows)))
+    if a.plot:
+        plot(rows, w, a.plot)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"workload": w.describe(), "remote": remote, "cache": cache,
