@@ -51,17 +51,29 @@ class ObjectInfo:
     mtime: float | None = None
 
 
+@dataclass(frozen=True)
+class VersionedObject:
+    """A small object's bytes and the store's version of them (an opaque token for
+    :meth:`Backend.put_replace`; ``""`` where the store has none)."""
+
+    data: bytes
+    version: str
+
+
 class Backend(abc.ABC):
     """A store of objects, addressed by path, bound to one set of storage options.
 
     Subclasses set ``name`` and ``protocols`` (URI schemes; ``""`` means a plain path) and
     implement the abstract methods. ``create_only_commit`` says whether
-    :meth:`put_create_only` is atomic against a concurrent writer on this store.
+    :meth:`put_create_only` is atomic against a concurrent writer on this store;
+    ``conditional_replace`` whether :meth:`put_replace` refuses to replace a version other than
+    the expected one.
     """
 
     name: ClassVar[str] = ""
     protocols: ClassVar[tuple[str, ...]] = ()
     create_only_commit: ClassVar[bool] = True
+    conditional_replace: ClassVar[bool] = False
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
         self.storage_options: dict[str, Any] = dict(storage_options or {})
@@ -111,6 +123,25 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def put_create_only(self, path: str, data: bytes) -> None:
         """Store ``data`` at ``path`` only if nothing is there; else raise ``FileExistsError``."""
+
+    def read_version(self, path: str) -> VersionedObject | None:
+        """The object at ``path`` with its version, or ``None`` if there is none."""
+        try:
+            return VersionedObject(self.read_bytes(path), "")
+        except FileNotFoundError:
+            return None
+
+    def put_replace(self, path: str, data: bytes, expected_version: str) -> None:
+        """Replace the object at ``path`` by ``data``; readers see the old or the new object,
+        never neither. Where ``conditional_replace``, raise ``FileExistsError`` if the object
+        is no longer at ``expected_version`` (another writer replaced it); the default is a
+        plain write."""
+        self.write_object(path, [data], len(data))
+
+    def abort_uploads(self, path: str) -> int:
+        """Abort unfinished multipart uploads under ``path``; returns how many (default: a
+        store without them, 0)."""
+        return 0
 
     @abc.abstractmethod
     def list_dir(self, path: str) -> list[ObjectInfo]:
@@ -536,6 +567,35 @@ class LocalBackend(Backend):
                 os.unlink(tmp)
         self._fsync_dir(os.path.dirname(path))
 
+    @staticmethod
+    def _version(st: os.stat_result) -> str:
+        return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+    def read_version(self, path: str) -> VersionedObject | None:
+        try:
+            with open(path, "rb") as f:
+                version = self._version(os.fstat(f.fileno()))
+                return VersionedObject(f.read(), version)
+        except FileNotFoundError:
+            return None
+
+    def put_replace(self, path: str, data: bytes, expected_version: str) -> None:
+        """Temporary file, fsync, then ``rename`` over ``path``. The version check before the
+        rename narrows, but cannot close, the window for a concurrent replace on local disk."""
+        tmp = self._write_temp(path, [data])
+        try:
+            try:
+                current = self._version(os.stat(path))
+            except FileNotFoundError:
+                current = ""
+            if expected_version and current != expected_version:
+                raise FileExistsError(errno.EEXIST, "object was replaced meanwhile", path)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._fsync_dir(os.path.dirname(path))
+
     def list_dir(self, path: str) -> list[ObjectInfo]:
         try:
             entries = list(os.scandir(path))
@@ -586,7 +646,7 @@ class FsspecBackend(Backend):
         except (ValueError, ImportError) as e:
             raise BackendError(
                 f"fsspec cannot open protocol {protocol!r}: {e}. Install the package that "
-                "provides it, or a cloudckpt backend plugin (cloudckpt-s3, cloudckpt-gcs)."
+                f"provides it, or {plugin_install_hint(protocol)}."
             ) from e
 
     def to_path(self, uri: str) -> str:
@@ -750,6 +810,25 @@ def split_scheme(uri: str) -> str:
     return ""
 
 
+_PLUGINS = {"s3": "s3", "s3a": "s3", "gcs": "gcs", "gs": "gcs"}
+
+
+def plugin_install_hint(name: str | None = None) -> str:
+    """How to install the backend plugin for a backend name or URI scheme: from a clone, and by
+    its distribution name once published (the plugins are distributions, not extras)."""
+    plugin = _PLUGINS.get((name or "").lower())
+    if plugin is None:
+        return (
+            "its plugin (a distribution with a 'cloudckpt.backends' entry point; the S3 and GCS "
+            "ones, from a clone of cloudckpt: pip install -e backends/s3 / -e backends/gcs, "
+            "published as cloudckpt-s3 / cloudckpt-gcs)"
+        )
+    return (
+        f"its plugin: from a clone of cloudckpt, pip install -e backends/{plugin} "
+        f"(published as cloudckpt-{plugin})"
+    )
+
+
 def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
     """The backend class for ``uri``: the one named ``backend``, or the one for its scheme."""
     _load_entry_points()
@@ -759,7 +838,7 @@ def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
         except KeyError:
             raise ConfigError(
                 f"unknown backend {backend!r} for {uri!r}; known: {sorted(_registry)}. "
-                "Install its plugin (pip install cloudckpt[s3] / cloudckpt[gcs]) or fix the name."
+                f"Install {plugin_install_hint(backend)}, or fix the name."
             ) from None
     scheme = split_scheme(uri)
     return _by_protocol.get(scheme, FsspecBackend)

@@ -16,20 +16,15 @@ from typing import Any
 
 import torch
 
-from .committed import CommittedCheckpoint, open_checkpoint
 from .errors import (
     BackendError,
     CheckpointError,
     CorruptCheckpointError,
     StateDictMismatchError,
 )
-from .format import (
-    RankIndex,
-    TensorRecord,
-    crc32c,
-    dtype_from_name,
-    tensor_bytes,
-)
+from .format import crc32c, dtype_from_name, tensor_bytes
+from .protocol.committed import CommittedCheckpoint, open_checkpoint
+from .protocol.records import RankIndex, TensorRecord
 from .storage import StorageConfig, describe_store_error
 from .tree import Node, child_key, node_kind, unflatten
 from .types import STATE_DICT, RankInfo

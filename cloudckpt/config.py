@@ -76,14 +76,15 @@ KEY_DOCS: dict[tuple[str, str], str] = {
     "the process group's store when one is initialized.",
     ("barrier", "barrier_args"): "Table `[barrier.barrier_args]`: constructor arguments of the "
     "barrier (e.g. `master_address`, `tcpstore_port`).",
-    ("staging", "use_pinned_memory"): "Stage into pinned host memory (needs an accelerator).",
+    ("staging", "use_pinned_memory"): "Stage into pinned host memory (needs an accelerator). "
+    "Absent: when an accelerator is present; `true` without one warns.",
     ("staging", "use_shared_memory"): "Stage into shared memory when the writer is a process "
     "(required then; a thread writer never needs it).",
     ("staging", "max_staging_bytes"): "Upper bound on the host memory staging may hold (a size); "
     "a save that would need more fails at once with a `StagingError`. Absent: no bound.",
     ("staging", "use_async_staging"): "Stage in a background thread; `save` returns at once.",
     ("staging", "use_non_blocking_copy"): "Non-blocking device-to-host copies (needs an "
-    "accelerator).",
+    "accelerator). Absent: when an accelerator is present; `true` without one warns.",
     ("process", "subprocess_init_timeout_secs"): "How long the background writer may take to "
     "start.",
     ("process", "subprocess_shutdown_timeout_secs"): "How long closing waits for the background "
@@ -212,14 +213,15 @@ def load_config(path: str | os.PathLike[str]) -> CheckpointerConfig:
 def _check_names(cfg: CheckpointerConfig, path: str, text: str) -> None:
     """The backend and barrier named must exist."""
     if cfg.storage.backend is not None:
-        from .backends import available_backends
+        from .backends import available_backends, plugin_install_hint
 
         if cfg.storage.backend not in available_backends():
             raise ConfigError(
                 f"{_where(path, _line_of(text, 'storage', 'backend'))}: [storage] backend = "
                 f"{cfg.storage.backend!r} is not installed; known: "
-                f"{', '.join(sorted(available_backends()))}. Install its plugin (pip install "
-                "cloudckpt[s3] or cloudckpt[gcs]) or remove the key to pick by URI scheme."
+                f"{', '.join(sorted(available_backends()))}. Install "
+                f"{plugin_install_hint(cfg.storage.backend)}, or remove the key to pick by URI "
+                "scheme."
             )
     if cfg.barrier_config.barrier_type is not None:
         from .barriers import BARRIER_REGISTRY

@@ -35,13 +35,14 @@ class CheckpointWriterConfig:
 
 @dataclass
 class CheckpointStagerConfig:
-    """The seed's flags, plus a bound. Pinned memory and non-blocking copies need an accelerator;
-    shared memory is used only when the writer is a process (it is how the process reads)."""
+    """The seed's flags, plus a bound. Pinned memory and non-blocking copies need an accelerator
+    (``None``: used when one is present; ``True`` on a machine without one warns); shared memory
+    is used only when the writer is a process (it is how the process reads)."""
 
-    use_pinned_memory: bool = True
+    use_pinned_memory: bool | None = None
     use_shared_memory: bool = True
     use_async_staging: bool = True
-    use_non_blocking_copy: bool = True
+    use_non_blocking_copy: bool | None = None
     max_staging_bytes: int | None = None
 
 
