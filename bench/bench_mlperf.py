@@ -14,14 +14,15 @@ only the number of layers and the vocabulary are cut so the state fits ``--size`
 Each round writes the state once per tool (fsync'd: every tool's files reach the disk before
 its clock stops), then drops the page cache (``echo 3 > /proc/sys/vm/drop_caches``, when this
 runs as root) and reads it back once per tool, in a fresh process per write and per read, tools
-shuffled each round. Reported as MLPerf does: mean GB/s and the duration of each write and read,
-plus medians and the peak RSS above the state (sampled every 5 ms).
+shuffled each round. Reported as MLPerf does: mean GB/s (the ``GB/s`` column: the mean of the
+runs' throughputs) and the duration of each write and read, plus medians and the peak RSS above
+the state (sampled every 5 ms). The table is drawn by bench/plots.py when the run ends.
 
 Local peers: torch.save (+ fsync), DCP's FileSystemWriter/Reader (its defaults: one thread,
 fsync on), torch_checkpointing's CheckpointManager (see TC_CHANGES), and the device's own limit:
 fio with O_DIRECT at queue depth 16 (or, without fio, the same from Python threads). S3 peers:
 s3torchconnector's DCP writer/reader (see S3TC_CHANGES), DCP + fsspec (s3fs), boto3's
-TransferManager on torch.save's bytes. Peers install with ``pip install -r bench/requirements.txt``.
+TransferManager on torch.save's bytes. Peers install with ``pip install -e ".[bench]"``.
 """
 
 from __future__ import annotations
@@ -419,7 +420,7 @@ def _remove(target: str) -> None:
 
 
 def table(rows: dict[tuple[str, str], Row], remote: bool) -> list[str]:
-    out = ["| op | tool | mean GB/s | mean s | median s | runs | cloudckpt vs this | "
+    out = ["| op | tool | GB/s | mean s | median s | runs | cloudckpt vs this | "
            "peak RSS over state |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for op in ("write", "read"):
         ours = rows.get(("cloudckpt", op))
@@ -463,31 +464,6 @@ def verdict(rows: dict[tuple[str, str], Row]) -> list[str]:
     return lines
 
 
-def plot(rows: dict[tuple[str, str], Row], w: Workload, path: str) -> None:
-    """Mean GB/s per tool, writes and reads side by side, the device limit as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for ax, op in zip(axes, ("write", "read"), strict=True):
-        done = [r for (t, o), r in rows.items() if o == op and r.times and t != "limit"]
-        done.sort(key=Row.mean_gbps)
-        names = [r.tool for r in done]
-        colors = ["tab:blue" if n.startswith("cloudckpt") else "tab:gray" for n in names]
-        ax.barh(names, [r.mean_gbps() for r in done], color=colors)
-        limit = rows.get(("limit", op))
-        if limit is not None and limit.times:
-            ax.axvline(limit.mean_gbps(), color="tab:red", linestyle="--", label="device limit")
-            ax.legend(loc="lower right")
-        ax.set_title(f"{op} (mean of {max((len(r.times) for r in done), default=0)})")
-        ax.set_xlabel("GB/s")
-    fig.suptitle(w.describe(), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="8b")
@@ -500,7 +476,6 @@ def main() -> None:
     p.add_argument("--moto", action="store_true", help="start a moto server and use it")
     p.add_argument("--tools", default=None, help="comma-separated subset of the tools")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--plot", default=None, help="also draw them in this PNG (matplotlib)")
     p.add_argument("--cap", type=float, default=600.0, help="seconds per write/read")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -574,8 +549,6 @@ def main() -> None:
     print("\n".join(table(rows, remote)))
     print()
     print("\n".join(verdict(rows)))
-    if a.plot:
-        plot(rows, w, a.plot)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"workload": w.describe(), "remote": remote, "cache": cache,
@@ -583,4 +556,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import plots
+
+    with plots.recorded("bench_mlperf"):
+        main()
