@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from ._version import __version__
 from .backends import Backend, resolve
 from .barriers import Barrier
+from .chunks import Box, ChunkItem, ChunkRecord, GlobalRecord, assign_writers, block_rows
 from .config_types import CheckpointWriterConfig
 from .errors import (
     BackendError,
@@ -122,6 +124,58 @@ def plan_files(leaves: list[TensorLeaf], rank: int, file_size: int) -> list[Plan
     return files
 
 
+def block_checksums(
+    view: memoryview, shape: tuple[int, ...], itemsize: int
+) -> tuple[int, list[int]]:
+    """Rows per block and one CRC32C per block of rows of a stored chunk."""
+    if not shape:
+        return 1, [crc32c(view)]
+    row_bytes = math.prod(shape[1:]) * itemsize
+    per_block = block_rows(row_bytes)
+    step = per_block * row_bytes
+    crcs = [crc32c(view[s : s + step]) for s in range(0, max(view.nbytes, 1), max(step, 1))]
+    return per_block, crcs[: -(-shape[0] // per_block)] if shape[0] else []
+
+
+def plan_global_leaves(
+    leaves: list[TensorLeaf], rank: int
+) -> tuple[list[TensorLeaf], dict[int, tuple[int, Box]], list[GlobalRecord]]:
+    """What this rank writes: its per-rank tensors (first, in order, so the tree's numbers are
+    their positions), then the chunks of global leaves assigned to it, and the global records.
+
+    Returns the tensors to write, for each written chunk its position -> (global leaf, box),
+    and one record per global leaf (chunks filled in once written).
+    """
+    to_write = [leaf for leaf in leaves if leaf.shard is None]
+    globals_ = [leaf for leaf in leaves if leaf.shard is not None]
+    items: dict[int, ChunkItem] = {}
+    for g, leaf in enumerate(globals_):
+        assert leaf.shard is not None
+        box = leaf.shard.layout.box_of(rank)
+        if not box.empty:
+            nbytes = leaf.tensor.numel() * leaf.tensor.element_size()
+            items[g] = ChunkItem(leaf.key, box, nbytes, leaf.shard.layout.holders(rank))
+    writers = assign_writers(items.values())
+    records = []
+    chunk_of: dict[int, tuple[int, Box]] = {}
+    for g, leaf in enumerate(globals_):
+        assert leaf.shard is not None
+        records.append(
+            GlobalRecord(
+                leaf.key,
+                dtype_name(leaf.tensor.dtype),
+                list(leaf.shard.layout.shape),
+                leaf.shard.kind,
+            )
+        )
+        item = items.get(g)
+        if item is not None and writers[(item.key, item.box)] == rank:
+            chunk_of[len(to_write)] = (g, item.box)
+            name = f"{leaf.key}@{','.join(map(str, item.box.offsets))}"
+            to_write.append(TensorLeaf(name, leaf.tensor, leaf.shard))
+    return to_write, chunk_of, records
+
+
 class CheckpointWriter:
     """Writes one rank's part of a checkpoint and, with a barrier, commits it for all ranks."""
 
@@ -153,15 +207,19 @@ class CheckpointWriter:
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
+        replicated: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> Future[None] | None:
         """Save ``state_dict`` at ``path`` (a URI, a plain path, or a name under the root).
 
+        ``replicated``: glob patterns over key paths of plain leaves that are the same on every
+        rank (stored once; default ``[writer] replicated``). DTensors are always stored once.
         Raises ``CheckpointExistsError`` if a committed checkpoint is there and not
         ``overwrite``; ``UnsupportedValueError`` for a leaf that cannot be saved.
         """
+        patterns = self._config.replicated if replicated is None else replicated
         with paused_gc():
-            self._write(path, state_dict, overwrite, metadata, storage_options, kwargs)
+            self._write(path, state_dict, overwrite, metadata, storage_options, patterns, kwargs)
         return None
 
     def _write(
@@ -171,6 +229,7 @@ class CheckpointWriter:
         overwrite: bool,
         metadata: dict[str, Any] | None,
         storage_options: dict[str, Any] | None,
+        replicated: Sequence[str],
         kwargs: dict[str, Any],
     ) -> None:
         uri = self._storage.resolve_uri(path)
@@ -192,7 +251,7 @@ class CheckpointWriter:
         retries_before = backend.retry_total()
         nonce = uuid.uuid4().hex
         try:
-            tree, leaves = flatten(state_dict)
+            tree, leaves = flatten(state_dict, replicated, world)
             manifest_path = backend.join(root, MANIFEST_NAME)
             if overwrite:
                 if rank == 0:
@@ -205,8 +264,8 @@ class CheckpointWriter:
                     f"a committed checkpoint is already at {uri}; pass overwrite=True to replace "
                     "it, or save under a new name"
                 )
-            files, records = self._write_data(backend, root, uri, leaves, rank)
-            index = RankIndex(rank, world, tree, files, records)
+            files, records, globals_ = self._write_data(backend, root, uri, leaves, rank)
+            index = RankIndex(rank, world, tree, files, records, globals_)
             raw_index = _with_nonce(index.to_json(), nonce)
             index_path = backend.join(root, index_name(rank))
             _store_call(backend.write_object, index_path, uri, [raw_index], len(raw_index))
@@ -280,17 +339,24 @@ class CheckpointWriter:
 
     def _write_data(
         self, backend: Backend, root: str, uri: str, leaves: list[TensorLeaf], rank: int
-    ) -> tuple[list[FileRecord], list[TensorRecord]]:
-        total = sum(leaf.tensor.numel() * leaf.tensor.element_size() for leaf in leaves)
+    ) -> tuple[list[FileRecord], list[TensorRecord], list[GlobalRecord]]:
+        to_write, chunk_of, globals_ = plan_global_leaves(leaves, rank)
+        total = sum(leaf.tensor.numel() * leaf.tensor.element_size() for leaf in to_write)
         size = target_file_size(total, self._config.file_size_bytes, self._config.concurrency)
-        plan = plan_files(leaves, rank, size)
-        records: list[TensorRecord | None] = [None] * len(leaves)
+        plan = plan_files(to_write, rank, size)
+        records: list[TensorRecord | None] = [None] * len(to_write)
+        blocks: dict[int, tuple[int, list[int]]] = {}
         futures = [
-            self._pool.submit(self._write_file, backend, root, uri, n, planned, records)
+            self._pool.submit(self._write_file, backend, root, uri, n, planned, records, blocks)
             for n, planned in enumerate(plan)
         ]
         files = [f.result() for f in futures]
-        return files, [r for r in records if r is not None]
+        for pos, (g, chunk) in chunk_of.items():
+            per_block, crcs = blocks[pos]
+            globals_[g].chunks.append(
+                ChunkRecord(pos, list(chunk.offsets), list(chunk.sizes), per_block, crcs)
+            )
+        return files, [r for r in records if r is not None], globals_
 
     def _write_file(
         self,
@@ -300,6 +366,7 @@ class CheckpointWriter:
         file_no: int,
         planned: PlannedFile,
         records: list[TensorRecord | None],
+        blocks: dict[int, tuple[int, list[int]]],
     ) -> FileRecord:
         entries = []
         for _, leaf, name in planned.leaves:
@@ -326,6 +393,8 @@ class CheckpointWriter:
                     crc32c(view),
                 )
                 offset += view.nbytes
+                if leaf.shard is not None:  # a global chunk: checksums per block of rows too
+                    blocks[i] = block_checksums(view, tuple(t.shape), t.element_size())
                 yield view
 
         path = backend.join(root, planned.path)

@@ -72,6 +72,9 @@ KEY_DOCS: dict[tuple[str, str], str] = {
     ("writer", "file_size"): "Target size of one data file; tensors are packed into files of "
     "about this size (a larger tensor gets its own file).",
     ("writer", "concurrency"): "Data files uploaded (and byte ranges read) at once per rank.",
+    ("writer", "replicated"): "Glob patterns over key paths (`*` one component, `**` any) of "
+    "plain leaves that are the same on every rank (DDP models, step counters): stored once, "
+    'loadable at any world size. `["**"]`: every plain leaf. DTensors are always stored once.',
     ("barrier", "barrier_type"): "`tcp_store` or `dist_barrier`; absent: none for one process, "
     "the process group's store when one is initialized.",
     ("barrier", "barrier_args"): "Table `[barrier.barrier_args]`: constructor arguments of the "
@@ -131,6 +134,7 @@ def _type_ok(value: Any, annotation: str) -> bool:
             or (base == "float" and type(value) in (int, float))
             or (base == "str" and isinstance(value, str))
             or (base == "dict" and isinstance(value, dict))
+            or (base == "list" and isinstance(value, list))
             or base == "Any"
         ):
             return True

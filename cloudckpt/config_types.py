@@ -8,8 +8,9 @@ writer process import them without importing the API layer. Their seed-era home 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .chunks import check_patterns
 from .utils import parse_size
 
 
@@ -20,8 +21,10 @@ class CheckpointWriterConfig:
     write_barrier_timeout_secs: int = 600
     file_size: int | str = 256 << 20
     concurrency: int = 8
+    replicated: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.replicated = list(check_patterns(self.replicated, "replicated"))
         self.file_size = parse_size(self.file_size)
         if self.file_size < 1:
             raise ValueError(f"file_size must be at least 1 byte, got {self.file_size}")

@@ -20,6 +20,7 @@ import crc32c as _crc32c
 if TYPE_CHECKING:  # torch is imported where tensors are handled, so the command starts fast
     import torch
 
+from .chunks import GlobalRecord
 from .errors import CorruptCheckpointError
 
 FORMAT_VERSION = 1
@@ -256,6 +257,7 @@ class RankIndex:
     tree: dict[str, Any]
     files: list[FileRecord]
     tensors: list[TensorRecord]
+    globals: list[GlobalRecord] = field(default_factory=list)  # DTensor and replicated leaves
 
     def to_json(self) -> bytes:
         doc = {
@@ -270,6 +272,8 @@ class RankIndex:
             ],
             "tree": self.tree,
         }
+        if self.globals:
+            doc["globals"] = [g.to_row() for g in self.globals]
         return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
@@ -282,7 +286,10 @@ class RankIndex:
                 TensorRecord(str(k), str(d), [int(x) for x in sh], int(f), int(o), int(n), int(c))
                 for k, d, sh, f, o, n, c in doc["tensors"]
             ]
-            idx = cls(int(doc["rank"]), int(doc["world_size"]), doc["tree"], files, tensors)
+            globals_ = [GlobalRecord.from_row(row) for row in doc.get("globals", [])]
+            idx = cls(
+                int(doc["rank"]), int(doc["world_size"]), doc["tree"], files, tensors, globals_
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptCheckpointError(f"{where}: malformed index ({e!r})") from e
         idx.validate(where)
@@ -308,6 +315,8 @@ class RankIndex:
             per_file.setdefault(t.file, []).append((t.offset, t.offset + t.length, t.key))
         for f, ranges in per_file.items():
             check_no_overlap(ranges, f"{where} ({self.files[f].path})")
+        for g in self.globals:
+            g.validate(where, self.tensors)
 
 
 @dataclass
