@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from global_harness import GLOBAL_SHAPES, global_tensor, plain_state, run_ranks
 
 import cloudckpt
+from cloudckpt.backends import resolve
 from cloudckpt.committed import open_checkpoint
 
 pytestmark = pytest.mark.multirank
@@ -107,3 +109,57 @@ def test_fsdp2_resumes_on_fewer_ranks_with_the_same_losses(tmp_path: Path) -> No
     ckpt = open_checkpoint(f"{root}/fsdp")
     kinds = {g.kind for r in range(4) for g in ckpt.read_index(r).globals}
     assert kinds == {"dtensor", "replicated"}
+
+
+def test_export_writes_safetensors_that_hugging_face_reads(
+    saved: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    import cloudckpt.export
+    from cloudckpt.cli import main
+
+    monkeypatch.setattr(cloudckpt.export, "SLAB_BYTES", 64 << 10)  # many slabs per tensor
+
+    dst = str(tmp_path / "hf")
+    assert (
+        main(["export", f"{saved}/globals", dst, "--prefix", "model.", "--max-file-size", "1MiB"])
+        == 0
+    )
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(GLOBAL_SHAPES)
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-0000{n}-of-00003.safetensors" for n in (1, 2, 3)]
+    total = 0
+    for name, file in index["weight_map"].items():
+        with safe_open(str(tmp_path / "hf" / file), framework="pt") as f:
+            got = f.get_tensor(name)
+        assert torch.equal(got, global_tensor(name)), name
+        total += got.numel() * 4
+    assert index["metadata"]["total_size"] == total
+    # any store to any store: into memory://, read back with the safetensors library
+    assert main(["export", f"{saved}/globals", "memory://h15-export/out"]) == 0
+    backend, root = resolve("memory://h15-export/out")
+    weights = json.loads(backend.read_bytes(backend.join(root, "model.safetensors.index.json")))
+    (file,) = set(weights["weight_map"].values())
+    out = load(backend.read_bytes(backend.join(root, file)))
+    assert torch.equal(out["model.big"], global_tensor("big"))
+    assert torch.equal(out["sched.buf"], plain_state()["sched"]["buf"])
+
+
+def test_export_errors_name_the_problem(saved: str, tmp_path: Path, capsys: Any) -> None:
+    from cloudckpt.cli import main
+
+    dst = str(tmp_path / "hf")
+    assert main(["export", f"{saved}/globals", dst, "--prefix", "nothing."]) == 1
+    assert capsys.readouterr().err == (
+        f"cloudckpt: error: {saved}/globals holds no tensor whose key path starts with 'nothing.'\n"
+    )
+    assert main(["export", f"{saved}/globals", dst, "--prefix", "model.r"]) == 0
+    assert main(["export", f"{saved}/globals", dst]) == 1
+    assert capsys.readouterr().err.endswith(
+        "already holds an export (model.safetensors.index.json); pass --overwrite or choose "
+        "another destination\n"
+    )
+    assert main(["export", f"{saved}/globals", dst, "--overwrite"]) == 0
