@@ -101,8 +101,11 @@ class LayoutSpec:
     mesh_ranks: tuple[int, ...]  # the mesh's global ranks, row-major
     mesh_shape: tuple[int, ...]
     placements: tuple[Placement, ...]
+    order: tuple[int, ...] = ()  # mesh dims in the order they shard; () = left to right
 
     def __post_init__(self) -> None:
+        if self.order and sorted(self.order) != list(range(len(self.mesh_shape))):
+            raise ValueError(f"order {self.order} is not a permutation of the mesh dims")
         if math.prod(self.mesh_shape) != len(self.mesh_ranks):
             raise ValueError(f"mesh shape {self.mesh_shape} does not hold {len(self.mesh_ranks)}")
         if len(self.placements) != len(self.mesh_shape):
@@ -121,10 +124,12 @@ class LayoutSpec:
         return tuple(reversed(coord))
 
     def box_at(self, coord: Sequence[int]) -> Box:
-        """The chunk held at mesh coordinate ``coord``: shards applied left to right, as
-        DTensor does (two mesh dims sharding one tensor dim split it again)."""
+        """The chunk held at mesh coordinate ``coord``: shards applied in ``order`` (left to
+        right, as DTensor does, unless FSDP2 over TP sharded right to left); two mesh dims
+        sharding one tensor dim split it again."""
         offsets, sizes = [0] * len(self.shape), list(self.shape)
-        for mesh_dim, p in enumerate(self.placements):
+        for mesh_dim in self.order or range(len(self.placements)):
+            p = self.placements[mesh_dim]
             if isinstance(p, ShardOn):
                 off, size = shard_range(sizes[p.dim], self.mesh_shape[mesh_dim], coord[mesh_dim])
                 offsets[p.dim] += off

@@ -8,6 +8,7 @@ declared replicated becomes one replicated over every rank.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -43,12 +44,18 @@ def layout_of(dt: Any, key: str) -> LayoutSpec:
     ``Replicate`` are refused with the key path and what to do."""
     from torch.distributed.tensor import Replicate, Shard
 
+    mesh = dt.device_mesh
+    mesh_shape = tuple(mesh.mesh.shape)
     placements: list[Placement] = []
-    for p in dt.placements:
+    strided: list[int] = []  # mesh dims of _StridedShard placements
+    for mesh_dim, p in enumerate(dt.placements):
         if type(p) is Shard:
             placements.append(ShardOn(p.dim if p.dim >= 0 else p.dim + dt.ndim))
         elif type(p) is Replicate:
             placements.append(REPLICATE)
+        elif type(p).__name__ == "_StridedShard":
+            placements.append(ShardOn(p.dim if p.dim >= 0 else p.dim + dt.ndim))
+            strided.append(mesh_dim)
         else:
             what = type(p).__name__
             hint = (
@@ -60,9 +67,24 @@ def layout_of(dt: Any, key: str) -> LayoutSpec:
                 f"{key}: cannot save a DTensor with placement {p!r} ({what}); only Shard and "
                 f"Replicate are stored as global chunks; {hint}"
             )
-    mesh = dt.device_mesh
     ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
-    return LayoutSpec(tuple(dt.shape), ranks, tuple(mesh.mesh.shape), tuple(placements))
+    order: tuple[int, ...] = ()
+    if strided:  # FSDP2 over TP: the plain shards first, then the strided ones right to left
+        plain = [d for d in range(len(placements)) if d not in strided]
+        order = (*plain, *reversed(strided))
+        for d in strided:
+            p = dt.placements[d]
+            before = math.prod(
+                mesh_shape[e] for e in order[: order.index(d)] if placements[e] == placements[d]
+            )
+            if int(p.split_factor) != before:
+                raise UnsupportedValueError(
+                    f"{key}: cannot save a DTensor with placement {p!r}: its split factor "
+                    f"{p.split_factor} is not the {before} shards sharded before it (only the "
+                    "FSDP2-over-tensor-parallel layout is understood); redistribute it to "
+                    "Shard/Replicate placements before saving"
+                )
+    return LayoutSpec(tuple(dt.shape), ranks, mesh_shape, tuple(placements), order)
 
 
 def global_shard_of(dt: Any, key: str) -> GlobalShard:

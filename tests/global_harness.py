@@ -224,7 +224,40 @@ def scenario_fsdp_train(rank: int, world: int, args: dict[str, Any]) -> dict[str
     return {"ok": True, "losses": losses}
 
 
+def scenario_fsdp_tp(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """FSDP2 over tensor parallelism on a 2x2 mesh: what placements torch builds, and what a
+    save of them does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    _init_group(args, rank, world)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = tp_model()
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    placements = repr(model[0].weight.placements)
+    cfg = _config({**args, "barrier": "auto"}, rank, world)
+    cloudckpt.save(f"{args['root']}/fsdp-tp", {"model": model.state_dict()}, config=cfg)
+    target = tp_model()  # load back into the same layout, zeroed first
+    parallelize_module(target, mesh["tp"], {"0": ColwiseParallel()})
+    fully_shard(target, mesh=mesh["dp"])
+    sd = target.state_dict()
+    for v in sd.values():
+        v.to_local().zero_()
+    cloudckpt.load(f"{args['root']}/fsdp-tp", {"model": sd}, config=cfg, strict=True)
+    for k, v in sd.items():
+        assert torch.equal(v.full_tensor(), tp_model().state_dict()[k]), k
+    return {"ok": True, "placements": placements}
+
+
+def tp_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 10))
+
+
 SCENARIOS.update(
+    fsdp_tp=scenario_fsdp_tp,
     fsdp_train=scenario_fsdp_train,
     save_globals=scenario_save_globals,
     load_globals=scenario_load_globals,

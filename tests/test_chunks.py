@@ -134,3 +134,24 @@ def test_patterns_must_be_a_list_of_strings() -> None:
         check_patterns("**", "replicated")
     with pytest.raises(ValueError, match="every pattern must be a non-empty string, got 3"):
         check_patterns(["a", 3], "replicated")
+
+
+def test_strided_shard_boxes_match_torch() -> None:
+    """FSDP2 over TP: ``(_StridedShard(0, sf=2), Shard(0))`` shards right to left."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    for rows in (8, 16, 4, 7, 10, 5, 3):
+        shape = (rows, 3)
+        spec = LayoutSpec(shape, (0, 1, 2, 3), (2, 2), (ShardOn(0), ShardOn(0)), order=(1, 0))
+        theirs = (_StridedShard(0, split_factor=2), Shard(0))
+        boxes = set()
+        for rank in range(4):
+            size, offset = _compute_local_shape_and_global_offset(
+                shape, (2, 2), list(spec.coordinate(rank)), theirs
+            )
+            box = spec.box_of(rank)
+            assert (box.sizes, box.offsets) == (tuple(size), tuple(offset)), (rows, rank)
+            boxes.add(box)
+        assert sum(b.numel for b in boxes) == rows * 3

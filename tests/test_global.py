@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from global_harness import GLOBAL_SHAPES, global_tensor, plain_state, run_ranks
+from global_harness import GLOBAL_SHAPES, global_tensor, plain_state, run_ranks, tp_model
 
 import cloudckpt
 from cloudckpt.backends import resolve
@@ -163,3 +163,13 @@ def test_export_errors_name_the_problem(saved: str, tmp_path: Path, capsys: Any)
         "another destination\n"
     )
     assert main(["export", f"{saved}/globals", dst, "--overwrite"]) == 0
+
+
+def test_fsdp2_over_tensor_parallel_strided_shards(tmp_path: Path) -> None:
+    """torch builds ``_StridedShard`` for FSDP2 over TP on CPU: saved, loaded back in place,
+    and whole in one process."""
+    results = _all_ok(run_ranks("fsdp_tp", 4, {"root": str(tmp_path)}))
+    assert results[0]["placements"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    out = cloudckpt.load(f"{tmp_path}/fsdp-tp")
+    for k, v in tp_model().state_dict().items():
+        assert torch.equal(out["model"][k], v), k
