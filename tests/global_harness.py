@@ -100,7 +100,14 @@ def scenario_save_globals(rank: int, world: int, args: dict[str, Any]) -> dict[s
     cloudckpt.save(f"{args['root']}/globals", state, config=cfg, replicated=REPLICATED)
     state["rank"] = rank  # a per-rank leaf
     cloudckpt.save(f"{args['root']}/with-rank", state, config=cfg, replicated=REPLICATED)
-    return {"ok": True}
+    from torch.distributed.tensor import DTensor, Partial
+
+    partial = DTensor.from_local(torch.ones(2), _mesh(world, (world,)), [Partial()])
+    try:
+        cloudckpt.save(f"{args['root']}/partial", {"p": partial}, config=cfg)
+    except cloudckpt.UnsupportedValueError as e:
+        return {"ok": True, "partial_error": str(e)}
+    return {"ok": False, "error": "a Partial DTensor was saved"}
 
 
 def scenario_load_globals(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
