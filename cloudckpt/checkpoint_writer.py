@@ -29,7 +29,15 @@ import torch
 from ._version import __version__
 from .backends import Backend, resolve
 from .barriers import Barrier
-from .chunks import Box, ChunkItem, ChunkRecord, GlobalRecord, assign_writers, block_rows
+from .chunks import (
+    Box,
+    ChunkItem,
+    ChunkRecord,
+    GlobalRecord,
+    assign_writers,
+    block_rows,
+    check_patterns,
+)
 from .config_types import CheckpointWriterConfig
 from .errors import (
     BackendError,
@@ -217,7 +225,13 @@ class CheckpointWriter:
         Raises ``CheckpointExistsError`` if a committed checkpoint is there and not
         ``overwrite``; ``UnsupportedValueError`` for a leaf that cannot be saved.
         """
-        patterns = self._config.replicated if replicated is None else replicated
+        if replicated is None:
+            patterns: Sequence[str] = self._config.replicated
+        else:
+            try:
+                patterns = check_patterns(replicated, "replicated=")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         with paused_gc():
             self._write(path, state_dict, overwrite, metadata, storage_options, patterns, kwargs)
         return None

@@ -113,3 +113,13 @@ def test_export_from_local_to_s3(tmp_path: Path, s3_moto_store: StoreTarget) -> 
     assert index["weight_map"] == {"w": "model-00001-of-00001.safetensors"}
     out = load(backend.read_bytes(backend.join(root, "model-00001-of-00001.safetensors")))
     assert torch.equal(out["w"], w)
+
+
+def test_replicated_must_be_a_list_of_patterns(tmp_path: Path) -> None:
+    with pytest.raises(cloudckpt.ConfigError) as e:
+        cloudckpt.save(str(tmp_path / "a"), {"w": torch.ones(2)}, replicated="**")  # type: ignore[arg-type]
+    assert str(e.value) == (
+        "replicated= must be a list of glob patterns over key paths (e.g. ['**'] or "
+        "['optim.state.*.step']), got '**'"
+    )
+    assert not (tmp_path / "a").exists()
