@@ -48,7 +48,7 @@ def test_stored_bytes_are_the_unique_bytes(saved: str) -> None:
     assert 0 < headers < 4 * 4096  # the data files' safetensors headers only
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_loads_on_fewer_ranks_in_place(saved: str, world: int) -> None:
     results = _all_ok(run_ranks("load_globals", world, {"root": saved, "layout": "other1d"}))
     for r in results:
@@ -83,7 +83,7 @@ def test_per_rank_leaves_at_another_world_size_need_rank(saved: str) -> None:
     assert out["rank"] == 2 and torch.equal(out["model"]["col"], global_tensor("col"))
 
 
-@pytest.mark.parametrize("writer", ["thread", "process"])
+@pytest.mark.parametrize("writer", ["thread", pytest.param("process", marks=pytest.mark.slow)])
 def test_async_writers_carry_global_leaves(tmp_path: Path, writer: str) -> None:
     root = str(tmp_path)
     _all_ok(run_ranks("save_globals_async", 2, {"root": root, "writer": writer}))
@@ -170,6 +170,7 @@ def test_export_errors_name_the_problem(saved: str, tmp_path: Path, capsys: Any)
     assert main(["export", f"{saved}/globals", dst, "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_fsdp2_over_tensor_parallel_strided_shards(tmp_path: Path) -> None:
     """torch builds ``_StridedShard`` for FSDP2 over TP on CPU: saved, loaded back in place,
     and whole in one process."""
