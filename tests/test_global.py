@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,9 @@ def test_export_writes_safetensors_that_hugging_face_reads(
         total += got.numel() * 4
     assert index["metadata"]["total_size"] == total
     # any store to any store: into memory://, read back with the safetensors library
-    assert main(["export", f"{saved}/globals", "memory://h15-export/out"]) == 0
-    backend, root = resolve("memory://h15-export/out")
+    mem = f"memory://export-{uuid.uuid4().hex}/out"
+    assert main(["export", f"{saved}/globals", mem]) == 0
+    backend, root = resolve(mem)
     weights = json.loads(backend.read_bytes(backend.join(root, "model.safetensors.index.json")))
     (file,) = set(weights["weight_map"].values())
     out = load(backend.read_bytes(backend.join(root, file)))
