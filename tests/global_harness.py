@@ -263,7 +263,37 @@ def tp_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 10))
 
 
+def scenario_ddp(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Plain DDP through the state-dict helpers: saved once with replicated=["**"] by 4 ranks,
+    resumed by 2; returns a digest of the loaded parameters and Adam state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.nn.parallel import DistributedDataParallel
+
+    _init_group(args, rank, world)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(6, 4))
+    optim = torch.optim.Adam(model.parameters(), lr=0.1)
+    cfg = _config({**args, "barrier": "auto"}, rank, world)
+    uri = f"{args['root']}/ddp"
+    if args.get("resume"):
+        msd, osd = get_state_dict(model, optim)
+        state = cloudckpt.load(uri, {"model": msd, "optim": osd}, config=cfg, strict=True)
+        set_state_dict(
+            model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+    else:
+        model(torch.ones(2, 6)).sum().backward()
+        optim.step()
+        msd, osd = get_state_dict(model, optim)
+        cloudckpt.save(uri, {"model": msd, "optim": osd}, config=cfg, replicated=["**"])
+    msd, osd = get_state_dict(model, optim)
+    digest = [float(v.sum()) for v in msd.values()]
+    digest += [float(v.sum()) for s in osd["state"].values() for v in s.values()]
+    return {"ok": True, "digest": digest}
+
+
 SCENARIOS.update(
+    ddp=scenario_ddp,
     fsdp_tp=scenario_fsdp_tp,
     fsdp_train=scenario_fsdp_train,
     save_globals=scenario_save_globals,

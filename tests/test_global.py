@@ -181,3 +181,16 @@ def test_fsdp2_over_tensor_parallel_strided_shards(tmp_path: Path) -> None:
     out = cloudckpt.load(f"{tmp_path}/fsdp-tp")
     for k, v in tp_model().state_dict().items():
         assert torch.equal(out["model"][k], v), k
+
+
+@pytest.mark.slow
+def test_ddp_state_through_the_helpers_is_stored_once_and_resumes_on_2_ranks(
+    tmp_path: Path,
+) -> None:
+    saved = _all_ok(run_ranks("ddp", 4, {"root": str(tmp_path)}))
+    resumed = _all_ok(run_ranks("ddp", 2, {"root": str(tmp_path), "resume": True}))
+    assert resumed[0]["digest"] == resumed[1]["digest"] == saved[0]["digest"]
+    ckpt = open_checkpoint(f"{tmp_path}/ddp")
+    stored = sum(t.length for r in range(4) for t in ckpt.read_index(r).tensors)
+    params = (6 * 4 + 4) * 4
+    assert stored == 3 * params + 2 * 4  # weights, exp_avg, exp_avg_sq once; two step tensors
