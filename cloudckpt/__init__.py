@@ -41,6 +41,7 @@ from .errors import (
     WriterProcessError,
 )
 from .manager import CheckpointManager
+from .protocol import CopyReport, VerifyReport, copy, verify
 from .storage import StorageConfig
 from .types import STATE_DICT, RankInfo
 from .utils import wrap_future
@@ -114,6 +115,7 @@ __all__ = [
     "Checkpointer",
     "CheckpointerConfig",
     "ConfigError",
+    "CopyReport",
     "CorruptCheckpointError",
     "DefaultStager",
     "DistBarrier",
@@ -127,9 +129,11 @@ __all__ = [
     "SyncCheckpointer",
     "TCPStoreBarrier",
     "UnsupportedValueError",
+    "VerifyReport",
     "WriterHook",
     "WriterProcessError",
     "__version__",
+    "copy",
     "create_barrier_from_config",
     "load",
     "load_config",
@@ -137,5 +141,6 @@ __all__ = [
     "make_sync_checkpointer",
     "register_backend",
     "save",
+    "verify",
     "wrap_future",
 ]

@@ -16,22 +16,17 @@ from typing import Any
 
 import torch
 
-from .committed import CommittedCheckpoint, open_checkpoint
 from .errors import (
     BackendError,
     CheckpointError,
     CorruptCheckpointError,
     StateDictMismatchError,
 )
-from .format import (
-    RankIndex,
-    TensorRecord,
-    crc32c,
-    dtype_from_name,
-    tensor_bytes,
-)
+from .format import crc32c, dtype_from_name, tensor_bytes
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import is_dtensor
+from .protocol.committed import CommittedCheckpoint, open_checkpoint
+from .protocol.records import RankIndex, TensorRecord
 from .storage import StorageConfig, describe_store_error
 from .tree import LeafMakers, Node, child_key, node_kind, unflatten
 from .types import STATE_DICT, RankInfo

@@ -18,11 +18,8 @@ from typing import Any
 
 from .backends import Backend
 from .chunks import Box
-from .committed import CommittedCheckpoint
 from .errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError
 from .format import (
-    RankIndex,
-    TensorRecord,
     build_safetensors_header,
     crc32c,
     dtype_itemsize,
@@ -30,6 +27,8 @@ from .format import (
     tensor_bytes,
 )
 from .global_reader import Catalog, load_catalog, read_box, read_range
+from .protocol.committed import CommittedCheckpoint
+from .protocol.records import RankIndex, TensorRecord
 from .tree import child_key, node_kind
 
 SLAB_BYTES = 64 << 20
