@@ -47,6 +47,9 @@ def test_stored_bytes_are_the_unique_bytes(saved: str) -> None:
     assert stored == unique
     headers = ckpt.manifest.total_bytes - stored
     assert 0 < headers < 4 * 4096  # the data files' safetensors headers only
+    from cloudckpt.cli import main
+
+    assert main(["verify", f"{saved}/globals"]) == 0  # chunks are ordinary tensor records
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
