@@ -13,10 +13,13 @@ and ``file://``) and ``fsspec`` (any protocol fsspec knows, ``memory://`` includ
 from __future__ import annotations
 
 import abc
+import difflib
 import errno
+import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -67,6 +70,16 @@ class Backend(abc.ABC):
     name: ClassVar[str] = ""
     protocols: ClassVar[tuple[str, ...]] = ()
     create_only_commit: ClassVar[bool] = True
+    #: The storage options this backend takes itself. ``None``: not declared, every option is
+    #: passed on unchecked. A backend that hands the rest to an fsspec filesystem also accepts
+    #: that filesystem's options (see :meth:`fsspec_class`).
+    accepted_options: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
+        """The fsspec filesystem class the remaining options go to (``None``: none)."""
+        return None
+
     conditional_replace: ClassVar[bool] = False
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -156,6 +169,12 @@ class Backend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads; the default holds none."""
 
+    def check_location(self, path: str) -> None:  # noqa: B027 - optional check
+        """Raise :class:`BackendError` naming ``path`` if nothing could ever be stored there
+        (its bucket does not exist, a parent is a file). A prefix that is merely empty is fine.
+        Listings call this when they find nothing, so a mistyped location is an error rather
+        than an empty listing. The default checks nothing."""
+
     def retry_total(self) -> int:
         """Requests this backend has retried so far (for log lines); 0 if it never retries."""
         return 0
@@ -182,6 +201,7 @@ class LocalBackend(Backend):
 
     name = "local"
     protocols = ("", "file", "local")
+    accepted_options: ClassVar[frozenset[str] | None] = frozenset()
 
     def to_path(self, uri: str) -> str:
         for prefix in ("file://", "local://"):
@@ -290,6 +310,21 @@ class LocalBackend(Backend):
                 os.unlink(tmp)
         self._fsync_dir(os.path.dirname(path))
 
+    def check_location(self, path: str) -> None:
+        parent = path
+        while not os.path.lexists(parent):
+            up = os.path.dirname(parent)
+            if up == parent:
+                return
+            parent = up
+        if parent != path and not os.path.isdir(parent):
+            raise BackendError(
+                f"{path}: cannot hold checkpoints: {parent} is a file, not a directory; check "
+                "the path"
+            )
+        if parent == path and not os.path.isdir(path):
+            raise BackendError(f"{path}: is a file, not a directory of checkpoints")
+
     @staticmethod
     def _version(st: os.stat_result) -> str:
         return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
@@ -356,6 +391,16 @@ class FsspecBackend(Backend):
     name = "fsspec"
     protocols: ClassVar[tuple[str, ...]] = ("*",)
     create_only_commit = False
+    accepted_options: ClassVar[frozenset[str] | None] = frozenset()
+
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
+        import fsspec
+
+        try:
+            return fsspec.get_filesystem_class(protocol or "file")
+        except (ValueError, ImportError):
+            return None  # construction reports the unknown protocol
 
     def __init__(
         self, storage_options: Mapping[str, Any] | None = None, *, protocol: str = "memory"
@@ -369,7 +414,7 @@ class FsspecBackend(Backend):
         except (ValueError, ImportError) as e:
             raise BackendError(
                 f"fsspec cannot open protocol {protocol!r}: {e}. Install the package that "
-                "provides it, or a cloudckpt backend plugin (cloudckpt-s3, cloudckpt-gcs)."
+                f"provides it, or {plugin_install_hint(protocol)}."
             ) from e
 
     def to_path(self, uri: str) -> str:
@@ -533,6 +578,25 @@ def split_scheme(uri: str) -> str:
     return ""
 
 
+_PLUGINS = {"s3": "s3", "s3a": "s3", "gcs": "gcs", "gs": "gcs"}
+
+
+def plugin_install_hint(name: str | None = None) -> str:
+    """How to install the backend plugin for a backend name or URI scheme: from a clone, and by
+    its distribution name once published (the plugins are distributions, not extras)."""
+    plugin = _PLUGINS.get((name or "").lower())
+    if plugin is None:
+        return (
+            "its plugin (a distribution with a 'cloudckpt.backends' entry point; the S3 and GCS "
+            "ones, from a clone of cloudckpt: pip install -e backends/s3 / -e backends/gcs, "
+            "published as cloudckpt-s3 / cloudckpt-gcs)"
+        )
+    return (
+        f"its plugin: from a clone of cloudckpt, pip install -e backends/{plugin} "
+        f"(published as cloudckpt-{plugin})"
+    )
+
+
 def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
     """The backend class for ``uri``: the one named ``backend``, or the one for its scheme."""
     _load_entry_points()
@@ -542,10 +606,91 @@ def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
         except KeyError:
             raise ConfigError(
                 f"unknown backend {backend!r} for {uri!r}; known: {sorted(_registry)}. "
-                "Install its plugin (pip install cloudckpt[s3] / cloudckpt[gcs]) or fix the name."
+                f"Install {plugin_install_hint(backend)}, or fix the name."
             ) from None
     scheme = split_scheme(uri)
     return _by_protocol.get(scheme, FsspecBackend)
+
+
+FSSPEC_COMMON_OPTIONS = frozenset(
+    {
+        "skip_instance_cache",
+        "use_listings_cache",
+        "listings_expiry_time",
+        "max_paths",
+        "asynchronous",
+        "loop",
+        "batch_size",
+    }
+)
+"""Options every fsspec filesystem takes (its instance cache, listings cache and event loop)."""
+
+
+def _named_parameters(fs_class: type) -> set[str]:
+    names: set[str] = set()
+    for klass in fs_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            continue
+        names.update(
+            p.name
+            for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        )
+    return names
+
+
+def known_options(cls: type[Backend], protocol: str) -> frozenset[str] | None:
+    """Every storage option ``cls`` takes for ``protocol``; ``None`` if it does not declare them."""
+    if cls.accepted_options is None:
+        return None
+    fs_class = cls.fsspec_class(protocol)
+    if fs_class is None:
+        return cls.accepted_options
+    return cls.accepted_options | FSSPEC_COMMON_OPTIONS | _named_parameters(fs_class)
+
+
+def unknown_options(
+    cls: type[Backend], protocol: str, options: Mapping[str, Any]
+) -> tuple[list[str], frozenset[str]]:
+    """The keys of ``options`` that ``cls`` does not take, and the ones it takes."""
+    known = known_options(cls, protocol)
+    if known is None:
+        return [], frozenset()
+    return sorted(str(k) for k in options if k not in known), known
+
+
+def describe_unknown_options(
+    cls: type[Backend], protocol: str, unknown: list[str], known: frozenset[str]
+) -> str:
+    """``storage option 'x' is not one the s3 backend takes (did you mean 'y'?); known: ...``."""
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    what = f"backend {cls.name!r}" + (f" for {protocol}://" if protocol else "")
+    known_text = ", ".join(sorted(known)) if known else "none"
+    return (
+        f"storage option{'s' if len(unknown) > 1 else ''} {', '.join(hints)} "
+        f"{'are' if len(unknown) > 1 else 'is'} not taken by {what}; known options: {known_text}"
+    )
+
+
+_MALFORMED_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/*(?!/)")
+
+
+def check_uri(uri: str) -> None:
+    """Refuse a URI with a scheme but without ``://`` (``s3:/bucket``, ``gs:bucket``)."""
+    if "://" not in uri and _MALFORMED_URI.match(uri) and ":" in uri.split("/", 1)[0]:
+        scheme = uri.split(":", 1)[0]
+        raise ConfigError(
+            f"malformed URI {uri!r}: a store URI is {scheme}://bucket/prefix (two slashes after "
+            f"the scheme); a local path with a colon in its first component: write ./{uri}"
+        )
 
 
 def _options_key(options: Mapping[str, Any]) -> str:
@@ -561,9 +706,13 @@ def resolve(
     """The backend for ``uri`` (shared per backend, protocol and options) and ``uri``'s path."""
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
+    check_uri(uri)
     cls = backend_class_for(uri, backend)
     options = dict(storage_options or {})
     scheme = split_scheme(uri)
+    unknown, known = unknown_options(cls, scheme, options)
+    if unknown:
+        raise ConfigError(f"{uri}: {describe_unknown_options(cls, scheme, unknown, known)}")
     key = (cls.name, scheme, _options_key(options))
     with _registry_lock:
         inst = _instances.get(key)

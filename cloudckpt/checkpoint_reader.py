@@ -25,7 +25,7 @@ from .errors import (
 from .format import crc32c, dtype_from_name, tensor_bytes
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import is_dtensor
-from .protocol.committed import CommittedCheckpoint, open_checkpoint
+from .protocol.committed import CommittedCheckpoint, open_checkpoint, unreadable_name
 from .protocol.records import RankIndex, TensorRecord
 from .storage import StorageConfig, describe_store_error
 from .tree import LeafMakers, Node, child_key, node_kind, unflatten
@@ -84,8 +84,14 @@ class CheckpointReader:
 
         With ``state_dict``, only its keys are read, into its own tensors where they fit.
         ``rank`` picks whose shard to read (default: this rank; required when the world
-        size differs from the checkpoint's).
+        size differs from the checkpoint's). Other keywords are a ``TypeError``.
         """
+        if kwargs:
+            raise TypeError(
+                f"CheckpointReader.read() got unexpected keyword argument(s) "
+                f"{', '.join(map(repr, sorted(kwargs)))}; it takes map_location, rank and "
+                "storage_options"
+            )
         with paused_gc():
             return self._read(path, state_dict, map_location, rank, storage_options)
 
@@ -119,7 +125,7 @@ class CheckpointReader:
             rec = index.tensors[i]
             dtype = dtype_from_name(rec.dtype, ckpt.uri)
             if target is None:
-                dest = torch.empty(rec.shape, dtype=dtype)
+                dest = _empty(rec, dtype, ckpt.uri)
                 requests.append(_Request(rec, dest))
                 return dest
             if is_dtensor(target):
@@ -136,7 +142,7 @@ class CheckpointReader:
             if target.device.type == "cpu" and target.is_contiguous():
                 requests.append(_Request(rec, target))
             else:
-                requests.append(_Request(rec, torch.empty(rec.shape, dtype=dtype), target))
+                requests.append(_Request(rec, _empty(rec, dtype, ckpt.uri), target))
             return target
 
         def take_global(j: int, key: str, target: Any = None) -> Any:
@@ -237,6 +243,8 @@ class CheckpointReader:
             ) from None
         except OSError as e:
             raise BackendError(describe_store_error(ckpt.uri, where, e)) from e
+        except (ValueError, TypeError) as e:
+            raise unreadable_name(where, e) from e
         for r, view in zip(group, views):
             if crc32c(view) != r.record.crc32c:
                 raise CorruptCheckpointError(
@@ -249,6 +257,20 @@ class CheckpointReader:
     def close(self) -> None:
         """Stop the reader's threads."""
         self._pool.shutdown(wait=True)
+
+
+def _empty(rec: TensorRecord, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """The destination of one stored tensor. The index has already bounded its size by the
+    file it lies in (and the file's real end stops the read); an allocation the machine refuses
+    means the index claims more than any real checkpoint of this job holds."""
+    try:
+        return torch.empty(rec.shape, dtype=dtype)
+    except (RuntimeError, MemoryError, ValueError, OverflowError) as e:
+        raise CorruptCheckpointError(
+            f"{where}: tensor {rec.key!r} claims shape {rec.shape[:8]} ({rec.length} bytes), "
+            f"which cannot be allocated ({type(e).__name__}); the index is damaged or the "
+            "checkpoint is larger than this machine's memory"
+        ) from e
 
 
 def _merge(

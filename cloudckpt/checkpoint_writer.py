@@ -230,8 +230,15 @@ class CheckpointWriter:
         ``replicated``: glob patterns over key paths of plain leaves that are the same on every
         rank (stored once; default ``[writer] replicated``). DTensors are always stored once.
         Raises ``CheckpointExistsError`` if a committed checkpoint is there and not
-        ``overwrite``; ``UnsupportedValueError`` for a leaf that cannot be saved.
+        ``overwrite``; ``UnsupportedValueError`` for a leaf that cannot be saved. Other keyword
+        arguments go to the commit hook; without a hook they are a ``TypeError``.
         """
+        if kwargs and self._commit_hook is None:
+            raise TypeError(
+                f"CheckpointWriter.write() got unexpected keyword argument(s) "
+                f"{', '.join(map(repr, sorted(kwargs)))}: extra keywords go to a commit hook, "
+                "and this writer has none"
+            )
         if replicated is None:
             patterns: Sequence[str] = self._config.replicated
         else:
@@ -261,6 +268,13 @@ class CheckpointWriter:
         )
         rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
         multi = world > 1
+        barrier_world = self._barrier.world_size if self._barrier is not None else None
+        if barrier_world is not None and barrier_world != world:
+            raise ConfigError(
+                f"{uri}: rank {rank} thinks the job has {world} rank(s) but its barrier waits "
+                f"for {barrier_world}; nothing was written. Make rank_info (or the process "
+                "group) agree with [barrier.barrier_args] global_world_size."
+            )
         if multi and self._barrier is None:
             raise ConfigError(
                 f"rank {rank} of {world} has no barrier, so no rank could commit {uri} for all: "

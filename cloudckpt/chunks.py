@@ -282,6 +282,24 @@ def uncovered(target: Box, boxes: Sequence[Box]) -> Box | None:
 # -- index records --------------------------------------------------------------------------
 
 
+def _row(row: Any, n: int, what: str, where: str) -> list[Any]:
+    if not isinstance(row, list) or len(row) < n:
+        raise CorruptCheckpointError(f"{where}: malformed {what} row {str(row)[:80]!r}")
+    return row[:n]
+
+
+def _int(x: Any, where: str) -> int:
+    if type(x) is not int:
+        raise CorruptCheckpointError(f"{where}: expected an integer in a global leaf, got {x!r}")
+    return x
+
+
+def _ints(xs: Any, where: str) -> list[int]:
+    if not isinstance(xs, list):
+        raise CorruptCheckpointError(f"{where}: expected a list of integers, got {str(xs)[:80]!r}")
+    return [_int(x, where) for x in xs]
+
+
 @dataclass
 class ChunkRecord:
     """A stored chunk of a global leaf: the tensor record holding its bytes (position in the
@@ -301,9 +319,11 @@ class ChunkRecord:
         return [self.tensor, self.offsets, self.sizes, self.block_rows, self.crcs]
 
     @classmethod
-    def from_row(cls, row: Any) -> ChunkRecord:
-        t, o, s, b, c = row[:5]
-        return cls(int(t), [int(x) for x in o], [int(x) for x in s], int(b), [int(x) for x in c])
+    def from_row(cls, row: Any, where: str) -> ChunkRecord:
+        t, o, s, b, c = _row(row, 5, "a chunk", where)
+        return cls(
+            _int(t, where), _ints(o, where), _ints(s, where), _int(b, where), _ints(c, where)
+        )
 
 
 GLOBAL_KINDS = ("dtensor", "replicated")
@@ -324,15 +344,12 @@ class GlobalRecord:
         return [self.key, self.dtype, self.shape, self.kind, [c.to_row() for c in self.chunks]]
 
     @classmethod
-    def from_row(cls, row: Any) -> GlobalRecord:
-        k, d, s, kind, chunks = row[:5]
-        return cls(
-            str(k),
-            str(d),
-            [int(x) for x in s],
-            str(kind),
-            [ChunkRecord.from_row(c) for c in chunks],
-        )
+    def from_row(cls, row: Any, where: str) -> GlobalRecord:
+        """Parse an index row; anything malformed is a :class:`CorruptCheckpointError`."""
+        k, d, s, kind, chunks = _row(row, 5, "a global leaf", where)
+        if not all(isinstance(x, str) for x in (k, d, kind)) or not isinstance(chunks, list):
+            raise CorruptCheckpointError(f"{where}: malformed global leaf row {str(row)[:80]!r}")
+        return cls(k, d, _ints(s, where), kind, [ChunkRecord.from_row(c, where) for c in chunks])
 
     def validate(self, where: str, tensors: Sequence[Any]) -> None:
         """Chunks inside the global shape and agreeing with their tensor records (each of which

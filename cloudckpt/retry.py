@@ -145,14 +145,7 @@ class RetryPolicy:
         Keys: ``retry_stall_timeout``, ``retry_max_attempts``, ``retry_initial_backoff``,
         ``retry_max_backoff``, ``retry_request_timeout``.
         """
-        fields = {
-            "retry_stall_timeout": "stall_timeout",
-            "retry_max_attempts": "max_attempts",
-            "retry_initial_backoff": "initial_backoff",
-            "retry_max_backoff": "max_backoff",
-            "retry_multiplier": "multiplier",
-            "retry_request_timeout": "request_timeout",
-        }
+        fields = RETRY_OPTION_FIELDS
         kwargs: dict[str, Any] = {}
         for key, name in fields.items():
             if key in options:
@@ -168,6 +161,18 @@ class RetryPolicy:
                         f"storage option {key!r} must be a number, got {value!r}"
                     ) from None
         return cls(**kwargs)
+
+
+RETRY_OPTION_FIELDS = {
+    "retry_stall_timeout": "stall_timeout",
+    "retry_max_attempts": "max_attempts",
+    "retry_initial_backoff": "initial_backoff",
+    "retry_max_backoff": "max_backoff",
+    "retry_multiplier": "multiplier",
+    "retry_request_timeout": "request_timeout",
+}
+RETRY_OPTIONS = frozenset(RETRY_OPTION_FIELDS)
+"""The storage options :meth:`RetryPolicy.from_options` takes."""
 
 
 class Deadline:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import re
 import threading
 from collections.abc import Iterator
@@ -61,6 +62,8 @@ def parse_duration(value: int | float | str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration, got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite duration, got {value!r}")
         if value < 0:
             raise ValueError(f"a duration cannot be negative: {value}")
         return float(value)

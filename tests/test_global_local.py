@@ -38,12 +38,12 @@ def test_replicated_leaves_from_the_config_file(tmp_path: Path) -> None:
     cfg.write_text('[writer]\nfile_size = "1MiB"\nreplicated = "**"\n')
     with pytest.raises(cloudckpt.ConfigError) as e:
         cloudckpt.load_config(cfg)
-    assert str(e.value) == f"{cfg}:3: [writer] replicated: expected list[str], got str '**'"
+    assert str(e.value) == f"{cfg}:3: [writer] replicated: expected list, got str '**'"
     cfg.write_text('[writer]\nreplicated = ["a.*", 3]\n')
     with pytest.raises(cloudckpt.ConfigError) as e:
         cloudckpt.load_config(cfg)
     assert str(e.value) == (
-        f"{cfg}:1: [writer]: replicated: every pattern must be a non-empty string, got 3"
+        f"{cfg}:1: [writer] replicated: every pattern must be a non-empty string, got 3"
     )
 
 

@@ -53,12 +53,24 @@ class CommittedCheckpoint:
             ) from None
         except OSError as e:
             raise BackendError(describe_store_error(self.uri, where, e)) from e
+        except (ValueError, TypeError) as e:
+            raise unreadable_name(where, e) from e
         if len(raw) != entry.size or crc32c(raw) != entry.crc32c:
             raise CorruptCheckpointError(
                 f"{where}: size or CRC32C differs from the manifest ({len(raw)} bytes, expected "
                 f"{entry.size}); the index is damaged. Load an earlier checkpoint."
             )
         return RankIndex.from_json(raw, where)
+
+
+def unreadable_name(where: str, e: Exception) -> CorruptCheckpointError:
+    """A stored name the store cannot even look up (a NUL byte, a wrong type): the manifest or
+    index that holds it is damaged."""
+    where = where.replace("\x00", "\\x00")
+    return CorruptCheckpointError(
+        f"{where}: the store cannot read this name ({type(e).__name__}: {e}); the manifest or "
+        "index naming it is damaged. Load an earlier checkpoint."
+    )
 
 
 def open_checkpoint(

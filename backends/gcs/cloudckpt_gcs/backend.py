@@ -25,11 +25,17 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from cloudckpt.backends import Backend, Buffer, ObjectInfo
 from cloudckpt.errors import BackendError
-from cloudckpt.retry import Retrier, RetryCounter, RetryPolicy, classify_network_error
+from cloudckpt.retry import (
+    RETRY_OPTIONS,
+    Retrier,
+    RetryCounter,
+    RetryPolicy,
+    classify_network_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +148,13 @@ class GCSBackend(Backend):
     name = "gcs"
     protocols = ("gs", "gcs")
     create_only_commit = True
+    accepted_options: ClassVar[frozenset[str] | None] = RETRY_OPTIONS | set(OWN_OPTIONS)
+
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
+        from gcsfs.core import GCSFileSystem
+
+        return GCSFileSystem
 
     #: Bytes per resumable-upload request (a multiple of 256 KiB, as GCS requires).
     part_size: int = 16 << 20
@@ -609,6 +622,20 @@ class GCSBackend(Backend):
             token = page.get("nextPageToken")
             if not token or max_results == 1:  # one answer is enough for exists()
                 return items, prefixes
+
+    def check_location(self, path: str) -> None:
+        bucket, _ = self._split(path)
+        what = self.to_uri(bucket)
+        try:
+            self._retry(
+                what,
+                lambda: self._run(self._list, bucket, "", what, delimiter=True, max_results=1),
+            )
+        except FileNotFoundError:
+            raise BackendError(
+                f"{self.to_uri(path)}: the bucket {bucket!r} does not exist (or these "
+                "credentials cannot see it); check the URI, or create the bucket first"
+            ) from None
 
     def list_dir(self, path: str) -> list[ObjectInfo]:
         bucket, key = self._split(path)

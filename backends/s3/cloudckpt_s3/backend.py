@@ -23,10 +23,12 @@ import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, ClassVar
 
 from cloudckpt.backends import Buffer, FsspecBackend
+from cloudckpt.errors import BackendError
 from cloudckpt.retry import (
+    RETRY_OPTIONS,
     Deadline,
     Retrier,
     RetryCounter,
@@ -118,6 +120,17 @@ class S3Backend(FsspecBackend):
     name = "s3"
     protocols = ("s3", "s3a")
     create_only_commit = True
+    accepted_options: ClassVar[frozenset[str] | None] = RETRY_OPTIONS | {
+        "part_size",
+        "read_part_size",
+        "max_inflight_parts",
+    }
+
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
+        import s3fs
+
+        return s3fs.S3FileSystem
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
         import s3fs
@@ -419,6 +432,20 @@ class S3Backend(FsspecBackend):
 
     def exists(self, path: str) -> bool:
         return bool(self.retrier.call(lambda: self.fs.exists(path), what=self.to_uri(path)))
+
+    def check_location(self, path: str) -> None:
+        bucket, _ = self._split(path)
+
+        def head() -> None:
+            self._run(self.fs._call_s3("head_bucket", Bucket=bucket))
+
+        try:
+            self.retrier.call(head, what=self.to_uri(bucket))
+        except FileNotFoundError:
+            raise BackendError(
+                f"{self.to_uri(path)}: the bucket {bucket!r} does not exist (or these "
+                "credentials cannot see it); check the URI, or create the bucket first"
+            ) from None
 
     def size(self, path: str) -> int:
         return int(self.retrier.call(lambda: self.fs.size(path), what=self.to_uri(path)))
