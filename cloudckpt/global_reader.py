@@ -118,6 +118,13 @@ def plan_reads(requests: list[GlobalRequest], catalog: Catalog, where: str) -> l
     for req in requests:
         stored = catalog.chunks.get(req.record.key, [])
         pieces = read_pieces(req.box, [(s.chunk.box, s.chunk.block_rows) for s in stored])
+        for n, p in enumerate(pieces):  # stored chunks never overlap: the sum below counts
+            if any(p.box.intersect(q.box) is not None for q in pieces[n + 1 :]):
+                raise CorruptCheckpointError(
+                    f"{where}: global leaf {req.record.key!r}: two stored chunks overlap at "
+                    f"offsets {list(p.box.offsets)}; the index is damaged. Load an earlier "
+                    "checkpoint."
+                )
         if sum(p.box.numel for p in pieces) != req.box.numel:
             raise CorruptCheckpointError(
                 f"{where}: global leaf {req.record.key!r}: the stored chunks do not cover "

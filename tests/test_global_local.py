@@ -123,3 +123,25 @@ def test_replicated_must_be_a_list_of_patterns(tmp_path: Path) -> None:
         "['optim.state.*.step']), got '**'"
     )
     assert not (tmp_path / "a").exists()
+
+
+def test_a_hostile_global_index_is_refused(tmp_path: Path) -> None:
+    """Overlapping or misplaced chunks, bad rows: corruption, never a hole or a stray error."""
+    from cloudckpt.chunks import ChunkRecord, GlobalRecord
+    from cloudckpt.global_reader import Catalog, StoredChunk, plan_reads
+
+    g = GlobalRecord("w", "float32", [10, 2], "dtensor")
+    chunks = [ChunkRecord(0, [0, 0], [6, 2], 6, [0]), ChunkRecord(1, [4, 0], [6, 2], 6, [0])]
+    catalog = Catalog({"w": g}, {"w": [StoredChunk(0, c, "f", 8) for c in chunks]})
+    request = GlobalRequest(g, Box((0, 0), (10, 2)), torch.empty(10, 2))
+    with pytest.raises(cloudckpt.CorruptCheckpointError, match="two stored chunks overlap"):
+        plan_reads([request], catalog, "ck")
+    catalog.chunks["w"] = catalog.chunks["w"][:1]
+    with pytest.raises(cloudckpt.CorruptCheckpointError, match="do not cover offsets"):
+        plan_reads([request], catalog, "ck")
+    for row in (["w", "float32", [10, 2], "dtensor"], ["w", "f", ["10"], "dtensor", []], 7):
+        with pytest.raises(cloudckpt.CorruptCheckpointError, match="ck: "):
+            GlobalRecord.from_row(row, "ck")
+    bad = GlobalRecord("w", "float32", [10, 2], "dtensor", [ChunkRecord(0, [8, 0], [6, 2], 6, [0])])
+    with pytest.raises(cloudckpt.CorruptCheckpointError, match="does not fit its shape"):
+        bad.validate("ck", [])
