@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from .builder import make_checkpoint_reader, make_sync_checkpointer, rank_info_for
@@ -33,15 +34,18 @@ def save(
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
     rank_info: RankInfo | None = None,
+    replicated: Sequence[str] | None = None,
 ) -> None:
     """Save ``state_dict`` at ``uri`` and commit it; returns once the manifest exists.
 
     ``config`` is a :class:`CheckpointerConfig` or a TOML file (default ``$CLOUDCKPT_CONFIG``);
-    ``storage_options`` override its ``[storage.options]``.
+    ``storage_options`` override its ``[storage.options]``. ``replicated``: glob patterns over
+    key paths of plain leaves that are the same on every rank (stored once; default
+    ``[writer] replicated``); DTensors are always stored as global tensors.
     """
     cfg = _with_options(config, storage_options)
     with make_sync_checkpointer(cfg, rank_info=rank_info) as ckpt:
-        ckpt.save(uri, state_dict, overwrite=overwrite, metadata=metadata)
+        ckpt.save(uri, state_dict, overwrite=overwrite, metadata=metadata, replicated=replicated)
 
 
 def load(

@@ -12,7 +12,6 @@ training for the GIL. If the process dies, the save in flight fails with
 from __future__ import annotations
 
 import abc
-import functools
 import logging
 import logging.handlers
 import os
@@ -30,10 +29,12 @@ from typing import Any
 import torch
 
 from .backends import resolve
+from .chunks import LayoutSpec
 from .config_types import WRITER_KINDS, CheckpointProcessConfig  # noqa: F401 - re-exported
 from .errors import ConfigError, WriterProcessError
+from .global_tensors import GlobalShard
 from .storage import StorageConfig
-from .tree import Node, TensorLeaf, flatten, unflatten
+from .tree import LeafMakers, Node, TensorLeaf, flatten, unflatten
 from .types import STATE_DICT, RankInfo
 from .utils import own_process_gc
 
@@ -119,6 +120,27 @@ def _leaf(
     return out.set_(storages[ref.storage], offset, ref.shape, ref.stride)
 
 
+def _makers(
+    refs: list[_TensorRef | torch.Tensor],
+    layouts: list[tuple[LayoutSpec, str] | None],
+    storages: dict[int, torch.UntypedStorage],
+) -> LeafMakers:
+    """``unflatten``'s leaf makers for a received state dict: per-rank tensors and global
+    leaves are numbered apart in the tree, ``refs`` holds both in visit order."""
+    per_rank = [p for p, lay in enumerate(layouts) if lay is None]
+    globals_ = [p for p, lay in enumerate(layouts) if lay is not None]
+
+    def tensor(i: int, key: str) -> torch.Tensor:
+        return _leaf(refs, storages, per_rank[i], key)
+
+    def global_leaf(j: int, key: str) -> GlobalShard:
+        layout = layouts[globals_[j]]
+        assert layout is not None
+        return GlobalShard(layout[0], _leaf(refs, storages, globals_[j], key), layout[1])
+
+    return LeafMakers(tensor, global_leaf)
+
+
 def _portable(error: BaseException) -> BaseException:
     """``error`` if it survives pickling, else a :class:`WriterProcessError` with its text."""
     try:
@@ -177,12 +199,12 @@ def writer_process_main(
             break
         if message[0] == "exit":
             break
-        _, path, tree, refs, new_storages, keep, kwargs = message
+        _, path, tree, refs, layouts, new_storages, keep, kwargs = message
         held.update(new_storages)
         for key in [k for k in held if k not in keep]:
             del held[key]
         try:
-            state_dict = unflatten(tree, functools.partial(_leaf, refs, held), path)
+            state_dict = unflatten(tree, _makers(refs, layouts, held), path)
             writer.write(path, state_dict, **kwargs)
             send(("done",))
         except BaseException as e:
@@ -292,11 +314,12 @@ class _Worker:
         """Send a flattened state dict: its tree, and each tensor as a place in a storage."""
         storages: dict[int, torch.UntypedStorage] = {}
         refs = [_ref(leaf.tensor, storages) for leaf in leaves]
+        layouts = [(lf.shard.layout, lf.shard.kind) if lf.shard else None for lf in leaves]
         new = {k: s for k, s in storages.items() if k not in self._sent}
         # hold what the process holds, so no address is reused by another storage meanwhile
         self._sent = storages
         try:
-            self._conn.send(("write", path, tree, refs, new, set(storages), kwargs))
+            self._conn.send(("write", path, tree, refs, layouts, new, set(storages), kwargs))
         except (OSError, ValueError):
             pass  # the reader thread reports the death
         answer = self._answers.get()

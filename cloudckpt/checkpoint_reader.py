@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +23,12 @@ from .errors import (
     StateDictMismatchError,
 )
 from .format import crc32c, dtype_from_name, tensor_bytes
+from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
+from .global_tensors import is_dtensor
 from .protocol.committed import CommittedCheckpoint, open_checkpoint, unreadable_name
 from .protocol.records import RankIndex, TensorRecord
 from .storage import StorageConfig, describe_store_error
-from .tree import Node, child_key, node_kind, unflatten
+from .tree import LeafMakers, Node, child_key, node_kind, unflatten
 from .types import STATE_DICT, RankInfo
 from .utils import format_size, paused_gc
 
@@ -103,13 +105,21 @@ class CheckpointReader:
     ) -> tuple[STATE_DICT, list[str]]:
         started = time.monotonic()
         ckpt = self.open(path, storage_options)
-        rank = self._pick_rank(ckpt, rank)
+        saved_world = ckpt.manifest.world_size
+        # at another world size, global leaves reshard; per-rank leaves need an explicit rank
+        other_world = rank is None and saved_world != self._rank_info.global_world_size
+        if rank is None:
+            rank = 0 if other_world else self._rank_info.global_rank
         index = ckpt.read_index(rank)
         device = torch.device(map_location) if map_location is not None else None
         requests: list[_Request] = []
+        global_requests: list[GlobalRequest] = []
         missing: list[str] = []
+        per_rank: list[str] = []
 
         def take(i: int, key: str, target: torch.Tensor | None = None) -> torch.Tensor:
+            if other_world:
+                per_rank.append(key)
             if not 0 <= i < len(index.tensors):
                 raise CorruptCheckpointError(f"{ckpt.uri}: tree names tensor #{i}, not in index")
             rec = index.tensors[i]
@@ -118,6 +128,11 @@ class CheckpointReader:
                 dest = _empty(rec, dtype, ckpt.uri)
                 requests.append(_Request(rec, dest))
                 return dest
+            if is_dtensor(target):
+                raise StateDictMismatchError(
+                    f"{key}: the target is a DTensor but {ckpt.uri} holds a per-rank tensor "
+                    "there (saved from a plain tensor); load it into a plain tensor"
+                )
             if tuple(target.shape) != tuple(rec.shape) or target.dtype != dtype:
                 raise StateDictMismatchError(
                     f"{key}: the target tensor is {tuple(target.shape)} {target.dtype} but "
@@ -130,11 +145,34 @@ class CheckpointReader:
                 requests.append(_Request(rec, _empty(rec, dtype, ckpt.uri), target))
             return target
 
+        def take_global(j: int, key: str, target: Any = None) -> Any:
+            if not 0 <= j < len(index.globals):
+                raise CorruptCheckpointError(f"{ckpt.uri}: tree names global #{j}, not in index")
+            req, value = global_request(
+                index.globals[j], key, target, self._rank_info.global_rank, ckpt.uri
+            )
+            global_requests.append(req)
+            return value
+
+        makers = LeafMakers(take, take_global, per_rank.append if other_world else None)
         if state_dict is None:
-            result = unflatten(index.tree, take, ckpt.uri)
+            result = unflatten(index.tree, makers, ckpt.uri)
         else:
-            result = _merge(state_dict, index.tree, take, missing, ckpt.uri)
+            result = _merge(state_dict, index.tree, makers, missing, ckpt.uri)
+        if per_rank:
+            shown = ", ".join(per_rank[:5]) + (" ..." if len(per_rank) > 5 else "")
+            raise CheckpointError(
+                f"{ckpt.uri} was saved by {saved_world} rank(s) but this job has "
+                f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's "
+                f"per-rank leaves ({shown}) (rank=0 for replicated state such as a DDP model), "
+                "or save such leaves with replicated=[...] patterns; DTensors and replicated "
+                "leaves load at any world size"
+            )
+        if global_requests:
+            catalog: Catalog = load_catalog(ckpt, {rank: index}, self._pool)
         nbytes = self._fetch(ckpt, index, requests)
+        if global_requests:
+            nbytes += fetch_globals(ckpt, global_requests, catalog, self._pool)
         for req in requests:
             if req.copy_to is not None:
                 req.copy_to.copy_(req.dest)
@@ -145,24 +183,12 @@ class CheckpointReader:
             "loaded %s rank %d: %d tensors, %s in %.2f s (%.2f GB/s)",
             ckpt.uri,
             rank,
-            len(requests),
+            len(requests) + len(global_requests),
             format_size(nbytes),
             elapsed,
             nbytes / max(elapsed, 1e-9) / 1e9,
         )
         return result, missing
-
-    def _pick_rank(self, ckpt: CommittedCheckpoint, rank: int | None) -> int:
-        if rank is not None:
-            return rank
-        world = ckpt.manifest.world_size
-        if world != self._rank_info.global_world_size:
-            raise CheckpointError(
-                f"{ckpt.uri} was saved by {world} rank(s) but this job has "
-                f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's shard "
-                "(rank=0 for replicated state such as a DDP model)"
-            )
-        return self._rank_info.global_rank
 
     def _fetch(self, ckpt: CommittedCheckpoint, index: RankIndex, requests: list[_Request]) -> int:
         """Read every request, coalescing per file; returns bytes read."""
@@ -252,7 +278,7 @@ def _empty(rec: TensorRecord, dtype: torch.dtype, where: str) -> torch.Tensor:
 def _merge(
     target: Any,
     node: Node,
-    take: Callable[..., torch.Tensor],
+    makers: LeafMakers,
     missing: list[str],
     where: str,
     key: str = "",
@@ -260,13 +286,15 @@ def _merge(
     """Fill ``target`` from ``node``, key by key; whole subtrees where the target holds None."""
     kind, payload = node_kind(node, where)
     if target is None:
-        return unflatten(node, take, where, key)
+        return unflatten(node, makers, where, key)
     if isinstance(target, torch.Tensor):
+        if kind == "global" and makers.global_leaf is not None:
+            return makers.global_leaf(int(payload), key, target)
         if kind != "tensor":
             raise StateDictMismatchError(
                 f"{key or '<root>'}: the target holds a tensor but {where} holds a {kind} there"
             )
-        return take(int(payload), key, target)
+        return makers.tensor(int(payload), key, target)
     if isinstance(target, Mapping):
         if kind not in ("dict", "odict"):
             raise StateDictMismatchError(
@@ -276,7 +304,7 @@ def _merge(
         for k in list(target):
             ck = child_key(key, k, False)
             if k in source:
-                target[k] = _merge(target[k], source[k], take, missing, where, ck)  # type: ignore[index]
+                target[k] = _merge(target[k], source[k], makers, missing, where, ck)  # type: ignore[index]
             else:
                 missing.append(ck)
         return target
@@ -290,7 +318,7 @@ def _merge(
         for i, item in enumerate(target):
             ck = child_key(key, i, True)
             if i < len(payload):
-                items.append(_merge(item, payload[i], take, missing, where, ck))
+                items.append(_merge(item, payload[i], makers, missing, where, ck))
             else:
                 missing.append(ck)
                 items.append(item)
@@ -298,7 +326,7 @@ def _merge(
             target[:] = items
             return target
         return tuple(items)
-    return unflatten(node, take, where, key)
+    return unflatten(node, makers, where, key)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,15 @@ import torch
 from ._version import __version__
 from .backends import Backend, resolve
 from .barriers import Barrier
+from .chunks import (
+    Box,
+    ChunkItem,
+    ChunkRecord,
+    GlobalRecord,
+    assign_writers,
+    block_rows,
+    check_patterns,
+)
 from .config_types import CheckpointWriterConfig
 from .errors import (
     BarrierError,
@@ -130,6 +140,58 @@ def plan_files(
     return files
 
 
+def block_checksums(
+    view: memoryview, shape: tuple[int, ...], itemsize: int
+) -> tuple[int, list[int]]:
+    """Rows per block and one CRC32C per block of rows of a stored chunk."""
+    if not shape:
+        return 1, [crc32c(view)]
+    row_bytes = math.prod(shape[1:]) * itemsize
+    per_block = block_rows(row_bytes)
+    step = per_block * row_bytes
+    crcs = [crc32c(view[s : s + step]) for s in range(0, max(view.nbytes, 1), max(step, 1))]
+    return per_block, crcs[: -(-shape[0] // per_block)] if shape[0] else []
+
+
+def plan_global_leaves(
+    leaves: list[TensorLeaf], rank: int
+) -> tuple[list[TensorLeaf], dict[int, tuple[int, Box]], list[GlobalRecord]]:
+    """What this rank writes: its per-rank tensors (first, in order, so the tree's numbers are
+    their positions), then the chunks of global leaves assigned to it, and the global records.
+
+    Returns the tensors to write, for each written chunk its position -> (global leaf, box),
+    and one record per global leaf (chunks filled in once written).
+    """
+    to_write = [leaf for leaf in leaves if leaf.shard is None]
+    globals_ = [leaf for leaf in leaves if leaf.shard is not None]
+    items: dict[int, ChunkItem] = {}
+    for g, leaf in enumerate(globals_):
+        assert leaf.shard is not None
+        box = leaf.shard.layout.box_of(rank)
+        if not box.empty:
+            nbytes = leaf.tensor.numel() * leaf.tensor.element_size()
+            items[g] = ChunkItem(leaf.key, box, nbytes, leaf.shard.layout.holders(rank))
+    writers = assign_writers(items.values())
+    records = []
+    chunk_of: dict[int, tuple[int, Box]] = {}
+    for g, leaf in enumerate(globals_):
+        assert leaf.shard is not None
+        records.append(
+            GlobalRecord(
+                leaf.key,
+                dtype_name(leaf.tensor.dtype),
+                list(leaf.shard.layout.shape),
+                leaf.shard.kind,
+            )
+        )
+        item = items.get(g)
+        if item is not None and writers[(item.key, item.box)] == rank:
+            chunk_of[len(to_write)] = (g, item.box)
+            name = f"{leaf.key}@{','.join(map(str, item.box.offsets))}"
+            to_write.append(TensorLeaf(name, leaf.tensor, leaf.shard))
+    return to_write, chunk_of, records
+
+
 class CheckpointWriter:
     """Writes one rank's part of a checkpoint and, with a barrier, commits it for all ranks."""
 
@@ -161,10 +223,13 @@ class CheckpointWriter:
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
+        replicated: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> Future[None] | None:
         """Save ``state_dict`` at ``path`` (a URI, a plain path, or a name under the root).
 
+        ``replicated``: glob patterns over key paths of plain leaves that are the same on every
+        rank (stored once; default ``[writer] replicated``). DTensors are always stored once.
         Raises ``CheckpointExistsError`` if a committed checkpoint is there and not
         ``overwrite``; ``UnsupportedValueError`` for a leaf that cannot be saved. Other keyword
         arguments go to the commit hook; without a hook they are a ``TypeError``.
@@ -175,8 +240,15 @@ class CheckpointWriter:
                 f"{', '.join(map(repr, sorted(kwargs)))}: extra keywords go to a commit hook, "
                 "and this writer has none"
             )
+        if replicated is None:
+            patterns: Sequence[str] = self._config.replicated
+        else:
+            try:
+                patterns = check_patterns(replicated, "replicated=")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         with paused_gc():
-            self._write(path, state_dict, overwrite, metadata, storage_options, kwargs)
+            self._write(path, state_dict, overwrite, metadata, storage_options, patterns, kwargs)
         return None
 
     def _write(
@@ -186,6 +258,7 @@ class CheckpointWriter:
         overwrite: bool,
         metadata: dict[str, Any] | None,
         storage_options: dict[str, Any] | None,
+        replicated: Sequence[str],
         kwargs: dict[str, Any],
     ) -> None:
         uri = self._storage.resolve_uri(path)
@@ -214,7 +287,7 @@ class CheckpointWriter:
         retries_before = backend.retry_total()
         attempt = new_attempt_id()
         try:
-            tree, leaves = flatten(state_dict)
+            tree, leaves = flatten(state_dict, replicated, world)
             manifest_path = backend.join(root, MANIFEST_NAME)
             if not overwrite and store_call(backend.exists, manifest_path, uri):
                 raise CheckpointExistsError(
@@ -222,12 +295,14 @@ class CheckpointWriter:
                     "it, or save under a new name"
                 )
             try:
-                files, records = self._write_data(backend, root, uri, leaves, rank, attempt)
+                files, records, globals_ = self._write_data(
+                    backend, root, uri, leaves, rank, attempt
+                )
             except BaseException:
                 # a failed write aborts its own upload; this catches any other left open
                 self._abort_uploads(backend, root, uri, attempt)
                 raise
-            index = RankIndex(rank, world, tree, files, records, attempt)
+            index = RankIndex(rank, world, tree, files, records, attempt, globals_)
             raw_index = index.to_json()
             name = index_name(rank, attempt)
             store_call(
@@ -326,14 +401,18 @@ class CheckpointWriter:
         leaves: list[TensorLeaf],
         rank: int,
         attempt: str,
-    ) -> tuple[list[FileRecord], list[TensorRecord]]:
-        total = sum(leaf.tensor.numel() * leaf.tensor.element_size() for leaf in leaves)
+    ) -> tuple[list[FileRecord], list[TensorRecord], list[GlobalRecord]]:
+        to_write, chunk_of, globals_ = plan_global_leaves(leaves, rank)
+        total = sum(leaf.tensor.numel() * leaf.tensor.element_size() for leaf in to_write)
         size = target_file_size(total, self._config.file_size_bytes, self._config.concurrency)
-        plan = plan_files(leaves, rank, size, attempt)
-        records: list[TensorRecord | None] = [None] * len(leaves)
+        plan = plan_files(to_write, rank, size, attempt)
+        records: list[TensorRecord | None] = [None] * len(to_write)
+        blocks: dict[int, tuple[int, list[int]]] = {}
         stop = threading.Event()
         futures = [
-            self._pool.submit(self._write_file, backend, root, uri, n, planned, records, stop)
+            self._pool.submit(
+                self._write_file, backend, root, uri, n, planned, records, blocks, stop
+            )
             for n, planned in enumerate(plan)
         ]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -348,7 +427,12 @@ class CheckpointWriter:
                          and not isinstance(f.exception(), _Stopped))  # fmt: skip
             first.result()
         files = [f.result() for f in futures]
-        return files, [r for r in records if r is not None]
+        for pos, (g, chunk) in chunk_of.items():
+            per_block, crcs = blocks[pos]
+            globals_[g].chunks.append(
+                ChunkRecord(pos, list(chunk.offsets), list(chunk.sizes), per_block, crcs)
+            )
+        return files, [r for r in records if r is not None], globals_
 
     def _write_file(
         self,
@@ -358,6 +442,7 @@ class CheckpointWriter:
         file_no: int,
         planned: PlannedFile,
         records: list[TensorRecord | None],
+        blocks: dict[int, tuple[int, list[int]]],
         stop: threading.Event,
     ) -> FileRecord:
         entries = []
@@ -387,6 +472,8 @@ class CheckpointWriter:
                     crc32c(view),
                 )
                 offset += view.nbytes
+                if leaf.shard is not None:  # a global chunk: checksums per block of rows too
+                    blocks[i] = block_checksums(view, tuple(t.shape), t.element_size())
                 yield view
 
         path = backend.join(root, planned.path)

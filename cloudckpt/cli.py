@@ -42,7 +42,7 @@ from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.copy import copy
 from .protocol.records import DATA_DIR, INDEX_DIR, MANIFEST_NAME
 from .protocol.verify import verify_checkpoint
-from .utils import format_size, parse_duration
+from .utils import format_size, parse_duration, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +371,41 @@ def cmd_cp(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(ctx: Context, args: argparse.Namespace) -> int:
+    from .export import export  # tensors: the only command that imports torch
+
+    ctx.span = (args.uri, args.dst)  # two stores, one option set: each side takes its own
+    src = ctx.open(args.uri)
+    dst, dst_root = ctx.resolve(args.dst)
+    report = export(
+        src,
+        dst,
+        dst_root,
+        args.dst,
+        prefix=args.prefix,
+        rank=args.rank,
+        max_file_bytes=args.max_file_size,
+        overwrite=args.overwrite,
+        concurrency=ctx.cfg.writer_config.concurrency,
+    )
+    if ctx.json:
+        _print_json(vars(report))
+    else:
+        sys.stdout.write(
+            f"exported {report.tensors} tensors ({format_size(report.bytes)}) from {report.src} "
+            f"to {report.dst}: {len(report.files)} safetensors file(s) + "
+            "model.safetensors.index.json\n"
+        )
+    return EXIT_OK
+
+
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _checkpoint_entries(backend: Backend, path: str) -> set[str] | None:
     """The names directly under ``path`` if it looks like a checkpoint (only manifest.json,
     data/, index/ and a temporary manifest a killed commit left), else ``None``."""
@@ -551,6 +586,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at DST")
+    p = add(
+        "export",
+        cmd_export,
+        "write the checkpoint's tensors, consolidated, as safetensors files plus "
+        "model.safetensors.index.json (Hugging Face layout) at DST, any store to any store",
+    )
+    p.add_argument("uri", metavar="URI")
+    p.add_argument("dst", metavar="DST", help="directory URI to write the files under")
+    p.add_argument(
+        "--prefix",
+        default="",
+        help="export only key paths starting with PREFIX, named without it (e.g. model.)",
+    )
+    p.add_argument(
+        "--rank", type=int, default=None, help="whose per-rank tensors to export (many ranks)"
+    )
+    p.add_argument(
+        "--max-file-size",
+        type=_size,
+        default=5 << 30,
+        metavar="SIZE",
+        help="largest output file (default 5GiB; units KiB, MiB, GiB)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an export at DST")
     p = add("rm", cmd_rm, "remove one checkpoint (committed or not), manifest first")
     p.add_argument("uri", metavar="URI")
     p = add(

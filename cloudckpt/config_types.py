@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .chunks import check_patterns
 from .errors import ConfigError
 from .utils import parse_duration, parse_size
 
@@ -175,9 +176,20 @@ class CheckpointWriterConfig:
         types=(int,),
         minimum=1,
     )
+    replicated: list[str] = setting(
+        doc="Glob patterns over key paths (`*` one component, `**` any) of plain leaves that "
+        "are the same on every rank (DDP models, step counters): stored once, loadable at any "
+        'world size. `["**"]`: every plain leaf. DTensors are always stored once.',
+        types=(list,),
+        default_factory=list,
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "writer")
+        try:
+            self.replicated = list(check_patterns(self.replicated, "replicated"))
+        except ValueError as e:
+            raise ConfigError(f"[writer] {e}") from None
 
     @property
     def file_size_bytes(self) -> int:

@@ -29,7 +29,7 @@ MAX_TREE_DEPTH = 100
 
 _TREE_SCALARS = ("none", "bool", "int", "float", "str", "bytes")
 _TREE_CONTAINERS = ("dict", "odict", "list", "tuple")
-TREE_NODE_KINDS = ("tensor", *_TREE_SCALARS, *_TREE_CONTAINERS)
+TREE_NODE_KINDS = ("tensor", "global", "replicated", *_TREE_SCALARS, *_TREE_CONTAINERS)
 
 
 def _no_constants(name: str) -> Any:
@@ -68,10 +68,11 @@ def _is_base64(text: str) -> bool:
     return True
 
 
-def check_tree(tree: Any, n_tensors: int, where: str) -> None:
+def check_tree(tree: Any, n_tensors: int, where: str, n_globals: int = 0) -> None:
     """Check a stored state-dict tree without building it: known node types only, payloads of
-    the right type, tensor numbers in range, depth at most :data:`MAX_TREE_DEPTH`. What
-    loading would refuse, raised as :class:`CorruptCheckpointError` naming the key path."""
+    the right type, tensor (and global leaf) numbers in range, depth at most
+    :data:`MAX_TREE_DEPTH`. What loading would refuse, raised as
+    :class:`CorruptCheckpointError` naming the key path."""
     stack: list[tuple[Any, str, int]] = [(tree, "", 0)]
     while stack:
         node, key, depth = stack.pop()
@@ -87,6 +88,16 @@ def check_tree(tree: Any, n_tensors: int, where: str) -> None:
         ok = True
         if kind == "tensor":
             ok = type(payload) is int and 0 <= payload < n_tensors
+        elif kind == "global":
+            ok = type(payload) is int and 0 <= payload < n_globals
+        elif kind == "replicated":  # a declared-replicated scalar: {"replicated": {"int": 7}}
+            ok = (
+                isinstance(payload, dict)
+                and len(payload) == 1
+                and next(iter(payload)) in _TREE_SCALARS
+            )
+            if ok:
+                stack.append((payload, key, depth + 1))
         elif kind == "none":
             ok = payload is None
         elif kind == "bool":

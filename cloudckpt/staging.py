@@ -10,6 +10,7 @@ on a machine without an accelerator, so the defaults work everywhere.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import os
 import warnings
@@ -20,6 +21,7 @@ import torch
 
 from .config_types import CheckpointStagerConfig
 from .errors import StagingError
+from .global_tensors import GlobalShard, global_shard_of, is_dtensor
 from .tree import check_tensor, child_key
 from .types import STATE_DICT
 from .utils import format_size
@@ -125,7 +127,8 @@ class DefaultStager(CheckpointStager):
     def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
         """Check the size now (fail fast); copy in the background if ``use_async_staging``."""
         tensors: list[torch.Tensor] = []
-        _collect(state_dict, "", tensors)
+        shards: dict[int, GlobalShard] = {}
+        _collect(state_dict, "", tensors, shards)
         total = sum(_align(tensor_nbytes(t)) for t in tensors)
         limit = self._config.max_staging_bytes
         if limit is not None and total > limit:
@@ -138,8 +141,8 @@ class DefaultStager(CheckpointStager):
         if self._share and total > self.staged_bytes:
             _check_shm(total)  # a new slab is coming: fail here, not with a bus error later
         if self._executor is not None:
-            return self._executor.submit(self._stage, state_dict, tensors, total)
-        return self._stage(state_dict, tensors, total)
+            return self._executor.submit(self._stage, state_dict, tensors, shards, total)
+        return self._stage(state_dict, tensors, shards, total)
 
     def _views_for(self, tensors: list[torch.Tensor], total: int) -> list[torch.Tensor]:
         """The slab's tensor views for this layout: kept from the last save if shapes match."""
@@ -168,7 +171,13 @@ class DefaultStager(CheckpointStager):
         self._slab, self._layout = slab, layout
         return self._views
 
-    def _stage(self, state_dict: STATE_DICT, tensors: list[torch.Tensor], total: int) -> STATE_DICT:
+    def _stage(
+        self,
+        state_dict: STATE_DICT,
+        tensors: list[torch.Tensor],
+        shards: dict[int, GlobalShard],
+        total: int,
+    ) -> STATE_DICT:
         views = self._views_for(tensors, total)
         sources = [t.detach() for t in tensors]
         try:  # one call for every tensor: the per-tensor Python cost dominates small tensors
@@ -178,7 +187,7 @@ class DefaultStager(CheckpointStager):
                 _copy_into(dst, src, self._non_blocking)
         if self._non_blocking:
             torch.cuda.synchronize()
-        return _replace(state_dict, {id(t): v for t, v in zip(tensors, views)})
+        return _replace(state_dict, {id(t): v for t, v in zip(tensors, views)}, shards)
 
     def close(self) -> None:
         if self._executor is not None:
@@ -187,27 +196,37 @@ class DefaultStager(CheckpointStager):
         self._views = []
 
 
-def _collect(value: Any, key: str, out: list[torch.Tensor]) -> None:
-    """Every tensor of the tree in visit order; refuses what the writer would refuse."""
-    if isinstance(value, torch.Tensor):
+def _collect(value: Any, key: str, out: list[torch.Tensor], shards: dict[int, GlobalShard]) -> None:
+    """Every tensor of the tree in visit order (a DTensor's local tensor, its layout kept in
+    ``shards``); refuses what the writer would refuse."""
+    if is_dtensor(value):
+        shard = global_shard_of(value, key or "<root>")
+        check_tensor(key or "<root>", shard.local)
+        shards[id(value)] = shard
+        out.append(shard.local)
+    elif isinstance(value, torch.Tensor):
         check_tensor(key or "<root>", value)
         out.append(value)
     elif isinstance(value, dict):
         for k, v in value.items():
-            _collect(v, child_key(key, k, False), out)
+            _collect(v, child_key(key, k, False), out, shards)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _collect(v, child_key(key, i, True), out)
+            _collect(v, child_key(key, i, True), out, shards)
 
 
-def _replace(value: Any, staged: dict[int, torch.Tensor]) -> Any:
-    """The tree with every tensor swapped for its staged copy; containers keep their types."""
+def _replace(value: Any, staged: dict[int, torch.Tensor], shards: dict[int, GlobalShard]) -> Any:
+    """The tree with every tensor swapped for its staged copy (a DTensor for a
+    :class:`GlobalShard` of its staged local tensor); containers keep their types."""
+    shard = shards.get(id(value))
+    if shard is not None:
+        return dataclasses.replace(shard, local=staged[id(shard.local)])
     if isinstance(value, torch.Tensor):
         return staged[id(value)]
     if isinstance(value, dict):
-        return type(value)((k, _replace(v, staged)) for k, v in value.items())
+        return type(value)((k, _replace(v, staged, shards)) for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return type(value)(_replace(v, staged) for v in value)
+        return type(value)(_replace(v, staged, shards) for v in value)
     return value
 
 

@@ -1,12 +1,14 @@
 """The state-dict tree: flatten nested containers into typed JSON plus a list of tensors, and back.
 
 Containers: ``dict`` and ``OrderedDict`` (keys ``str`` or ``int``), ``list`` and ``tuple``.
-Leaves: plain strided tensors, and ``int``, ``float`` (inf and nan too), ``bool``, ``None``,
+Leaves: plain strided tensors, DTensors (global leaves), and ``int``, ``float`` (inf and nan too), ``bool``, ``None``,
 ``str``, ``bytes``. Types come back exactly. Anything else is refused with its key path, before
 a byte is written. Nothing here ever pickles.
 
 The JSON form of a node is a one-key object naming its type, e.g. ``{"dict": [[key, node], ...]}``,
-``{"list": [...]}``, ``{"tensor": 3}`` (an index into the tensor list), ``{"float": "nan"}``.
+``{"list": [...]}``, ``{"tensor": 3}`` (the 4th per-rank tensor), ``{"global": 0}`` (the 1st
+global leaf: a DTensor, or a plain tensor declared replicated), ``{"replicated": {"int": 7}}`` (a
+non-tensor leaf declared replicated), ``{"float": "nan"}``.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import base64
 import math
 import types
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .chunks import LayoutSpec, glob_match
 from .errors import CorruptCheckpointError, UnsupportedValueError
 from .format import MAX_TREE_DEPTH
+from .global_tensors import GlobalShard, global_shard_of, is_dtensor
 
 Node = dict[str, Any]
 
@@ -38,10 +42,12 @@ _PLAIN_TENSOR_TYPES: tuple[type, ...] = tuple(
 
 @dataclass
 class TensorLeaf:
-    """A tensor found in the tree, with its display key path (``model.layer1.weight``)."""
+    """A tensor found in the tree, with its display key path (``model.layer1.weight``); for a
+    global leaf, ``tensor`` is this rank's local part and ``shard`` places it."""
 
     key: str
     tensor: torch.Tensor
+    shard: GlobalShard | None = None
 
 
 def child_key(prefix: str, key: str | int, in_sequence: bool) -> str:
@@ -87,17 +93,49 @@ def check_tensor(key: str, t: torch.Tensor) -> None:
         )
 
 
-def flatten(state_dict: Any) -> tuple[Node, list[TensorLeaf]]:
-    """The typed JSON tree of ``state_dict`` and its tensors in visit order."""
+def flatten(
+    state_dict: Any, replicated: Sequence[str] = (), world_size: int = 1
+) -> tuple[Node, list[TensorLeaf]]:
+    """The typed JSON tree of ``state_dict`` and its tensors in visit order.
+
+    DTensors (and staged :class:`GlobalShard` s) become global leaves; plain leaves whose key
+    path matches a ``replicated`` glob pattern are declared the same on all ``world_size``
+    ranks. Per-rank tensors and global leaves are numbered apart in the tree.
+    """
     tensors: list[TensorLeaf] = []
+    counts = {"tensor": 0, "global": 0}
     active: set[int] = set()
 
+    def add(leaf: TensorLeaf) -> Node:
+        kind = "tensor" if leaf.shard is None else "global"
+        tensors.append(leaf)
+        counts[kind] += 1
+        return {kind: counts[kind] - 1}
+
+    def is_replicated(key: str) -> bool:
+        return any(glob_match(key, p) for p in replicated)
+
     def visit(value: Any, key: str, depth: int = 0) -> Node:
+        node = visit_value(value, key, depth)
+        if replicated and next(iter(node)) in _SCALARS and is_replicated(key):
+            return {"replicated": node}
+        return node
+
+    def visit_value(value: Any, key: str, depth: int) -> Node:
         t = type(value)
+        if isinstance(value, GlobalShard):
+            check_tensor(key, value.local)
+            return add(TensorLeaf(key, value.local, value))
+        if is_dtensor(value):
+            shard = global_shard_of(value, key or "<root>")
+            check_tensor(key, shard.local)
+            return add(TensorLeaf(key, shard.local, shard))
         if isinstance(value, torch.Tensor):
             check_tensor(key, value)
-            tensors.append(TensorLeaf(key, value))
-            return {"tensor": len(tensors) - 1}
+            if replicated and is_replicated(key):
+                layout = LayoutSpec.replicated(tuple(value.shape), world_size)
+                return add(TensorLeaf(key, value, GlobalShard(layout, value, "replicated")))
+            return add(TensorLeaf(key, value))
         if value is None:
             return {"none": None}
         if t is bool:
@@ -173,14 +211,27 @@ def node_kind(node: Any, where: str) -> tuple[str, Any]:
     return kind, payload
 
 
+@dataclass
+class LeafMakers:
+    """How :func:`unflatten` makes leaves: ``tensor(i, key)`` per-rank tensor ``i``,
+    ``global_leaf(j, key)`` global leaf ``j``; ``per_rank(key)`` hears of every per-rank
+    non-tensor leaf."""
+
+    tensor: Callable[..., Any]  # (i, key) and, when filling a target, (i, key, target)
+    global_leaf: Callable[..., Any] | None = None
+    per_rank: Callable[[str], None] | None = None
+
+
 def unflatten(
     node: Node,
-    tensor: Callable[[int, str], Any],
+    tensor: Callable[[int, str], Any] | LeafMakers,
     where: str,
     key: str = "",
     depth: int = 0,
 ) -> Any:
-    """Rebuild the value of ``node``; ``tensor(i, key)`` supplies tensor ``i``."""
+    """Rebuild the value of ``node``; ``tensor(i, key)`` supplies tensor ``i`` (or a
+    :class:`LeafMakers` supplies every kind of leaf)."""
+    makers = tensor if isinstance(tensor, LeafMakers) else LeafMakers(tensor)
     kind, payload = node_kind(node, where)
     if depth > MAX_DEPTH:
         raise CorruptCheckpointError(
@@ -188,17 +239,25 @@ def unflatten(
         )
     try:
         if kind == "tensor":
-            return tensor(int(payload), key)
+            return makers.tensor(int(payload), key)
+        if kind == "global" and makers.global_leaf is not None:
+            return makers.global_leaf(int(payload), key)
         if kind in _SCALARS:
+            if makers.per_rank is not None:
+                makers.per_rank(key)
             return _decode_scalar(kind, payload)
+        if kind == "replicated":
+            inner, value = node_kind(payload, where)
+            if inner in _SCALARS:
+                return _decode_scalar(inner, value)
         if kind in ("dict", "odict"):
             out: dict[Any, Any] = OrderedDict() if kind == "odict" else {}
             for k, child in payload:
-                out[k] = unflatten(child, tensor, where, child_key(key, k, False), depth + 1)
+                out[k] = unflatten(child, makers, where, child_key(key, k, False), depth + 1)
             return out
         if kind in ("list", "tuple"):
             items = [
-                unflatten(c, tensor, where, child_key(key, i, True), depth + 1)
+                unflatten(c, makers, where, child_key(key, i, True), depth + 1)
                 for i, c in enumerate(payload)
             ]
             return items if kind == "list" else tuple(items)

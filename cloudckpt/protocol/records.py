@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..chunks import GlobalRecord
 from ..errors import CorruptCheckpointError
 from ..format import check_no_overlap, check_tree, crc32c, dtype_itemsize, parse_json
 
@@ -199,6 +200,7 @@ class RankIndex:
     files: list[FileRecord]
     tensors: list[TensorRecord]
     attempt: str = ""  # the save attempt that wrote it ("" in version 1)
+    globals: list[GlobalRecord] = field(default_factory=list)  # DTensor and replicated leaves
 
     def to_json(self) -> bytes:
         doc = {
@@ -211,6 +213,8 @@ class RankIndex:
             "tensors": [t.to_row() for t in self.tensors],
             "tree": self.tree,
         }
+        if self.globals:
+            doc["globals"] = [g.to_row() for g in self.globals]
         return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
@@ -234,6 +238,10 @@ class RankIndex:
                 files,
                 tensors,
                 read_str(doc.get("attempt", ""), "attempt", where),
+                [
+                    GlobalRecord.from_row(row, where)
+                    for row in read_list(doc.get("globals", []), "globals", where)
+                ],
             )
         except KeyError as e:
             raise CorruptCheckpointError(f"{where}: malformed index (no {e})") from e
@@ -243,7 +251,7 @@ class RankIndex:
     def validate(self, where: str) -> None:
         """The tree as loading reads it; every tensor inside its file, sizes matching dtype and
         shape, no overlaps."""
-        check_tree(self.tree, len(self.tensors), where)
+        check_tree(self.tree, len(self.tensors), where, len(self.globals))
         per_file: dict[int, list[tuple[int, int, str]]] = {}
         for t in self.tensors:
             if not 0 <= t.file < len(self.files):
@@ -262,6 +270,8 @@ class RankIndex:
             per_file.setdefault(t.file, []).append((t.offset, t.offset + t.length, t.key))
         for f, ranges in per_file.items():
             check_no_overlap(ranges, f"{where} ({self.files[f].path})")
+        for g in self.globals:
+            g.validate(where, self.tensors)
 
 
 # -- manifest -------------------------------------------------------------------------------

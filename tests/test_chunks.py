@@ -1,0 +1,157 @@
+"""The geometry of global leaves: chunks per rank, holders, writers, read plans, patterns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloudckpt.chunks import (
+    REPLICATE,
+    Box,
+    ChunkItem,
+    LayoutSpec,
+    ShardOn,
+    assign_writers,
+    block_rows,
+    check_patterns,
+    glob_match,
+    read_pieces,
+    shard_range,
+)
+
+
+def test_shard_range_follows_torch_chunk_sizes() -> None:
+    for length in range(0, 13):
+        for parts in range(1, 6):
+            sizes = [shard_range(length, parts, i)[1] for i in range(parts)]
+            expected = [c.shape[0] for c in torch.arange(length).chunk(parts)]
+            expected += [0] * (parts - len(expected))
+            assert sizes == expected, (length, parts)
+            assert sum(sizes) == length
+
+
+def test_boxes_of_a_1d_mesh_uneven_shard() -> None:
+    spec = LayoutSpec((10, 3), (0, 1, 2, 3), (4,), (ShardOn(0),))
+    assert [spec.box_of(r) for r in range(4)] == [
+        Box((0, 0), (3, 3)),
+        Box((3, 0), (3, 3)),
+        Box((6, 0), (3, 3)),
+        Box((9, 0), (1, 3)),
+    ]
+    assert spec.holders(2) == (2,)
+
+
+def test_boxes_of_a_2d_mesh_match_torch() -> None:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    cases = [
+        ((ShardOn(0), REPLICATE), (Shard(0), Replicate())),
+        ((REPLICATE, ShardOn(1)), (Replicate(), Shard(1))),
+        ((ShardOn(0), ShardOn(0)), (Shard(0), Shard(0))),
+        ((ShardOn(1), ShardOn(0)), (Shard(1), Shard(0))),
+    ]
+    for ours, theirs in cases:
+        for shape in [(7, 5), (8, 10), (1, 3), (0, 4)]:
+            spec = LayoutSpec(shape, (0, 1, 2, 3), (2, 2), ours)
+            for rank in range(4):
+                coord = list(spec.coordinate(rank))
+                size, offset = _compute_local_shape_and_global_offset(shape, (2, 2), coord, theirs)
+                box = spec.box_of(rank)
+                assert box.sizes == tuple(size), (ours, shape, rank)
+                if not box.empty:
+                    assert box.offsets == tuple(offset), (ours, shape, rank)
+
+
+def test_holders_of_replicated_dims() -> None:
+    spec = LayoutSpec((8, 4), (10, 11, 12, 13), (2, 2), (ShardOn(0), REPLICATE))
+    assert spec.coordinate(12) == (1, 0)
+    assert spec.holders(10) == (10, 11) and spec.holders(13) == (12, 13)
+    assert LayoutSpec.replicated((3,), 3).holders(1) == (0, 1, 2)
+
+
+def test_each_chunk_gets_one_writer_balanced_by_load() -> None:
+    everyone = (0, 1, 2, 3)
+    items = [
+        ChunkItem(f"k{i}", Box((0,), (n,)), n, everyone) for i, n in enumerate([8, 4, 4, 2, 2])
+    ]
+    items.append(ChunkItem("solo", Box((0,), (100,)), 100, (2,)))
+    writers = assign_writers(items)
+    assert writers[("solo", Box((0,), (100,)))] == 2  # a single holder always writes its own
+    got = {it.key: writers[(it.key, it.box)] for it in items[:5]}
+    assert got == {"k0": 0, "k1": 1, "k2": 2, "k3": 3, "k4": 3}
+    # any holder computes the same answer from the chunks it holds, in any order
+    assert assign_writers(reversed(items)) == writers
+
+
+def test_replicated_chunk_written_once_over_a_2d_mesh() -> None:
+    spec = LayoutSpec((8, 4), (0, 1, 2, 3), (2, 2), (ShardOn(0), REPLICATE))
+    per_rank = {}
+    for rank in range(4):
+        box = spec.box_of(rank)
+        item = ChunkItem("w", box, box.numel * 4, spec.holders(rank))
+        per_rank[rank] = assign_writers([item])[("w", box)]
+    assert per_rank == {0: 0, 1: 0, 2: 2, 3: 2}
+
+
+def test_read_pieces_take_only_intersecting_rows_in_whole_blocks() -> None:
+    stored = [(Box((0, 0), (100, 8)), 10), (Box((100, 0), (50, 8)), 10)]
+    pieces = read_pieces(Box((95, 2), (20, 3)), stored)
+    assert [(p.chunk, p.first_row, p.end_row, p.first_block, p.end_block) for p in pieces] == [
+        (0, 90, 100, 9, 10),
+        (1, 0, 20, 0, 2),
+    ]
+    assert pieces[0].box == Box((95, 2), (5, 3)) and pieces[1].box == Box((100, 2), (15, 3))
+    assert read_pieces(Box((150, 0), (0, 8)), stored) == []
+    assert block_rows(1 << 21) == 1 and block_rows(1024) == 1024
+
+
+def test_read_pieces_of_a_0d_tensor() -> None:
+    (p,) = read_pieces(Box((), ()), [(Box((), ()), 1)])
+    assert (p.first_row, p.end_row, p.box) == (0, 1, Box((), ()))
+
+
+@pytest.mark.parametrize(
+    ("key", "pattern", "hit"),
+    [
+        ("model.layer1.weight", "**", True),
+        ("model.layer1.weight", "model.*", False),
+        ("model.layer1.weight", "model.**", True),
+        ("model.layer1.weight", "model.*.weight", True),
+        ("optim.state[0].step", "optim.state.*.step", True),
+        ("optim.state[0].step", "**.step", True),
+        ("step", "**.step", True),
+        ("steps", "step", False),
+        ("sched.lr", "sched", False),
+    ],
+)
+def test_glob_patterns_over_key_paths(key: str, pattern: str, hit: bool) -> None:
+    assert glob_match(key, pattern) is hit
+
+
+def test_patterns_must_be_a_list_of_strings() -> None:
+    with pytest.raises(ValueError, match=r"replicated must be a list of glob patterns .*'\*\*'"):
+        check_patterns("**", "replicated")
+    with pytest.raises(ValueError, match="every pattern must be a non-empty string, got 3"):
+        check_patterns(["a", 3], "replicated")
+
+
+def test_strided_shard_boxes_match_torch() -> None:
+    """FSDP2 over TP: ``(_StridedShard(0, sf=2), Shard(0))`` shards right to left."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    for rows in (8, 16, 4, 7, 10, 5, 3):
+        shape = (rows, 3)
+        spec = LayoutSpec(shape, (0, 1, 2, 3), (2, 2), (ShardOn(0), ShardOn(0)), order=(1, 0))
+        theirs = (_StridedShard(0, split_factor=2), Shard(0))
+        boxes = set()
+        for rank in range(4):
+            size, offset = _compute_local_shape_and_global_offset(
+                shape, (2, 2), list(spec.coordinate(rank)), theirs
+            )
+            box = spec.box_of(rank)
+            assert (box.sizes, box.offsets) == (tuple(size), tuple(offset)), (rows, rank)
+            boxes.add(box)
+        assert sum(b.numel for b in boxes) == rows * 3
