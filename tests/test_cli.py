@@ -128,7 +128,9 @@ def test_gc_removes_a_leftover_only_when_old_enough(tmp_path: Path) -> None:
     assert ok_json("gc", str(root), "--older-than", "2h")["removed"] == []
     assert leftover.exists()
     text = run("gc", str(root), "--older-than", "30m", "--dry-run")
-    assert text.returncode == 0 and text.stdout.startswith(f"would remove {leftover} ")
+    assert text.returncode == 0 and text.stdout.startswith(
+        f"would remove orphans under {leftover} "
+    )
     assert leftover.exists()
     _age(leftover, 2 * 86400)
     gc = ok_json("gc", str(root))

@@ -36,6 +36,7 @@ _RACER = textwrap.dedent(
     state = {"n": n, "t": torch.full((50_000,), float(n)), "u": torch.arange(n, n + 1000)}
     cfg = cloudckpt.CheckpointerConfig(
         writer_config=cloudckpt.CheckpointWriterConfig(file_size="64KiB", concurrency=2))
+    print("ready", flush=True)
     while not os.path.exists(go):
         time.sleep(0.001)
     try:
@@ -60,7 +61,9 @@ def _race(uri: str, go: Path, opts: dict[str, Any]) -> tuple[int, list[dict[str,
         )
         for n in (1, 2)
     ]
-    time.sleep(3)  # both past `import torch`, spinning on GO
+    for p in procs:  # both past `import torch`, spinning on GO
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == b"ready"
     go.touch()
     results = []
     for p in procs:
@@ -101,11 +104,13 @@ def test_two_concurrent_first_saves_local(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_two_concurrent_first_saves_local_stress(tmp_path: Path) -> None:
     _check_race(StoreTarget("local", str(tmp_path)), str(tmp_path / "c"), 10, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.s3
 def test_two_concurrent_first_saves_s3_stress(s3_moto_store: StoreTarget, tmp_path: Path) -> None:
     _check_race(s3_moto_store, s3_moto_store.uri("c"), 10, tmp_path)
@@ -283,12 +288,14 @@ def test_sigkill_during_overwrite_leaves_old_or_new_local(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sigkill_during_overwrite_leaves_old_or_new_local_stress(tmp_path: Path) -> None:
     found = _kill_overwrites(StoreTarget("local", str(tmp_path)), 12, seed=2)
     assert found[0] == 2
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.s3
 def test_sigkill_during_overwrite_leaves_old_or_new_s3(s3_moto_store: StoreTarget) -> None:
     found = _kill_overwrites(s3_moto_store, 10, seed=3)
