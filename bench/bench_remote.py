@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Any
 
+import plots
+
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -316,4 +318,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with plots.recorded("bench_remote"):  # tables -> bar charts in bench/results/
+        main()

@@ -424,7 +424,7 @@ class FsspecBackend(Backend):
         except (ValueError, ImportError) as e:
             raise BackendError(
                 f"fsspec cannot open protocol {protocol!r}: {e}. Install the package that "
-                "provides it, or a cloudckpt backend plugin (cloudckpt-s3, cloudckpt-gcs)."
+                f"provides it, or {plugin_install_hint(protocol)}."
             ) from e
         from fsspec.implementations.memory import MemoryFileSystem
 
@@ -614,6 +614,25 @@ def split_scheme(uri: str) -> str:
     return ""
 
 
+_PLUGINS = {"s3": "s3", "s3a": "s3", "gcs": "gcs", "gs": "gcs"}
+
+
+def plugin_install_hint(name: str | None = None) -> str:
+    """How to install the backend plugin for a backend name or URI scheme: from a clone, and by
+    its distribution name once published (the plugins are distributions, not extras)."""
+    plugin = _PLUGINS.get((name or "").lower())
+    if plugin is None:
+        return (
+            "its plugin (a distribution with a 'cloudckpt.backends' entry point; the S3 and GCS "
+            "ones, from a clone of cloudckpt: pip install -e backends/s3 / -e backends/gcs, "
+            "published as cloudckpt-s3 / cloudckpt-gcs)"
+        )
+    return (
+        f"its plugin: from a clone of cloudckpt, pip install -e backends/{plugin} "
+        f"(published as cloudckpt-{plugin})"
+    )
+
+
 def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
     """The backend class for ``uri``: the one named ``backend``, or the one for its scheme."""
     _load_entry_points()
@@ -623,7 +642,7 @@ def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
         except KeyError:
             raise ConfigError(
                 f"unknown backend {backend!r} for {uri!r}; known: {sorted(_registry)}. "
-                "Install its plugin (pip install cloudckpt[s3] / cloudckpt[gcs]) or fix the name."
+                f"Install {plugin_install_hint(backend)}, or fix the name."
             ) from None
     scheme = split_scheme(uri)
     return _by_protocol.get(scheme, FsspecBackend)

@@ -153,9 +153,30 @@ def create_barrier_from_config(barrier_config: BarrierConfig) -> Barrier | None:
     return cls(**args)
 
 
-def default_barrier(barrier_config: BarrierConfig, world_size: int) -> Barrier | None:
+def _with_rank(barrier_config: BarrierConfig, rank: int, world_size: int) -> BarrierConfig:
+    """``barrier_config`` with ``global_rank``/``global_world_size`` filled in from this process
+    when the barrier takes them and the config leaves them out (a config file is shared by every
+    rank, so it cannot name one)."""
+    cls = BARRIER_REGISTRY.get(barrier_config.barrier_type or "")
+    if cls is None:
+        return barrier_config
+    params = inspect.signature(cls.__init__).parameters
+    args = dict(barrier_config.barrier_args)
+    for name, value in (("global_rank", rank), ("global_world_size", world_size)):
+        if name in params and name not in args:
+            args[name] = value
+    return BarrierConfig(barrier_config.barrier_type, args)
+
+
+def default_barrier(
+    barrier_config: BarrierConfig, world_size: int, rank: int | None = None
+) -> Barrier | None:
     """The configured barrier; with none configured, several ranks and an initialized process
-    group, a :class:`DistBarrier` on that group's store (what a user of the group expects)."""
+    group, a :class:`DistBarrier` on that group's store (what a user of the group expects).
+    With ``rank`` given, a barrier that takes ``global_rank``/``global_world_size`` gets them
+    from this process unless the config names them."""
+    if rank is not None:
+        barrier_config = _with_rank(barrier_config, rank, world_size)
     barrier = create_barrier_from_config(barrier_config)
     if barrier is None and world_size > 1:
         import torch.distributed as dist

@@ -63,7 +63,9 @@ def writer_from_config(
     return CheckpointWriter(
         config=config.writer_config,
         rank_info=rank_info,
-        barrier=default_barrier(config.barrier_config, rank_info.global_world_size),
+        barrier=default_barrier(
+            config.barrier_config, rank_info.global_world_size, rank_info.global_rank
+        ),
         commit_hook=commit_hook,
         storage=config.storage,
     )

@@ -202,6 +202,7 @@ def _check_backend(cfg: CheckpointerConfig, source: ConfigSource) -> None:
         backend_class_for,
         check_uri,
         describe_unknown_options,
+        plugin_install_hint,
         split_scheme,
         unknown_options,
     )
@@ -211,8 +212,8 @@ def _check_backend(cfg: CheckpointerConfig, source: ConfigSource) -> None:
         raise ConfigError(
             f"{source.where('storage', 'backend')}: [storage] backend = "
             f"{storage.backend!r} is not installed; known: "
-            f"{', '.join(sorted(available_backends()))}. Install its plugin (pip install "
-            "cloudckpt[s3] or cloudckpt[gcs]) or remove the key to pick by URI scheme."
+            f"{', '.join(sorted(available_backends()))}. Install "
+            f"{plugin_install_hint(storage.backend)}, or remove the key to pick by URI scheme."
         )
     if storage.root:
         try:

@@ -186,11 +186,15 @@ class CheckpointWriterConfig:
 
 @dataclass
 class CheckpointStagerConfig:
-    """Staging knobs, plus a bound. Pinned memory and non-blocking copies need an accelerator;
-    shared memory is used only when the writer is a process (it is how the process reads)."""
+    """Staging knobs, plus a bound. Pinned memory and non-blocking copies need an accelerator
+    (``None``: used when one is present; ``True`` on a machine without one warns); shared memory
+    is used only when the writer is a process (it is how the process reads)."""
 
-    use_pinned_memory: bool = setting(
-        True, doc="Stage into pinned host memory (needs an accelerator).", types=(bool,)
+    use_pinned_memory: bool | None = setting(
+        None,
+        doc="Stage into pinned host memory (needs an accelerator). Absent: when an accelerator "
+        "is present; `true` without one warns.",
+        types=(bool, type(None)),
     )
     use_shared_memory: bool = setting(
         True,
@@ -201,8 +205,11 @@ class CheckpointStagerConfig:
     use_async_staging: bool = setting(
         True, doc="Stage in a background thread; `save` returns at once.", types=(bool,)
     )
-    use_non_blocking_copy: bool = setting(
-        True, doc="Non-blocking device-to-host copies (needs an accelerator).", types=(bool,)
+    use_non_blocking_copy: bool | None = setting(
+        None,
+        doc="Non-blocking device-to-host copies (needs an accelerator). Absent: when an "
+        "accelerator is present; `true` without one warns.",
+        types=(bool, type(None)),
     )
     max_staging_bytes: int | None = setting(
         None,
