@@ -418,22 +418,6 @@ def test_a_script_that_exits_without_close_still_commits(writer: str, tmp_path: 
     same(cloudckpt.load(uri), expected)
 
 
-def test_collector_stays_on_in_the_callers_thread_during_an_async_save(tmp_path: Path) -> None:
-    import gc
-
-    sd = {f"p{i}": torch.full((16,), float(i)) for i in range(20_000)}
-    seen: list[bool] = []
-    with cloudckpt.make_async_checkpointer(_config("thread")) as ckpt:
-        _, write_f = ckpt.save(str(tmp_path / "c"), sd)
-        while not write_f.done():
-            seen.append(gc.isenabled())
-            time.sleep(0.001)
-        write_f.result()
-    assert len(seen) > 10 and all(seen)
-    assert gc.isenabled() and gc.get_freeze_count() == 0  # nothing left frozen either
-    assert torch.equal(cloudckpt.load(str(tmp_path / "c"))["p19999"], sd["p19999"])
-
-
 def test_default_staging_does_not_warn_without_an_accelerator(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning fails the test
@@ -455,3 +439,19 @@ def test_pinned_memory_asked_for_explicitly_warns_without_an_accelerator() -> No
         "no accelerator: staging falls back to plain CPU memory and blocking copies "
         "(use_pinned_memory = true has no effect here)"
     ]
+
+
+def test_collector_stays_on_in_the_callers_thread_during_an_async_save(tmp_path: Path) -> None:
+    import gc
+
+    sd = {f"p{i}": torch.full((16,), float(i)) for i in range(20_000)}
+    seen: list[bool] = []
+    with cloudckpt.make_async_checkpointer(_config("thread")) as ckpt:
+        _, write_f = ckpt.save(str(tmp_path / "c"), sd)
+        while not write_f.done():
+            seen.append(gc.isenabled())
+            time.sleep(0.001)
+        write_f.result()
+    assert len(seen) > 10 and all(seen)
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # nothing left frozen either
+    assert torch.equal(cloudckpt.load(str(tmp_path / "c"))["p19999"], sd["p19999"])
