@@ -12,6 +12,8 @@ training for the GIL. If the process dies, the save in flight fails with
 from __future__ import annotations
 
 import abc
+import contextlib
+import functools
 import logging
 import logging.handlers
 import os
@@ -20,6 +22,7 @@ import queue
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,6 +69,12 @@ class WriterThread(BackgroundWriter):
         self._writer = writer
         self._config = config or CheckpointProcessConfig()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-writer")
+        self._pending: set[Future[None]] = set()
+        # A script may end without close(): let its saves finish before the interpreter stops
+        # thread pools (their callbacks run in reverse order of registration, so this one runs
+        # before concurrent.futures refuses new work to the writer's own pool).
+        with contextlib.suppress(RuntimeError):  # made while the interpreter shuts down
+            threading._register_atexit(functools.partial(_finish_writes, weakref.ref(self)))  # type: ignore[attr-defined]
 
     def write(
         self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any
@@ -73,11 +82,23 @@ class WriterThread(BackgroundWriter):
         def run() -> None:
             self._writer.write(path, _resolved(state_dict), **kwargs)
 
-        return self._executor.submit(run)
+        future = self._executor.submit(run)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        return future
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._writer.close()
+
+
+def _finish_writes(ref: weakref.ref[WriterThread]) -> None:
+    """At interpreter exit: wait for the saves still in flight (their errors stay on their
+    futures)."""
+    writer = ref()
+    if writer is not None:
+        for future in list(writer._pending):
+            future.exception()
 
 
 # -- the wire format between the training process and its writer process -----------------------
