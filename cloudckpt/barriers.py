@@ -24,8 +24,10 @@ import abc
 import inspect
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Any
 
 from .config_types import check_fields, masked, setting
@@ -34,13 +36,29 @@ from .protocol.records import CommitResult, RankOutcome
 
 logger = logging.getLogger(__name__)
 
-BARRIER_REGISTRY: dict[str, type[Barrier]] = {}
+_barriers: dict[str, type[Barrier]] = {}
+#: Barrier classes by ``barrier_type`` (read-only: add with :func:`register_barrier`).
+BARRIER_REGISTRY: Mapping[str, type[Barrier]] = MappingProxyType(_barriers)
 
 
-def register_barrier(barrier_class: type[Barrier]) -> type[Barrier]:
-    """Register a barrier class under its ``barrier_type``."""
-    BARRIER_REGISTRY[barrier_class.barrier_type] = barrier_class
-    return barrier_class
+def register_barrier(barrier_class: type[Barrier] | None = None, *, clobber: bool = False) -> Any:
+    """Register a barrier class under its ``barrier_type`` (also as ``@register_barrier``).
+
+    A type already taken by another class is refused with ``ConfigError`` unless
+    ``clobber=True``.
+    """
+
+    def register(cls: type[Barrier]) -> type[Barrier]:
+        taken = _barriers.get(cls.barrier_type)
+        if taken is not None and taken is not cls and not clobber:
+            raise ConfigError(
+                f"cannot register {cls.__qualname__}: barrier_type {cls.barrier_type!r} is "
+                f"already registered by {taken.__qualname__}. Pass clobber=True to replace it."
+            )
+        _barriers[cls.barrier_type] = cls
+        return cls
+
+    return register if barrier_class is None else register(barrier_class)
 
 
 @dataclass

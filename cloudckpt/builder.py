@@ -133,6 +133,7 @@ def make_async_checkpointer(
             subprocess_init_args,
             writer_fn,
             writer_args,
+            storage=cfg.storage,
         )
     else:
         if subprocess_init_fn is not None:

@@ -241,8 +241,10 @@ class CheckpointReader:
                 f"{where} is truncated ({e}); key {group[0].record.key} and later cannot be read. "
                 "Load an earlier checkpoint."
             ) from None
+        except BackendError:  # from the backend: names the object and what to do
+            raise
         except OSError as e:
-            raise BackendError(describe_store_error(ckpt.uri, where, e)) from e
+            raise BackendError(describe_store_error(ckpt.uri, where, e, reading=True)) from e
         except (ValueError, TypeError) as e:
             raise unreadable_name(where, e) from e
         for r, view in zip(group, views):

@@ -18,9 +18,10 @@ from __future__ import annotations
 import abc
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -407,17 +408,25 @@ class CheckpointWriter:
         plan = plan_files(to_write, rank, size, attempt)
         records: list[TensorRecord | None] = [None] * len(to_write)
         blocks: dict[int, tuple[int, list[int]]] = {}
+        stop = threading.Event()
         futures = [
-            self._pool.submit(self._write_file, backend, root, uri, n, planned, records, blocks)
+            self._pool.submit(
+                self._write_file, backend, root, uri, n, planned, records, blocks, stop
+            )
             for n, planned in enumerate(plan)
         ]
-        try:
-            files = [f.result() for f in futures]
-        except BaseException:
-            for f in futures:  # no write of this attempt goes on after the save returns
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            # One file failed: the others stop (an upload in flight aborts after its current
+            # tensor), and none is still running when the save reports the failure.
+            stop.set()
+            for f in futures:
                 f.cancel()
             wait(futures)
-            raise
+            first = next(f for f in futures if not f.cancelled() and f.exception() is not None
+                         and not isinstance(f.exception(), _Stopped))  # fmt: skip
+            first.result()
+        files = [f.result() for f in futures]
         for pos, (g, chunk) in chunk_of.items():
             per_block, crcs = blocks[pos]
             globals_[g].chunks.append(
@@ -434,6 +443,7 @@ class CheckpointWriter:
         planned: PlannedFile,
         records: list[TensorRecord | None],
         blocks: dict[int, tuple[int, list[int]]],
+        stop: threading.Event,
     ) -> FileRecord:
         entries = []
         for _, leaf, name in planned.leaves:
@@ -448,6 +458,8 @@ class CheckpointWriter:
             yield header
             offset = len(header)
             for i, leaf, _ in planned.leaves:
+                if stop.is_set():
+                    raise _Stopped(f"{uri}: {planned.path} stopped: another data file failed")
                 t = host_contiguous(leaf.tensor)  # a host copy only for GPU or strided tensors
                 view = tensor_bytes(t)
                 records[i] = TensorRecord(
@@ -473,3 +485,7 @@ class CheckpointWriter:
         self._pool.shutdown(wait=True)
         if self._barrier is not None:
             self._barrier.close()
+
+
+class _Stopped(Exception):
+    """A data file's upload given up because a sibling file of the same save failed."""

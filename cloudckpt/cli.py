@@ -487,7 +487,8 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
             root.remove(a["name"])
         if not ctx.json:
             verb = "would remove" if args.dry_run else "removed"
-            sys.stdout.write(f"{verb} {a['uri']} ({a['reason']})\n")
+            what = "" if a["reason"] == "retention" else "orphans under "
+            sys.stdout.write(f"{verb} {what}{a['uri']} ({a['reason']})\n")
     if ctx.json:
         _print_json(
             {
@@ -502,7 +503,8 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
         )
     else:
         for s in skipped:
-            sys.stdout.write(f"kept {s['uri']} ({s['reason']})\n")
+            what = "" if s["reason"].startswith("manifest damaged") else "orphans under "
+            sys.stdout.write(f"kept {what}{s['uri']} ({s['reason']})\n")
     return EXIT_OK
 
 

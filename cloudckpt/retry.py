@@ -138,6 +138,11 @@ class RetryPolicy:
         cap = min(self.max_backoff, self.initial_backoff * self.multiplier ** max(attempt - 1, 0))
         return (rng or random).uniform(0.0, cap)
 
+    @staticmethod
+    def option_names() -> tuple[str, ...]:
+        """The storage options :meth:`from_options` reads."""
+        return tuple(RETRY_OPTION_FIELDS)
+
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> RetryPolicy:
         """A policy from storage options; pops ``retry_*`` keys so the client never sees them.
@@ -145,9 +150,8 @@ class RetryPolicy:
         Keys: ``retry_stall_timeout``, ``retry_max_attempts``, ``retry_initial_backoff``,
         ``retry_max_backoff``, ``retry_request_timeout``.
         """
-        fields = RETRY_OPTION_FIELDS
         kwargs: dict[str, Any] = {}
-        for key, name in fields.items():
+        for key, name in RETRY_OPTION_FIELDS.items():
             if key in options:
                 value = options.pop(key)
                 try:

@@ -71,7 +71,10 @@ _HINTS = {
 }
 
 
-def describe_store_error(uri: str, path: str, e: OSError) -> str:
+def describe_store_error(uri: str, path: str, e: OSError, *, reading: bool = False) -> str:
     """A message naming the checkpoint URI, the object and what the store said."""
-    hint = _HINTS.get(e.errno or -1, "check the store and the URI, then save again")
-    return f"{uri}: storing {path} failed: {e.strerror or e} ({hint})"
+    again = "try again" if reading else "save again"
+    hint = _HINTS.get(e.errno or -1, f"check the store and the URI, then {again}")
+    if reading and e.errno == errno.EROFS:
+        hint = f"check the store and the URI, then {again}"
+    return f"{uri}: {'reading' if reading else 'storing'} {path} failed: {e.strerror or e} ({hint})"

@@ -28,6 +28,12 @@ pytest.register_assert_rewrite(*_STORE_MODULES)  # imported just below, before p
 STORE_FIXTURES: list[str] = [
     name for mod in _STORE_MODULES for name in importlib.import_module(mod).STORE_FIXTURES
 ]
+#: Targets whose store lives inside this process (another process cannot see their objects).
+IN_PROCESS_FIXTURES: list[str] = [
+    name
+    for mod in _STORE_MODULES
+    for name in getattr(importlib.import_module(mod), "IN_PROCESS_FIXTURES", [])
+]
 
 
 # Markers derived from the store matrix: a test that reaches a store module's fixture (directly,
@@ -35,7 +41,7 @@ STORE_FIXTURES: list[str] = [
 MARK_OF_FIXTURE: dict[str, str] = {
     name: mod.rsplit(".", 1)[1]
     for mod in _STORE_MODULES
-    if not mod.endswith(".core")
+    if mod.rsplit(".", 1)[1] in ("s3", "gcs")  # the stores that need a server
     for name in importlib.import_module(mod).STORE_FIXTURES
 }
 MARK_OF_FIXTURE.update(

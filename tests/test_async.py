@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 from async_helpers import WaitBeforeCommit, failing_init, mark_init
-from conftest import STORE_FIXTURES
+from conftest import IN_PROCESS_FIXTURES, STORE_FIXTURES
 from faults import FaultProxy
 from state_asserts import same
 from stores import StoreTarget
@@ -84,7 +84,7 @@ STORE_WRITERS = [
     (fixture, writer)
     for fixture in STORE_FIXTURES
     for writer in WRITERS
-    if not (fixture == "memory_store" and writer == "process")
+    if not (fixture in IN_PROCESS_FIXTURES and writer == "process")
 ]
 
 
@@ -109,9 +109,28 @@ def test_process_writer_refuses_memory() -> None:
     with cloudckpt.make_async_checkpointer(_config("process")) as ckpt:
         _, write_f = ckpt.save("memory://async/c", {"w": torch.ones(2)})
         with pytest.raises(
-            cloudckpt.ConfigError, match=r"memory://async/c: memory:// lives inside one process"
+            cloudckpt.ConfigError,
+            match=r"^memory://async/c: the fsspec store lives inside this process, so the writer "
+            r'process would save into its own memory; use \[process\] writer = "thread" for it$',
         ):
             write_f.result()
+
+
+def test_process_writer_refuses_a_relative_name_under_a_memory_root() -> None:
+    cfg = _config("process")
+    cfg.storage.root = "memory://async-root"
+    with cloudckpt.make_async_checkpointer(cfg) as ckpt:
+        _, write_f = ckpt.save("step-1", {"w": torch.ones(2)})
+        with pytest.raises(
+            cloudckpt.ConfigError,
+            match=r"^step-1 \(under the root, memory://async-root/step-1\): the fsspec store "
+            "lives inside this process",
+        ):
+            write_f.result()
+    from cloudckpt.backends import resolve
+
+    backend, path = resolve("memory://async-root/step-1")
+    assert not backend.exists(path)  # refused before anything was written
 
 
 @pytest.mark.parametrize("writer", WRITERS)
@@ -420,3 +439,19 @@ def test_pinned_memory_asked_for_explicitly_warns_without_an_accelerator() -> No
         "no accelerator: staging falls back to plain CPU memory and blocking copies "
         "(use_pinned_memory = true has no effect here)"
     ]
+
+
+def test_collector_stays_on_in_the_callers_thread_during_an_async_save(tmp_path: Path) -> None:
+    import gc
+
+    sd = {f"p{i}": torch.full((16,), float(i)) for i in range(20_000)}
+    seen: list[bool] = []
+    with cloudckpt.make_async_checkpointer(_config("thread")) as ckpt:
+        _, write_f = ckpt.save(str(tmp_path / "c"), sd)
+        while not write_f.done():
+            seen.append(gc.isenabled())
+            time.sleep(0.001)
+        write_f.result()
+    assert len(seen) > 10 and all(seen)
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # nothing left frozen either
+    assert torch.equal(cloudckpt.load(str(tmp_path / "c"))["p19999"], sd["p19999"])

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from config_files import write_store_config
-from conftest import STORE_FIXTURES
+from conftest import IN_PROCESS_FIXTURES, STORE_FIXTURES
 from stores import StoreTarget
 
 import cloudckpt
@@ -22,8 +22,8 @@ from cloudckpt.checkpoint_reader import open_checkpoint
 from cloudckpt.config import config_reference
 from cloudckpt.manager import CheckpointManager, step_name
 
-# fsspec's memory:// store lives inside one process: the command cannot see it
-CROSS_PROCESS = [n for n in STORE_FIXTURES if n != "memory_store"]
+# memory:// and memobj:// live inside one process: the command cannot see them
+CROSS_PROCESS = [n for n in STORE_FIXTURES if n not in IN_PROCESS_FIXTURES]
 
 
 @pytest.fixture(params=CROSS_PROCESS)
@@ -128,7 +128,9 @@ def test_gc_removes_a_leftover_only_when_old_enough(tmp_path: Path) -> None:
     assert ok_json("gc", str(root), "--older-than", "2h")["removed"] == []
     assert leftover.exists()
     text = run("gc", str(root), "--older-than", "30m", "--dry-run")
-    assert text.returncode == 0 and text.stdout.startswith(f"would remove {leftover} ")
+    assert text.returncode == 0 and text.stdout.startswith(
+        f"would remove orphans under {leftover} "
+    )
     assert leftover.exists()
     _age(leftover, 2 * 86400)
     gc = ok_json("gc", str(root))

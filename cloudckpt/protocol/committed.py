@@ -51,8 +51,10 @@ class CommittedCheckpoint:
                 f"{where} is missing but the manifest lists it; the checkpoint is damaged. "
                 "Load an earlier checkpoint."
             ) from None
+        except BackendError:  # from the backend: names the object and what to do
+            raise
         except OSError as e:
-            raise BackendError(describe_store_error(self.uri, where, e)) from e
+            raise BackendError(describe_store_error(self.uri, where, e, reading=True)) from e
         except (ValueError, TypeError) as e:
             raise unreadable_name(where, e) from e
         if len(raw) != entry.size or crc32c(raw) != entry.crc32c:
@@ -92,8 +94,10 @@ def open_checkpoint(
             f"no checkpoint at {uri}: nothing is stored there. Check the URI (cloudckpt ls "
             "lists the committed checkpoints under a root)."
         ) from None
+    except BackendError:  # from the backend: names the object and what to do
+        raise
     except OSError as e:
-        raise BackendError(describe_store_error(uri, manifest_path, e)) from e
+        raise BackendError(describe_store_error(uri, manifest_path, e, reading=True)) from e
     return CommittedCheckpoint(
         backend, root, uri, Manifest.from_json(raw, f"{uri}/{MANIFEST_NAME}")
     )
