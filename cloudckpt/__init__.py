@@ -38,7 +38,9 @@ from .errors import (
     StagingError,
     StateDictMismatchError,
     UnsupportedValueError,
+    UnverifiedCheckpointWarning,
     WriterProcessError,
+    WriterProcessTimeoutError,
 )
 from .manager import CheckpointManager
 from .storage import StorageConfig
@@ -127,8 +129,10 @@ __all__ = [
     "SyncCheckpointer",
     "TCPStoreBarrier",
     "UnsupportedValueError",
+    "UnverifiedCheckpointWarning",
     "WriterHook",
     "WriterProcessError",
+    "WriterProcessTimeoutError",
     "__version__",
     "create_barrier_from_config",
     "load",

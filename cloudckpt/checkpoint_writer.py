@@ -181,6 +181,9 @@ class CheckpointWriter:
         )
         rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
         multi = world > 1
+        if self._barrier is not None and not carries_outcomes(self._barrier):
+            self._write_wait_only(backend, root, uri, state_dict, overwrite, metadata, kwargs)
+            return
         if multi and self._barrier is None:
             raise ConfigError(
                 f"rank {rank} of {world} has no barrier, so no rank could commit {uri} for all: "
@@ -233,19 +236,25 @@ class CheckpointWriter:
                     pass
             raise
         outcomes: list[dict[str, Any]] | None = [outcome]
-        if multi:
+        synced = self._barrier is not None  # with one rank too: the barrier sees every save
+        if synced:
             assert self._barrier is not None
             outcomes = self._barrier.exchange(outcome, timeout)
         if rank == 0:
-            assert outcomes is not None
+            if outcomes is None:
+                raise BarrierError(
+                    f"the barrier {type(self._barrier).__name__} returned no outcomes on rank 0, "
+                    f"so {uri} cannot be committed; its exchange() must return every rank's "
+                    "outcome on rank 0 (or implement only execute_barrier())"
+                )
             try:
                 self._commit(backend, root, uri, outcomes, metadata or {})
             except BaseException as e:
-                if multi:
+                if synced:
                     assert self._barrier is not None
                     self._barrier.publish_commit({"ok": False, "error": f"{type(e).__name__}: {e}"})
                 raise
-            if multi:
+            if synced:
                 assert self._barrier is not None
                 self._barrier.publish_commit({"ok": True})
         elif multi:
@@ -271,6 +280,82 @@ class CheckpointWriter:
             nbytes / max(elapsed, 1e-9) / 1e9,
             backend.retry_total() - retries_before,
         )
+
+    def _write_wait_only(
+        self,
+        backend: Backend,
+        root: str,
+        uri: str,
+        state_dict: STATE_DICT,
+        overwrite: bool,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        """A save through a barrier that can only wait (``execute_barrier``): every rank writes
+        its part and index, all meet at the barrier, then rank 0 reads every index from the
+        store and commits. No outcome travels: a rank that fails raises alone and never reaches
+        the barrier, and the other ranks do not learn how rank 0's commit went."""
+        barrier = self._barrier
+        assert barrier is not None
+        rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
+        started = time.monotonic()
+        tree, leaves = flatten(state_dict)
+        if overwrite:
+            if rank == 0:
+                self._remove_commit(backend, root, uri)
+            if world > 1:
+                barrier.execute_barrier()  # nobody writes before the old files are gone
+        elif _store_call(backend.exists, backend.join(root, MANIFEST_NAME), uri):
+            raise CheckpointExistsError(
+                f"a committed checkpoint is already at {uri}; pass overwrite=True to replace "
+                "it, or save under a new name"
+            )
+        files, records = self._write_data(backend, root, uri, leaves, rank)
+        raw_index = _with_nonce(
+            RankIndex(rank, world, tree, files, records).to_json(), uuid.uuid4().hex
+        )
+        index_path = backend.join(root, index_name(rank))
+        _store_call(backend.write_object, index_path, uri, [raw_index], len(raw_index))
+        if self._commit_hook is not None:
+            self._commit_hook.pre_commit(uri, **kwargs)
+        barrier.execute_barrier()
+        if rank == 0:
+            outcomes = [self._stored_outcome(backend, root, uri, r) for r in range(world)]
+            self._commit(backend, root, uri, outcomes, metadata or {}, check_nonces=False)
+        if self._commit_hook is not None:
+            self._commit_hook.post_commit(uri, **kwargs)
+        logger.info(
+            "saved %s rank %d/%d through a wait-only barrier: %d tensors, %s, %.2f s",
+            uri,
+            rank,
+            world,
+            len(leaves),
+            format_size(sum(f.size for f in files)),
+            time.monotonic() - started,
+        )
+
+    def _stored_outcome(self, backend: Backend, root: str, uri: str, rank: int) -> dict[str, Any]:
+        """Rank ``rank``'s outcome as the built-in barriers carry it, read from its index."""
+        path = backend.join(root, index_name(rank))
+        try:
+            raw = backend.read_bytes(path)
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{backend.to_uri(path)}: rank {rank} passed the barrier but its index is "
+                "missing; nothing was committed. Save again."
+            ) from None
+        except OSError as e:
+            raise BackendError(describe_store_error(uri, path, e)) from e
+        index = RankIndex.from_json(raw, backend.to_uri(path))
+        return {
+            "ok": True,
+            "rank": rank,
+            "index": index_name(rank),
+            "size": len(raw),
+            "crc32c": crc32c(raw),
+            "files": [f.path for f in index.files],
+            "bytes": sum(f.size for f in index.files),
+        }
 
     def _remove_commit(self, backend: Backend, root: str, uri: str) -> None:
         """Uncommit first (manifest), then remove the old data: a crash leaves it uncommitted."""
@@ -339,9 +424,11 @@ class CheckpointWriter:
         uri: str,
         outcomes: list[dict[str, Any]],
         metadata: dict[str, Any],
+        *,
+        check_nonces: bool = True,
     ) -> None:
         world = self._rank_info.global_world_size
-        if len(outcomes) > 1:
+        if check_nonces and len(outcomes) > 1:
             self._check_indexes(backend, root, uri, outcomes)
         manifest = Manifest(
             world_size=world,
@@ -398,6 +485,12 @@ class CheckpointWriter:
         self._pool.shutdown(wait=True)
         if self._barrier is not None:
             self._barrier.close()
+
+
+def carries_outcomes(barrier: Any) -> bool:
+    """Whether ``barrier`` exchanges outcomes (a :class:`Barrier` overriding ``exchange``);
+    else it can only wait, through ``execute_barrier()``."""
+    return isinstance(barrier, Barrier) and type(barrier).exchange is not Barrier.exchange
 
 
 def _with_nonce(raw_index: bytes, nonce: str) -> bytes:

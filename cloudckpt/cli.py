@@ -42,6 +42,7 @@ from .format import (
     safetensors_entry,
 )
 from .manager import CheckpointRoot, parse_step
+from .storage import StorageConfig
 from .utils import format_size, parse_duration
 
 logger = logging.getLogger(__name__)
@@ -471,7 +472,10 @@ def copy_checkpoint(
 def cmd_cp(ctx: Context, args: argparse.Namespace) -> int:
     if args.src.rstrip("/") == args.dst.rstrip("/"):
         raise CommandError("SRC and DST are the same checkpoint")
-    total = ctx.open(args.src).manifest.total_bytes
+    try:
+        total = ctx.open(args.src).manifest.total_bytes
+    except CheckpointNotCommittedError:
+        return _convert_upstream(ctx, args)
     bar = _Progress(total, "cp", ctx.progress)
     try:
         doc = copy_checkpoint(ctx, args.src, args.dst, args.overwrite, bar.update)
@@ -483,6 +487,33 @@ def cmd_cp(ctx: Context, args: argparse.Namespace) -> int:
         sys.stdout.write(
             f"copied {doc['src']} -> {doc['dst']} ({doc['files']} files, "
             f"{format_size(doc['bytes'])})\n"
+        )
+    return EXIT_OK
+
+
+def _convert_upstream(ctx: Context, args: argparse.Namespace) -> int:
+    """``cp`` of a directory in the upstream layout (``checkpoint_{rank}.pt``, no manifest):
+    load each rank's file (``weights_only``) and save it as a committed checkpoint."""
+    from . import legacy  # imports torch, which only this case needs
+
+    backend, root = ctx.resolve(args.src)
+    if not legacy.legacy_ranks(backend, root):
+        ctx.open(args.src)  # not upstream either: the not-committed error, as before
+    doc = legacy.convert(
+        backend,
+        root,
+        args.src,
+        args.dst,
+        overwrite=args.overwrite,
+        writer_config=ctx.cfg.writer_config,
+        storage=StorageConfig(backend=ctx.backend_name(args.dst), options=ctx.options),
+    )
+    if ctx.json:
+        _print_json(doc)
+    else:
+        sys.stdout.write(
+            f"converted {doc['src']} -> {doc['dst']} ({doc['ranks']} rank file(s) in the "
+            "upstream layout, now committed)\n"
         )
     return EXIT_OK
 
