@@ -43,6 +43,7 @@ from .errors import (
     WriterProcessTimeoutError,
 )
 from .manager import CheckpointManager
+from .protocol import CopyReport, VerifyReport, copy, verify
 from .storage import StorageConfig
 from .types import STATE_DICT, RankInfo
 from .utils import wrap_future
@@ -116,6 +117,7 @@ __all__ = [
     "Checkpointer",
     "CheckpointerConfig",
     "ConfigError",
+    "CopyReport",
     "CorruptCheckpointError",
     "DefaultStager",
     "DistBarrier",
@@ -130,10 +132,12 @@ __all__ = [
     "TCPStoreBarrier",
     "UnsupportedValueError",
     "UnverifiedCheckpointWarning",
+    "VerifyReport",
     "WriterHook",
     "WriterProcessError",
     "WriterProcessTimeoutError",
     "__version__",
+    "copy",
     "create_barrier_from_config",
     "load",
     "load_config",
@@ -141,5 +145,6 @@ __all__ = [
     "make_sync_checkpointer",
     "register_backend",
     "save",
+    "verify",
     "wrap_future",
 ]

@@ -1,8 +1,9 @@
 """Rank agreement before the commit, on torch.distributed stores.
 
-The seed's barriers only wait. Ours also carry each rank's *outcome* (a small JSON object), so a
-rank that failed is known to the others at once instead of after a timeout, and rank 0 learns
-what every rank wrote. Both barriers run the same store protocol (:class:`StoreExchange`):
+A wait-only barrier just waits. Ours also carry each rank's outcome (a
+:class:`~cloudckpt.protocol.records.RankOutcome`), so a rank that failed is known to the others at
+once instead of after a timeout, and rank 0 learns what every rank wrote; rank 0 answers with a
+:class:`~cloudckpt.protocol.records.CommitResult`. Both barriers run the same store protocol (:class:`StoreExchange`):
 ``TCPStoreBarrier`` on its own TCPStore (no process group needed), ``DistBarrier`` on the
 initialized process group's store, so it never touches the training's NCCL communicator.
 
@@ -20,7 +21,6 @@ Protocol for save number ``seq`` (every rank's barrier counts saves the same way
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from datetime import timedelta
 from typing import Any
 
 from .errors import BarrierError
+from .protocol.records import CommitResult, RankOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,12 @@ def default_barrier(barrier_config: BarrierConfig, world_size: int) -> Barrier |
 
 
 class Barrier(abc.ABC):
-    """Synchronizes the ranks of a job. Subclasses may also exchange outcomes."""
+    """Synchronizes the ranks of a job. Subclasses may also exchange outcomes.
+
+    The writer uses only :meth:`exchange`, :meth:`publish_commit` and :meth:`await_commit`
+    (the outcome exchange); a barrier that implements only :meth:`execute_barrier` gets
+    their wait-only defaults.
+    """
 
     barrier_type: str = ""
 
@@ -90,21 +96,21 @@ class Barrier(abc.ABC):
     def execute_barrier(self) -> None:
         """Wait until every rank has arrived."""
 
-    def exchange(self, outcome: dict[str, Any], timeout_secs: float) -> list[dict[str, Any]] | None:
+    def exchange(self, outcome: RankOutcome, timeout_secs: float) -> list[RankOutcome] | None:
         """Report ``outcome``; return every rank's outcome on rank 0 (``None`` elsewhere).
 
         Raises :class:`BarrierError` if a rank failed or did not arrive in time. The default,
-        for a seed-style barrier that can only wait, waits and returns ``None``.
+        for a barrier that can only wait, waits and returns ``None``.
         """
         self.execute_barrier()
         return None
 
-    def publish_commit(self, result: dict[str, Any]) -> None:  # noqa: B027 - optional
+    def publish_commit(self, result: CommitResult) -> None:  # noqa: B027 - optional
         """Rank 0: tell the others how the commit went (no-op for a wait-only barrier)."""
 
-    def await_commit(self, timeout_secs: float) -> dict[str, Any]:
+    def await_commit(self, timeout_secs: float) -> CommitResult:
         """Other ranks: the result rank 0 published (wait-only barriers: assume success)."""
-        return {"ok": True}
+        return CommitResult(ok=True)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the store or group."""
@@ -126,7 +132,7 @@ class StoreExchange:
     def _count(self, key: str) -> int:
         return int(self.store.add(key, 0))
 
-    def exchange(self, outcome: dict[str, Any], timeout_secs: float) -> list[dict[str, Any]] | None:
+    def exchange(self, outcome: RankOutcome, timeout_secs: float) -> list[RankOutcome] | None:
         try:
             return self._exchange(outcome, timeout_secs)
         except BarrierError:
@@ -137,14 +143,12 @@ class StoreExchange:
                 f"{e}); its host, rank 0, probably died. Nothing was committed."
             ) from e
 
-    def _exchange(
-        self, outcome: dict[str, Any], timeout_secs: float
-    ) -> list[dict[str, Any]] | None:
+    def _exchange(self, outcome: RankOutcome, timeout_secs: float) -> list[RankOutcome] | None:
         seq = self.seq
         self.seq += 1
         key = self._key
-        self.store.set(key(seq, f"out/{self.rank}"), json.dumps(outcome))
-        if not outcome.get("ok"):
+        self.store.set(key(seq, f"out/{self.rank}"), outcome.to_json())
+        if not outcome.ok:
             self.store.add(key(seq, "failed"), 1)
             self.store.set(key(seq, "released"), "failed")  # wake everyone now
         if int(self.store.add(key(seq, "arrived"), 1)) == self.world_size:
@@ -184,7 +188,7 @@ class StoreExchange:
         raw = self.store.multi_get([key(seq, f"out/{r}") for r in range(self.world_size)])
         if seq > 0:
             self._forget(seq - 1)
-        return [json.loads(bytes(v)) for v in raw]
+        return [RankOutcome.from_json(bytes(v)) for v in raw]
 
     def _linger(self, seq: int, limit: float = 5.0) -> None:
         """Rank 0 hosts the store: after a failed save, give the others a moment to read the
@@ -200,9 +204,9 @@ class StoreExchange:
         for r in range(self.world_size):
             k = self._key(seq, f"out/{r}")
             if self.store.check([k]):
-                o = json.loads(bytes(self.store.get(k)))
-                if not o.get("ok"):
-                    failed.append((r, o.get("error", "unknown error")))
+                o = RankOutcome.from_json(bytes(self.store.get(k)))
+                if not o.ok:
+                    failed.append((r, o.error or "unknown error"))
         detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
         return BarrierError(
             f"checkpoint save failed on rank(s) {[r for r, _ in failed]}: {detail}. "
@@ -219,9 +223,9 @@ class StoreExchange:
             except Exception:  # pragma: no cover - stores without delete
                 return
 
-    def publish_commit(self, result: dict[str, Any], linger: float = 5.0) -> None:
+    def publish_commit(self, result: CommitResult, linger: float = 5.0) -> None:
         seq = self.seq - 1
-        self.store.set(self._key(seq, "commit"), json.dumps(result))
+        self.store.set(self._key(seq, "commit"), result.to_json())
         # Rank 0 hosts the store: wait (bounded) until every rank has read the result, so a
         # job that exits right after its last save does not take the answer away from them.
         deadline = time.monotonic() + linger
@@ -231,11 +235,11 @@ class StoreExchange:
         ):
             time.sleep(0.002)
 
-    def await_commit(self, timeout_secs: float) -> dict[str, Any]:
+    def await_commit(self, timeout_secs: float) -> CommitResult:
         k = self._key(self.seq - 1, "commit")
         try:
             self.store.wait([k], timedelta(seconds=timeout_secs))
-            result = dict(json.loads(bytes(self.store.get(k))))
+            result = CommitResult.from_json(bytes(self.store.get(k)))
             self.store.add(self._key(self.seq - 1, "commit_acked"), 1)
         except Exception as e:
             raise BarrierError(
@@ -252,15 +256,15 @@ class _StoreBarrier(Barrier):
     _timeout_secs: float
 
     def execute_barrier(self) -> None:
-        self._exchange.exchange({"ok": True}, self._timeout_secs)
+        self._exchange.exchange(RankOutcome(self._exchange.rank), self._timeout_secs)
 
-    def exchange(self, outcome: dict[str, Any], timeout_secs: float) -> list[dict[str, Any]] | None:
+    def exchange(self, outcome: RankOutcome, timeout_secs: float) -> list[RankOutcome] | None:
         return self._exchange.exchange(outcome, timeout_secs)
 
-    def publish_commit(self, result: dict[str, Any]) -> None:
+    def publish_commit(self, result: CommitResult) -> None:
         self._exchange.publish_commit(result)
 
-    def await_commit(self, timeout_secs: float) -> dict[str, Any]:
+    def await_commit(self, timeout_secs: float) -> CommitResult:
         return self._exchange.await_commit(timeout_secs)
 
 

@@ -18,7 +18,6 @@ import torch
 
 from . import legacy
 from .backends import resolve
-from .committed import CommittedCheckpoint, open_checkpoint
 from .errors import (
     BackendError,
     CheckpointError,
@@ -27,13 +26,9 @@ from .errors import (
     CorruptCheckpointError,
     StateDictMismatchError,
 )
-from .format import (
-    RankIndex,
-    TensorRecord,
-    crc32c,
-    dtype_from_name,
-    tensor_bytes,
-)
+from .format import crc32c, dtype_from_name, tensor_bytes
+from .protocol.committed import CommittedCheckpoint, open_checkpoint
+from .protocol.records import RankIndex, TensorRecord
 from .storage import StorageConfig, describe_store_error
 from .tree import Node, child_key, node_kind, unflatten
 from .types import STATE_DICT, RankInfo

@@ -3,23 +3,23 @@
 Save flow for one rank (see docs/architecture.md, "Commit protocol"):
 
 1. flatten the state dict (every leaf is checked before a byte is written);
-2. refuse a committed URI unless ``overwrite`` (rank 0 then removes the old commit first);
+2. refuse a committed URI unless ``overwrite``; pick a fresh attempt id: every object this
+   rank writes carries it, so nothing another save wrote or committed is ever touched;
 3. pack tensors into safetensors files of about ``file_size`` bytes and write them, several at
    once, straight from tensor memory, computing each tensor's CRC32C on the way;
-4. write this rank's index, call ``pre_commit``, report the outcome at the barrier;
-5. rank 0 checks every rank's index belongs to this save, writes ``manifest.json``
-   create-only and tells the others; everyone calls ``post_commit``.
+4. write this rank's index, call ``pre_commit``, report a ``RankOutcome`` at the barrier;
+5. rank 0 builds the manifest from the outcomes and commits it through
+   :func:`cloudckpt.protocol.commit` (create-only, or an atomic replace for ``overwrite``,
+   read back after an ambiguous answer) and tells the others; everyone calls ``post_commit``.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-import re
 import time
-import uuid
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,19 +37,26 @@ from .errors import (
     ConfigError,
 )
 from .format import (
-    MANIFEST_NAME,
-    FileRecord,
-    Manifest,
-    RankEntry,
-    RankIndex,
-    TensorRecord,
     build_safetensors_header,
     crc32c,
-    data_file_name,
     dtype_name,
-    index_name,
     safetensors_entry,
     tensor_bytes,
+)
+from .protocol.commit import commit, store_call
+from .protocol.records import (
+    DATA_DIR,
+    INDEX_DIR,
+    MANIFEST_NAME,
+    CommitResult,
+    FileRecord,
+    Manifest,
+    RankIndex,
+    RankOutcome,
+    TensorRecord,
+    data_file_name,
+    index_name,
+    new_attempt_id,
 )
 from .storage import StorageConfig, describe_store_error
 from .tree import TensorLeaf, flatten
@@ -101,7 +108,9 @@ def target_file_size(total: int, file_size: int, concurrency: int) -> int:
     return max(1, min(file_size, max(spread, MIN_SPREAD_FILE)))
 
 
-def plan_files(leaves: list[TensorLeaf], rank: int, file_size: int) -> list[PlannedFile]:
+def plan_files(
+    leaves: list[TensorLeaf], rank: int, file_size: int, attempt: str
+) -> list[PlannedFile]:
     """Pack tensors in order into files of about ``file_size``; a bigger tensor gets its own."""
     files: list[PlannedFile] = []
     names: set[str] = set()
@@ -109,7 +118,7 @@ def plan_files(leaves: list[TensorLeaf], rank: int, file_size: int) -> list[Plan
     for i, leaf in enumerate(leaves):
         nbytes = leaf.tensor.numel() * leaf.tensor.element_size()
         if current is None or (current.leaves and current.nbytes + nbytes > file_size):
-            current = PlannedFile(data_file_name(rank, len(files)))
+            current = PlannedFile(data_file_name(rank, len(files), attempt))
             files.append(current)
         name = leaf.key or "<root>"
         n = 2
@@ -193,49 +202,48 @@ class CheckpointWriter:
         timeout = float(self._config.write_barrier_timeout_secs)
         started = time.monotonic()
         retries_before = backend.retry_total()
-        nonce = uuid.uuid4().hex
+        attempt = new_attempt_id()
         try:
             tree, leaves = flatten(state_dict)
             manifest_path = backend.join(root, MANIFEST_NAME)
-            if overwrite:
-                if rank == 0:
-                    self._remove_commit(backend, root, uri)
-                if multi:
-                    assert self._barrier is not None
-                    self._barrier.exchange({"ok": True, "phase": "prepare"}, timeout)
-            elif _store_call(backend.exists, manifest_path, uri):
+            if not overwrite and store_call(backend.exists, manifest_path, uri):
                 raise CheckpointExistsError(
                     f"a committed checkpoint is already at {uri}; pass overwrite=True to replace "
                     "it, or save under a new name"
                 )
-            files, records = self._write_data(backend, root, uri, leaves, rank)
-            index = RankIndex(rank, world, tree, files, records)
-            raw_index = _with_nonce(index.to_json(), nonce)
-            index_path = backend.join(root, index_name(rank))
-            _store_call(backend.write_object, index_path, uri, [raw_index], len(raw_index))
+            try:
+                files, records = self._write_data(backend, root, uri, leaves, rank, attempt)
+            except BaseException:
+                # a failed write aborts its own upload; this catches any other left open
+                self._abort_uploads(backend, root, uri, attempt)
+                raise
+            index = RankIndex(rank, world, tree, files, records, attempt)
+            raw_index = index.to_json()
+            name = index_name(rank, attempt)
+            store_call(
+                backend.write_object, backend.join(root, name), uri, [raw_index], len(raw_index)
+            )
             if self._commit_hook is not None:
                 self._commit_hook.pre_commit(uri, **kwargs)
-            outcome: dict[str, Any] = {
-                "ok": True,
-                "rank": rank,
-                "index": index_name(rank),
-                "size": len(raw_index),
-                "crc32c": crc32c(raw_index),
-                "nonce": nonce,
-                "files": [f.path for f in files],
-                "bytes": sum(f.size for f in files),
-            }
+            outcome = RankOutcome(
+                rank,
+                index=name,
+                size=len(raw_index),
+                crc32c=crc32c(raw_index),
+                files=[f.path for f in files],
+                bytes=sum(f.size for f in files),
+            )
         except BaseException as e:
             if multi and not isinstance(e, BarrierError):
                 assert self._barrier is not None
                 try:
                     self._barrier.exchange(
-                        {"ok": False, "rank": rank, "error": f"{type(e).__name__}: {e}"}, timeout
+                        RankOutcome(rank, ok=False, error=f"{type(e).__name__}: {e}"), timeout
                     )
                 except BarrierError:
                     pass
             raise
-        outcomes: list[dict[str, Any]] | None = [outcome]
+        outcomes: list[RankOutcome] | None = [outcome]
         synced = self._barrier is not None  # with one rank too: the barrier sees every save
         if synced:
             assert self._barrier is not None
@@ -247,27 +255,36 @@ class CheckpointWriter:
                     f"so {uri} cannot be committed; its exchange() must return every rank's "
                     "outcome on rank 0 (or implement only execute_barrier())"
                 )
+            manifest = Manifest(
+                world_size=world,
+                ranks=[o.entry() for o in outcomes],
+                library_version=__version__,
+                metadata=metadata or {},
+                attempt=attempt,
+            )
             try:
-                self._commit(backend, root, uri, outcomes, metadata or {})
+                report = commit(backend, root, uri, manifest, overwrite=overwrite)
             except BaseException as e:
                 if synced:
                     assert self._barrier is not None
-                    self._barrier.publish_commit({"ok": False, "error": f"{type(e).__name__}: {e}"})
+                    self._barrier.publish_commit(
+                        CommitResult(ok=False, error=f"{type(e).__name__}: {e}")
+                    )
                 raise
+            if report.readback:
+                logger.info("%s: committed (confirmed by reading the manifest back)", uri)
             if synced:
                 assert self._barrier is not None
-                self._barrier.publish_commit({"ok": True})
+                self._barrier.publish_commit(CommitResult(ok=True))
         elif multi:
             assert self._barrier is not None
             result = self._barrier.await_commit(timeout)
-            if not result.get("ok"):
-                raise CheckpointError(
-                    f"rank 0 failed to commit {uri}: {result.get('error')}. Nothing was committed."
-                )
+            if not result.ok:
+                raise CheckpointError(f"rank 0 failed to commit {uri}: {result.error}")
         if self._commit_hook is not None:
             self._commit_hook.post_commit(uri, **kwargs)
         elapsed = time.monotonic() - started
-        nbytes = int(outcome["bytes"])
+        nbytes = outcome.bytes
         logger.info(
             "saved %s rank %d/%d: %d tensors, %s in %d files, %.2f s (%.2f GB/s), %d retries",
             uri,
@@ -275,7 +292,7 @@ class CheckpointWriter:
             world,
             len(leaves),
             format_size(nbytes),
-            len(outcome["files"]),
+            len(outcome.files),
             elapsed,
             nbytes / max(elapsed, 1e-9) / 1e9,
             backend.retry_total() - retries_before,
@@ -291,37 +308,59 @@ class CheckpointWriter:
         metadata: dict[str, Any] | None,
         kwargs: dict[str, Any],
     ) -> None:
-        """A save through a barrier that can only wait (``execute_barrier``): every rank writes
-        its part and index, all meet at the barrier, then rank 0 reads every index from the
-        store and commits. No outcome travels: a rank that fails raises alone and never reaches
-        the barrier, and the other ranks do not learn how rank 0's commit went."""
+        """A save through a barrier that can only wait (``execute_barrier``). Each rank writes
+        its files and index, then its outcome as a small object (``pending_outcome_name``);
+        all meet at the barrier; rank 0 reads every rank's outcome from the store and commits.
+        No failure travels: a rank that fails raises alone and never reaches the barrier, and
+        the other ranks do not learn how rank 0's commit went."""
         barrier = self._barrier
         assert barrier is not None
         rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
         started = time.monotonic()
+        attempt = new_attempt_id()
         tree, leaves = flatten(state_dict)
-        if overwrite:
-            if rank == 0:
-                self._remove_commit(backend, root, uri)
-            if world > 1:
-                barrier.execute_barrier()  # nobody writes before the old files are gone
-        elif _store_call(backend.exists, backend.join(root, MANIFEST_NAME), uri):
+        if not overwrite and store_call(backend.exists, backend.join(root, MANIFEST_NAME), uri):
             raise CheckpointExistsError(
                 f"a committed checkpoint is already at {uri}; pass overwrite=True to replace "
                 "it, or save under a new name"
             )
-        files, records = self._write_data(backend, root, uri, leaves, rank)
-        raw_index = _with_nonce(
-            RankIndex(rank, world, tree, files, records).to_json(), uuid.uuid4().hex
+        try:
+            files, records = self._write_data(backend, root, uri, leaves, rank, attempt)
+        except BaseException:
+            self._abort_uploads(backend, root, uri, attempt)
+            raise
+        raw_index = RankIndex(rank, world, tree, files, records, attempt).to_json()
+        name = index_name(rank, attempt)
+        store_call(backend.write_object, backend.join(root, name), uri, [raw_index], len(raw_index))
+        outcome = RankOutcome(
+            rank,
+            index=name,
+            size=len(raw_index),
+            crc32c=crc32c(raw_index),
+            files=[f.path for f in files],
+            bytes=sum(f.size for f in files),
         )
-        index_path = backend.join(root, index_name(rank))
-        _store_call(backend.write_object, index_path, uri, [raw_index], len(raw_index))
+        raw_outcome = outcome.to_json().encode()
+        pending = backend.join(root, pending_outcome_name(rank))
+        store_call(backend.write_object, pending, uri, [raw_outcome], len(raw_outcome))
         if self._commit_hook is not None:
             self._commit_hook.pre_commit(uri, **kwargs)
         barrier.execute_barrier()
         if rank == 0:
-            outcomes = [self._stored_outcome(backend, root, uri, r) for r in range(world)]
-            self._commit(backend, root, uri, outcomes, metadata or {}, check_nonces=False)
+            outcomes = [self._pending_outcome(backend, root, uri, r) for r in range(world)]
+            manifest = Manifest(
+                world_size=world,
+                ranks=[o.entry() for o in outcomes],
+                library_version=__version__,
+                metadata=metadata or {},
+                attempt=attempt,
+            )
+            commit(backend, root, uri, manifest, overwrite=overwrite)
+            for r in range(world):
+                try:
+                    backend.delete(backend.join(root, pending_outcome_name(r)))
+                except OSError:  # only a leftover: the checkpoint is committed
+                    logger.debug("%s: could not remove rank %d's pending outcome", uri, r)
         if self._commit_hook is not None:
             self._commit_hook.post_commit(uri, **kwargs)
         logger.info(
@@ -330,51 +369,77 @@ class CheckpointWriter:
             rank,
             world,
             len(leaves),
-            format_size(sum(f.size for f in files)),
+            format_size(outcome.bytes),
             time.monotonic() - started,
         )
 
-    def _stored_outcome(self, backend: Backend, root: str, uri: str, rank: int) -> dict[str, Any]:
-        """Rank ``rank``'s outcome as the built-in barriers carry it, read from its index."""
-        path = backend.join(root, index_name(rank))
+    @staticmethod
+    def _pending_outcome(backend: Backend, root: str, uri: str, rank: int) -> RankOutcome:
+        """Rank ``rank``'s outcome of this save, as it stored it before the rendezvous."""
+        path = backend.join(root, pending_outcome_name(rank))
         try:
             raw = backend.read_bytes(path)
         except FileNotFoundError:
             raise CheckpointError(
-                f"{backend.to_uri(path)}: rank {rank} passed the barrier but its index is "
-                "missing; nothing was committed. Save again."
+                f"{backend.to_uri(path)}: rank {rank} passed the barrier but left no outcome; "
+                "nothing was committed. Save again."
             ) from None
         except OSError as e:
             raise BackendError(describe_store_error(uri, path, e)) from e
-        index = RankIndex.from_json(raw, backend.to_uri(path))
-        return {
-            "ok": True,
-            "rank": rank,
-            "index": index_name(rank),
-            "size": len(raw),
-            "crc32c": crc32c(raw),
-            "files": [f.path for f in index.files],
-            "bytes": sum(f.size for f in index.files),
-        }
+        try:
+            outcome = RankOutcome.from_json(raw)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{backend.to_uri(path)}: rank {rank}'s outcome is unreadable ({e}); nothing "
+                "was committed. Save again."
+            ) from None
+        if outcome.rank != rank or not outcome.ok:
+            raise CheckpointError(
+                f"{backend.to_uri(path)}: not rank {rank}'s outcome of a finished write; "
+                "nothing was committed. Save again."
+            )
+        return outcome
 
-    def _remove_commit(self, backend: Backend, root: str, uri: str) -> None:
-        """Uncommit first (manifest), then remove the old data: a crash leaves it uncommitted."""
-        _store_call(backend.delete, backend.join(root, MANIFEST_NAME), uri)
-        for sub in ("index", "data"):
-            _store_call(backend.delete, backend.join(root, sub), uri, recursive=True)
+    @staticmethod
+    def _abort_uploads(backend: Backend, root: str, uri: str, attempt: str) -> None:
+        """After a failed write: no multipart upload of this attempt stays open (stores that
+        have them; a successful write leaves none, see the S3 backend)."""
+        try:
+            n = backend.abort_uploads(backend.join(root, DATA_DIR, attempt))
+        except OSError as e:
+            logger.warning(
+                "%s: listing unfinished uploads failed (%s); the bucket's lifecycle rule is the backstop",
+                uri,
+                e,
+            )
+            return
+        if n:
+            logger.warning("%s: aborted %d unfinished multipart upload(s) of this save", uri, n)
 
     def _write_data(
-        self, backend: Backend, root: str, uri: str, leaves: list[TensorLeaf], rank: int
+        self,
+        backend: Backend,
+        root: str,
+        uri: str,
+        leaves: list[TensorLeaf],
+        rank: int,
+        attempt: str,
     ) -> tuple[list[FileRecord], list[TensorRecord]]:
         total = sum(leaf.tensor.numel() * leaf.tensor.element_size() for leaf in leaves)
         size = target_file_size(total, self._config.file_size_bytes, self._config.concurrency)
-        plan = plan_files(leaves, rank, size)
+        plan = plan_files(leaves, rank, size, attempt)
         records: list[TensorRecord | None] = [None] * len(leaves)
         futures = [
             self._pool.submit(self._write_file, backend, root, uri, n, planned, records)
             for n, planned in enumerate(plan)
         ]
-        files = [f.result() for f in futures]
+        try:
+            files = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:  # no write of this attempt goes on after the save returns
+                f.cancel()
+            wait(futures)
+            raise
         return files, [r for r in records if r is not None]
 
     def _write_file(
@@ -414,71 +479,8 @@ class CheckpointWriter:
                 yield view
 
         path = backend.join(root, planned.path)
-        _store_call(backend.write_object, path, uri, chunks(), size)
+        store_call(backend.write_object, path, uri, chunks(), size)
         return FileRecord(planned.path, size)
-
-    def _commit(
-        self,
-        backend: Backend,
-        root: str,
-        uri: str,
-        outcomes: list[dict[str, Any]],
-        metadata: dict[str, Any],
-        *,
-        check_nonces: bool = True,
-    ) -> None:
-        world = self._rank_info.global_world_size
-        if check_nonces and len(outcomes) > 1:
-            self._check_indexes(backend, root, uri, outcomes)
-        manifest = Manifest(
-            world_size=world,
-            ranks=[
-                RankEntry(
-                    int(o["rank"]),
-                    str(o["index"]),
-                    int(o["size"]),
-                    int(o["crc32c"]),
-                    list(o["files"]),
-                    int(o["bytes"]),
-                )
-                for o in outcomes
-            ],
-            library_version=__version__,
-            metadata=metadata,
-        )
-        raw = manifest.to_json()
-        try:
-            _store_call(backend.put_create_only, backend.join(root, MANIFEST_NAME), uri, raw)
-        except FileExistsError:
-            raise CheckpointExistsError(
-                f"another writer committed {uri} while this save ran; this save's files are "
-                "not committed. Save under a new name."
-            ) from None
-
-    def _check_indexes(
-        self, backend: Backend, root: str, uri: str, outcomes: list[dict[str, Any]]
-    ) -> None:
-        """Every rank's index exists and carries the nonce that rank reported for this save."""
-
-        def check(o: dict[str, Any]) -> None:
-            path = backend.join(root, str(o["index"]))
-            head = bytearray(160)
-            try:
-                backend.read_into(path, 0, [memoryview(head)])
-            except (FileNotFoundError, EOFError) as e:
-                raise CheckpointError(
-                    f"{backend.to_uri(path)}: index of rank {o['rank']} is missing or short "
-                    f"({e}); nothing was committed. Save again."
-                ) from e
-            m = re.search(rb'"nonce":"([0-9a-f]{32})"', bytes(head))
-            if not m or m.group(1).decode() != o["nonce"]:
-                raise CheckpointError(
-                    f"{backend.to_uri(path)}: index of rank {o['rank']} is not from this save "
-                    "(a leftover of an earlier attempt); nothing was committed. Save again."
-                )
-
-        for f in [self._pool.submit(check, o) for o in outcomes]:
-            f.result()
 
     def close(self) -> None:
         """Stop the writer's threads."""
@@ -487,24 +489,12 @@ class CheckpointWriter:
             self._barrier.close()
 
 
+def pending_outcome_name(rank: int) -> str:
+    """Where a rank leaves its outcome for rank 0 when the barrier can only wait."""
+    return f"{INDEX_DIR}/pending/rank-{rank:05d}.json"
+
+
 def carries_outcomes(barrier: Any) -> bool:
     """Whether ``barrier`` exchanges outcomes (a :class:`Barrier` overriding ``exchange``);
     else it can only wait, through ``execute_barrier()``."""
     return isinstance(barrier, Barrier) and type(barrier).exchange is not Barrier.exchange
-
-
-def _with_nonce(raw_index: bytes, nonce: str) -> bytes:
-    """Put the save's nonce near the start of the index, where rank 0 reads it cheaply."""
-    head = b'{"format":"cloudckpt-index",'
-    assert raw_index.startswith(head)
-    return head + b'"nonce":"' + nonce.encode() + b'",' + raw_index[len(head) :]
-
-
-def _store_call(fn: Any, path: str, uri: str, *args: Any, **kwargs: Any) -> Any:
-    """Run a backend call; turn a store's OSError into a BackendError naming the URI."""
-    try:
-        return fn(path, *args, **kwargs)
-    except (FileExistsError, CheckpointError):
-        raise
-    except OSError as e:
-        raise BackendError(describe_store_error(uri, path, e)) from e

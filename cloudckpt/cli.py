@@ -13,43 +13,36 @@ import json
 import logging
 import os
 import shutil
-import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .backends import Backend, available_backends, resolve, split_scheme
-from .committed import CommittedCheckpoint, open_checkpoint
 from .config import CheckpointerConfig, config_reference, resolve_config
 from .errors import (
     CheckpointError,
-    CheckpointExistsError,
     CheckpointNotCommittedError,
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
 )
-from .format import (
-    MANIFEST_NAME,
-    MAX_HEADER_BYTES,
-    TensorRecord,
-    crc32c,
-    parse_safetensors_header,
-    safetensors_entry,
-)
 from .manager import CheckpointRoot, parse_step
+from .protocol.commit import remove_checkpoint
+from .protocol.committed import CommittedCheckpoint, open_checkpoint
+from .protocol.copy import copy
+from .protocol.records import DATA_DIR, INDEX_DIR, MANIFEST_NAME
+from .protocol.verify import verify_checkpoint
 from .storage import StorageConfig
 from .utils import format_size, parse_duration
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-CHUNK = 8 << 20  # bytes per read when streaming (verify, cp)
-CHECKPOINT_ENTRIES = {MANIFEST_NAME, "data", "index"}
+CHECKPOINT_ENTRIES = {MANIFEST_NAME, DATA_DIR, INDEX_DIR}
+MANIFEST_TEMP_PREFIX = f".{MANIFEST_NAME}.tmp-"  # the local backend's temporary name
 
 
 class CommandError(Exception):
@@ -160,19 +153,6 @@ def _time(unix: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
-def _read_chunks(
-    backend: Backend, path: str, start: int, end: int, on_chunk: Callable[[int], None]
-) -> Iterator[tuple[int, memoryview]]:
-    """``(offset, bytes)`` of ``path[start:end]`` in fresh CHUNK-sized buffers."""
-    pos = start
-    while pos < end:
-        buf = memoryview(bytearray(min(CHUNK, end - pos)))
-        backend.read_into(path, pos, [buf])
-        yield pos, buf
-        pos += len(buf)
-        on_chunk(len(buf))
-
-
 # -- ls, info, latest --------------------------------------------------------------------------
 
 
@@ -274,199 +254,33 @@ def cmd_latest(ctx: Context, args: argparse.Namespace) -> int:
 # -- verify ------------------------------------------------------------------------------------
 
 
-def verify_checkpoint(
-    ck: CommittedCheckpoint, on_bytes: Callable[[int], None] = lambda n: None
-) -> tuple[list[str], dict[str, int]]:
-    """Read every object of every rank: each index against the manifest, each data file's
-    safetensors header against the index, every tensor's CRC32C. Returns the problems found
-    (each naming the object and key) and counts of what was checked."""
-    problems: list[str] = []
-    stats = {"ranks": 0, "files": 0, "tensors": 0, "bytes": 0}
-    for entry in ck.manifest.ranks:
-        stats["ranks"] += 1
-        try:
-            idx = ck.read_index(entry.rank)
-        except CheckpointError as e:
-            problems.append(str(e))
-            continue
-        if sorted(entry.files) != sorted(f.path for f in idx.files):
-            problems.append(
-                f"{ck.object_uri(entry.index)}: lists files {sorted(f.path for f in idx.files)} "
-                f"but the manifest lists {sorted(entry.files)}"
-            )
-        per_file: dict[int, list[TensorRecord]] = {}
-        for t in idx.tensors:
-            per_file.setdefault(t.file, []).append(t)
-        for n, frec in enumerate(idx.files):
-            stats["files"] += 1
-            tensors = sorted(per_file.get(n, []), key=lambda t: t.offset)
-            stats["tensors"] += len(tensors)
-            problems += _verify_file(ck, frec.path, frec.size, tensors, on_bytes, stats)
-    return problems, stats
-
-
-def _verify_file(
-    ck: CommittedCheckpoint,
-    rel: str,
-    size: int,
-    tensors: list[TensorRecord],
-    on_bytes: Callable[[int], None],
-    stats: dict[str, int],
-) -> list[str]:
-    backend, path, where = ck.backend, ck.backend.join(ck.root, rel), ck.object_uri(rel)
-    try:
-        actual = backend.size(path)
-    except FileNotFoundError:
-        return [f"{where} is missing but the index lists it ({len(tensors)} tensors)"]
-    if actual != size:
-        return [f"{where} is {actual} bytes; the index says {size}: the file is damaged"]
-    problems = []
-    try:
-        head = bytearray(min(size, 8))
-        backend.read_into(path, 0, [memoryview(head)])
-        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
-        head = bytearray(min(size, 8 + min(n, MAX_HEADER_BYTES)))
-        backend.read_into(path, 0, [memoryview(head)])
-        entries = {e.name: e for e in parse_safetensors_header(bytes(head), size, where)}
-        for t in tensors:
-            e = entries.pop(t.key, None)
-            want_dtype, want_shape = safetensors_entry(t.dtype, tuple(t.shape), t.length)
-            if e is None:
-                problems.append(f"{where}: tensor {t.key!r} is in the index but not the header")
-            elif (e.start, e.end, e.dtype, e.shape) != (
-                t.offset,
-                t.offset + t.length,
-                want_dtype,
-                want_shape,
-            ):
-                problems.append(
-                    f"{where}: tensor {t.key!r}: the safetensors header says {e.dtype} "
-                    f"{e.shape} at {e.start}..{e.end}, the index {want_dtype} {want_shape} at "
-                    f"{t.offset}..{t.offset + t.length}"
-                )
-        problems += [f"{where}: tensor {k!r} is in the header but not the index" for k in entries]
-    except CorruptCheckpointError as e:
-        problems.append(str(e))
-    except (OSError, EOFError) as e:
-        return [f"{where}: reading the header failed: {e}"]
-    problems += _verify_crcs(backend, path, where, tensors, on_bytes)
-    stats["bytes"] += size
-    return problems
-
-
-def _verify_crcs(
-    backend: Backend,
-    path: str,
-    where: str,
-    tensors: list[TensorRecord],
-    on_bytes: Callable[[int], None],
-) -> list[str]:
-    """Stream the tensors' span of the file once, CRC32C of each tensor on the way."""
-    if not tensors:
-        return []
-    crcs = [0] * len(tensors)
-    first = 0
-    start, end = tensors[0].offset, max(t.offset + t.length for t in tensors)
-    try:
-        for pos, buf in _read_chunks(backend, path, start, end, on_bytes):
-            stop = pos + len(buf)
-            while first < len(tensors) and tensors[first].offset + tensors[first].length <= pos:
-                first += 1
-            k = first
-            while k < len(tensors) and tensors[k].offset < stop:
-                t = tensors[k]
-                lo, hi = max(t.offset, pos), min(t.offset + t.length, stop)
-                if hi > lo:
-                    crcs[k] = crc32c(buf[lo - pos : hi - pos], crcs[k])
-                k += 1
-    except (OSError, EOFError) as e:
-        return [f"{where}: reading tensor data failed: {e}"]
-    return [
-        f"{where}: tensor {t.key!r}: CRC32C {crc:08x} differs from the index's {t.crc32c:08x}; "
-        "its bytes are damaged"
-        for t, crc in zip(tensors, crcs)
-        if crc != t.crc32c
-    ]
-
-
 def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
     ck = ctx.open(args.uri)
     bar = _Progress(ck.manifest.total_bytes, "verify", ctx.progress)
     try:
-        problems, stats = verify_checkpoint(ck, bar.update)
+        r = verify_checkpoint(ck, bar.update)
     finally:
         bar.close()
+    stats = {"ranks": r.ranks, "files": r.files, "tensors": r.tensors, "bytes": r.bytes}
     if ctx.json:
-        _print_json({"uri": ck.uri, "ok": not problems, "problems": problems, **stats})
+        _print_json({"uri": ck.uri, "ok": r.ok, "problems": r.problems, **stats})
     else:
-        for p in problems:
+        for p in r.problems:
             sys.stdout.write(p + "\n")
-        if not problems:
+        if r.ok:
             sys.stdout.write(
-                f"ok: {ck.uri}: {stats['ranks']} ranks, {stats['files']} files, "
-                f"{stats['tensors']} tensors, {format_size(stats['bytes'])} checked\n"
+                f"ok: {ck.uri}: {r.ranks} ranks, {r.files} files, "
+                f"{r.tensors} tensors, {format_size(r.bytes)} checked\n"
             )
-    if problems:
+    if not r.ok:
         raise CommandError(
-            f"{ck.uri} is damaged: {len(problems)} problem(s); load an earlier checkpoint "
+            f"{ck.uri} is damaged: {len(r.problems)} problem(s); load an earlier checkpoint "
             "or copy it again from a good one"
         )
     return EXIT_OK
 
 
 # -- cp, rm ------------------------------------------------------------------------------------
-
-
-def copy_checkpoint(
-    ctx: Context,
-    src_uri: str,
-    dst_uri: str,
-    overwrite: bool = False,
-    on_bytes: Callable[[int], None] = lambda n: None,
-) -> dict[str, Any]:
-    """Copy a committed checkpoint between any two stores: data files (streamed in chunks,
-    several at once), then indexes, then the manifest, create-only, last."""
-    src = ctx.open(src_uri)
-    dst, dst_root = ctx.resolve(dst_uri)
-    dst_manifest = dst.join(dst_root, MANIFEST_NAME)
-    if dst.exists(dst_manifest):
-        if not overwrite:
-            raise CheckpointExistsError(
-                f"{dst_uri} already holds a committed checkpoint; pass --overwrite or `cloudckpt "
-                "rm` it first"
-            )
-        dst.delete(dst_manifest)  # uncommit before anything changes
-        dst.delete(dst_root, recursive=True)
-    indexes = {e.rank: src.read_index(e.rank) for e in src.manifest.ranks}
-    files = [(f.path, f.size) for idx in indexes.values() for f in idx.files]
-
-    def copy(rel: str, size: int) -> None:
-        chunks = (
-            buf
-            for _, buf in _read_chunks(
-                src.backend, src.backend.join(src.root, rel), 0, size, on_bytes
-            )
-        )
-        dst.write_object(dst.join(dst_root, rel), chunks, size)
-
-    with ThreadPoolExecutor(ctx.cfg.writer_config.concurrency) as pool:
-        for f in [pool.submit(copy, rel, size) for rel, size in files]:
-            f.result()
-    for entry in src.manifest.ranks:
-        raw = src.backend.read_bytes(src.backend.join(src.root, entry.index))
-        if len(raw) != entry.size or crc32c(raw) != entry.crc32c:
-            raise CorruptCheckpointError(
-                f"{src.object_uri(entry.index)} changed while copying; copy again"
-            )
-        dst.write_object(dst.join(dst_root, entry.index), [raw], len(raw))
-    raw_manifest = src.backend.read_bytes(src.backend.join(src.root, MANIFEST_NAME))
-    dst.put_create_only(dst_manifest, raw_manifest)
-    return {
-        "src": src.uri,
-        "dst": dst_uri,
-        "files": len(files),
-        "bytes": sum(s for _, s in files),
-    }
 
 
 def cmd_cp(ctx: Context, args: argparse.Namespace) -> int:
@@ -478,9 +292,24 @@ def cmd_cp(ctx: Context, args: argparse.Namespace) -> int:
         return _convert_upstream(ctx, args)
     bar = _Progress(total, "cp", ctx.progress)
     try:
-        doc = copy_checkpoint(ctx, args.src, args.dst, args.overwrite, bar.update)
+        report = copy(
+            args.src,
+            args.dst,
+            overwrite=args.overwrite,
+            storage_options=ctx.options,
+            backend=ctx.backend_name(args.src),
+            dst_backend=ctx.backend_name(args.dst),
+            concurrency=ctx.cfg.writer_config.concurrency,
+            on_bytes=bar.update,
+        )
     finally:
         bar.close()
+    doc: dict[str, Any] = {
+        "src": report.src,
+        "dst": report.dst,
+        "files": report.files,
+        "bytes": report.bytes,
+    }
     if ctx.json:
         _print_json(doc)
     else:
@@ -520,9 +349,10 @@ def _convert_upstream(ctx: Context, args: argparse.Namespace) -> int:
 
 def _checkpoint_entries(backend: Backend, path: str) -> set[str] | None:
     """The names directly under ``path`` if it looks like a checkpoint (only manifest.json,
-    data/, index/), else ``None``."""
+    data/, index/ and a temporary manifest a killed commit left), else ``None``."""
     names = {i.name for i in backend.list_dir(path)}
-    return names if names and names <= CHECKPOINT_ENTRIES else None
+    own = {n for n in names if n in CHECKPOINT_ENTRIES or n.startswith(MANIFEST_TEMP_PREFIX)}
+    return names if names and names == own else None
 
 
 def cmd_rm(ctx: Context, args: argparse.Namespace) -> int:
@@ -536,8 +366,7 @@ def cmd_rm(ctx: Context, args: argparse.Namespace) -> int:
             "index/); refusing to remove it. Use your store's own tools."
         )
     committed = MANIFEST_NAME in names
-    backend.delete(backend.join(path, MANIFEST_NAME))  # uncommit first
-    backend.delete(path, recursive=True)
+    remove_checkpoint(backend, path, args.uri)
     if ctx.json:
         _print_json({"removed": args.uri, "committed": committed})
     else:
@@ -546,18 +375,6 @@ def cmd_rm(ctx: Context, args: argparse.Namespace) -> int:
 
 
 # -- gc ----------------------------------------------------------------------------------------
-
-
-def newest_mtime(backend: Backend, path: str) -> float | None:
-    """The newest modification time of anything under ``path`` (``None`` if unknown)."""
-    newest: float | None = None
-    for info in backend.list_dir(path):
-        m = newest_mtime(backend, info.path) if info.is_dir else info.mtime
-        if m is None and not info.is_dir:
-            return None  # an object of unknown age: never old enough
-        if m is not None and (newest is None or m > newest):
-            newest = m
-    return newest
 
 
 def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
@@ -570,29 +387,41 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
             actions.append(
                 {"uri": root.uri_of(name), "step": step, "reason": "retention", "name": name}
             )
+    victims = {a["name"] for a in actions}
     now = time.time()
     for info in root.backend.list_dir(root.path):
-        if not info.is_dir or parse_step(info.name) is None:
+        if not info.is_dir or parse_step(info.name) is None or info.name in victims:
             continue  # only the step-N directories a manager writes; the rest is the user's
-        names = _checkpoint_entries(root.backend, info.path)
-        if names is None or MANIFEST_NAME in names:
-            continue  # not checkpoint-shaped, or committed (retention decides)
+        if _checkpoint_entries(root.backend, info.path) is None:
+            continue  # not checkpoint-shaped
         uri = root.uri_of(info.name)
-        mtime = newest_mtime(root.backend, info.path)
-        if mtime is None or now - mtime < min_age:
-            age = "unknown age" if mtime is None else f"{now - mtime:.0f}s old"
-            skipped.append({"uri": uri, "reason": f"uncommitted, {age}, younger than --older-than"})
+        try:
+            report = root.collect_orphans(info.name, min_age, dry_run=args.dry_run)
+        except CorruptCheckpointError as e:
+            skipped.append({"uri": uri, "reason": f"manifest damaged, nothing removed: {e}"})
             continue
-        actions.append(
-            {
-                "uri": uri,
-                "step": parse_step(info.name),
-                "reason": f"uncommitted leftover, {now - mtime:.0f}s old",
-                "name": info.name,
-            }
-        )
+        state = "uncommitted" if not report.committed else "orphan of a committed checkpoint"
+        for g in report.removed:
+            newest = g.newest or now
+            what = f"attempt {g.name}" if g.name else "objects of no attempt"
+            actions.append(
+                {
+                    "uri": uri,
+                    "step": parse_step(info.name),
+                    "reason": f"{state}: {what}, {len(g.objects)} object(s), "
+                    f"{now - newest:.0f}s old",
+                    "objects": [root.backend.to_uri(o.path) for o in g.objects],
+                }
+            )
+        for g in report.kept:
+            kept_newest = g.newest
+            age = "unknown age" if kept_newest is None else f"{now - kept_newest:.0f}s old"
+            what = f"attempt {g.name}" if g.name else "objects of no attempt"
+            skipped.append(
+                {"uri": uri, "reason": f"{state}: {what}, {age}, younger than --older-than"}
+            )
     for a in actions:
-        if not args.dry_run:
+        if a["reason"] == "retention" and not args.dry_run:
             root.remove(a["name"])
         if not ctx.json:
             verb = "would remove" if args.dry_run else "removed"
@@ -602,7 +431,10 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
             {
                 "root": root.root,
                 "dry_run": args.dry_run,
-                "removed": [{k: a[k] for k in ("uri", "step", "reason")} for a in actions],
+                "removed": [
+                    {k: a[k] for k in ("uri", "step", "reason", "objects") if k in a}
+                    for a in actions
+                ],
                 "skipped": skipped,
             }
         )
@@ -695,8 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "gc",
         cmd_gc,
-        "apply retention to the step-N checkpoints under ROOT and remove uncommitted step-N "
-        "leftovers older than --older-than",
+        "apply retention to the step-N checkpoints under ROOT and remove orphans under them "
+        "(objects no manifest names: killed saves, lost races, interrupted overwrites; all of "
+        "an uncommitted one) once older than --older-than",
     )
     p.add_argument("root", nargs="?", metavar="ROOT", help=root_help)
     p.add_argument("--keep-last", type=_count, metavar="N", help="keep the N newest committed")
@@ -706,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_duration,
         default="1d",
         metavar="AGE",
-        help="remove uncommitted leftovers only when nothing in them changed for AGE "
+        help="remove orphans only when nothing of their save attempt changed for AGE "
         "(default 1d; units s, m, h, d, w), so a save in progress is never raced",
     )
     p.add_argument("--dry-run", action="store_true", help="print what would be removed")

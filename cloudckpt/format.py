@@ -1,18 +1,17 @@
-"""The on-storage format: object names, dtype tables, safetensors headers, index and manifest.
+"""The data format: CRC32C, dtype tables and safetensors headers.
 
-A checkpoint at ``<uri>`` holds ``data/rank-RRRRR-FFFF.safetensors`` (tensors, packed),
-``index/rank-RRRRR.json`` (each rank's tree and per-tensor placement and CRC32C) and
-``manifest.json`` (written last, create-only, by rank 0). See docs/architecture.md.
+The checkpoint's own records (object names, index, manifest) live in
+:mod:`cloudckpt.protocol.records`; their names are still importable from here.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import struct
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import crc32c as _crc32c
@@ -22,21 +21,21 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled, so the command
 
 from .errors import CorruptCheckpointError
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-DATA_DIR = "data"
-INDEX_DIR = "index"
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 
+_RECORDS = frozenset(
+    {
+        "FORMAT_VERSION", "MANIFEST_NAME", "DATA_DIR", "INDEX_DIR", "data_file_name", "index_name",
+        "TensorRecord", "FileRecord", "RankIndex", "RankEntry", "Manifest",
+    }
+)  # fmt: skip
 
-def data_file_name(rank: int, n: int) -> str:
-    """``data/rank-00000-0000.safetensors``."""
-    return f"{DATA_DIR}/rank-{rank:05d}-{n:04d}.safetensors"
 
-
-def index_name(rank: int) -> str:
-    """``index/rank-00000.json``."""
-    return f"{INDEX_DIR}/rank-{rank:05d}.json"
+def __getattr__(name: str) -> Any:
+    """The records that moved to :mod:`cloudckpt.protocol.records`, by their old names."""
+    if name in _RECORDS:
+        return getattr(importlib.import_module("cloudckpt.protocol.records"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.cache
@@ -223,179 +222,3 @@ def check_no_overlap(ranges: list[tuple[int, int, str]], where: str) -> None:
             )
         if end > prev_end:
             prev_end, prev_name = end, name
-
-
-# -- index and manifest ---------------------------------------------------------------------
-
-
-@dataclass
-class TensorRecord:
-    """Where one tensor lives and what it is."""
-
-    key: str
-    dtype: str
-    shape: list[int]
-    file: int  # position in RankIndex.files
-    offset: int  # absolute byte offset in the file
-    length: int
-    crc32c: int
-
-
-@dataclass
-class FileRecord:
-    path: str  # relative to the checkpoint
-    size: int
-
-
-@dataclass
-class RankIndex:
-    """One rank's ``index/rank-RRRRR.json``."""
-
-    rank: int
-    world_size: int
-    tree: dict[str, Any]
-    files: list[FileRecord]
-    tensors: list[TensorRecord]
-
-    def to_json(self) -> bytes:
-        doc = {
-            "format": "cloudckpt-index",
-            "format_version": FORMAT_VERSION,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "files": [[f.path, f.size] for f in self.files],
-            "tensors": [
-                [t.key, t.dtype, t.shape, t.file, t.offset, t.length, t.crc32c]
-                for t in self.tensors
-            ],
-            "tree": self.tree,
-        }
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes, where: str) -> RankIndex:
-        doc = _load_json(raw, where)
-        _check_format(doc, "cloudckpt-index", where)
-        try:
-            files = [FileRecord(str(p), int(s)) for p, s in doc["files"]]
-            tensors = [
-                TensorRecord(str(k), str(d), [int(x) for x in sh], int(f), int(o), int(n), int(c))
-                for k, d, sh, f, o, n, c in doc["tensors"]
-            ]
-            idx = cls(int(doc["rank"]), int(doc["world_size"]), doc["tree"], files, tensors)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptCheckpointError(f"{where}: malformed index ({e!r})") from e
-        idx.validate(where)
-        return idx
-
-    def validate(self, where: str) -> None:
-        """Every tensor inside its file, sizes matching dtype and shape, no overlaps."""
-        per_file: dict[int, list[tuple[int, int, str]]] = {}
-        for t in self.tensors:
-            if not 0 <= t.file < len(self.files):
-                raise CorruptCheckpointError(f"{where}: tensor {t.key!r} names no file")
-            size = self.files[t.file].size
-            if t.offset < 8 or t.length < 0 or t.offset + t.length > size:
-                raise CorruptCheckpointError(
-                    f"{where}: tensor {t.key!r} claims bytes {t.offset}..{t.offset + t.length} "
-                    f"of {self.files[t.file].path} ({size} bytes)"
-                )
-            itemsize = dtype_itemsize(t.dtype, where)
-            if (t.shape and min(t.shape) < 0) or math.prod(t.shape) * itemsize != t.length:
-                raise CorruptCheckpointError(
-                    f"{where}: tensor {t.key!r} length disagrees with its shape"
-                )
-            per_file.setdefault(t.file, []).append((t.offset, t.offset + t.length, t.key))
-        for f, ranges in per_file.items():
-            check_no_overlap(ranges, f"{where} ({self.files[f].path})")
-
-
-@dataclass
-class RankEntry:
-    rank: int
-    index: str
-    size: int
-    crc32c: int
-    files: list[str]
-    bytes: int
-
-
-@dataclass
-class Manifest:
-    """``manifest.json``: the commit record of a checkpoint."""
-
-    world_size: int
-    ranks: list[RankEntry]
-    library_version: str
-    created_unix: float = field(default_factory=time.time)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(r.bytes for r in self.ranks)
-
-    def to_json(self) -> bytes:
-        doc = {
-            "format": "cloudckpt",
-            "format_version": FORMAT_VERSION,
-            "library_version": self.library_version,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_unix)),
-            "created_unix": self.created_unix,
-            "world_size": self.world_size,
-            "ranks": [vars(r) for r in self.ranks],
-            "metadata": self.metadata,
-        }
-        return json.dumps(doc, indent=1, allow_nan=False).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes, where: str) -> Manifest:
-        doc = _load_json(raw, where)
-        _check_format(doc, "cloudckpt", where)
-        try:
-            ranks = [
-                RankEntry(
-                    int(r["rank"]),
-                    str(r["index"]),
-                    int(r["size"]),
-                    int(r["crc32c"]),
-                    [str(f) for f in r["files"]],
-                    int(r["bytes"]),
-                )
-                for r in doc["ranks"]
-            ]
-            m = cls(
-                int(doc["world_size"]),
-                ranks,
-                str(doc.get("library_version", "")),
-                float(doc.get("created_unix", 0.0)),
-                dict(doc.get("metadata") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptCheckpointError(f"{where}: malformed manifest ({e!r})") from e
-        if sorted(r.rank for r in m.ranks) != list(range(m.world_size)):
-            raise CorruptCheckpointError(f"{where}: manifest ranks do not match world_size")
-        return m
-
-
-def _load_json(raw: bytes, where: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(
-            f"{where} is not valid JSON ({e}); the object is damaged. Restore it from a copy or "
-            "use an earlier checkpoint."
-        ) from e
-    if not isinstance(doc, dict):
-        raise CorruptCheckpointError(f"{where} is not a JSON object; the object is damaged")
-    return doc
-
-
-def _check_format(doc: dict[str, Any], kind: str, where: str) -> None:
-    if doc.get("format") != kind:
-        raise CorruptCheckpointError(f"{where}: not a {kind} document")
-    version = doc.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CorruptCheckpointError(
-            f"{where}: format version {version!r} is newer than this cloudckpt understands "
-            f"({FORMAT_VERSION}); upgrade cloudckpt"
-        )

@@ -28,6 +28,7 @@ from .errors import (
     StateDictMismatchError,
     UnverifiedCheckpointWarning,
 )
+from .protocol.records import CommitResult, RankOutcome
 from .storage import describe_store_error
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ class _ThreadGroup:
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
         self.arrived = threading.Barrier(world_size)
-        self.outcomes: list[Any] = [None] * world_size
-        self.commit: dict[str, Any] = {}
+        self.outcomes: list[RankOutcome | None] = [None] * world_size
+        self.commit = CommitResult(ok=False, error="rank 0 did not commit")
         self.committed = threading.Event()
 
 
@@ -140,27 +141,25 @@ class ThreadGroupBarrier(Barrier):
     def execute_barrier(self) -> None:
         self._group.arrived.wait()
 
-    def exchange(self, outcome: dict[str, Any], timeout_secs: float) -> list[dict[str, Any]] | None:
+    def exchange(self, outcome: RankOutcome, timeout_secs: float) -> list[RankOutcome] | None:
         g = self._group
         g.outcomes[self._rank] = outcome
         try:
             g.arrived.wait(timeout_secs)
-            seen = list(g.outcomes)
+            seen = [o for o in g.outcomes if o is not None]
             g.arrived.wait(timeout_secs)  # everyone has read before the next round writes
         except threading.BrokenBarrierError:
             raise BarrierError("a rank of the conversion failed; nothing was committed") from None
-        failed = [o for o in seen if not o.get("ok")]
+        failed = [o for o in seen if not o.ok]
         if failed:
-            raise BarrierError(
-                f"converting failed: {failed[0].get('error')}; nothing was committed"
-            )
+            raise BarrierError(f"converting failed: {failed[0].error}; nothing was committed")
         return seen if self._rank == 0 else None
 
-    def publish_commit(self, result: dict[str, Any]) -> None:
+    def publish_commit(self, result: CommitResult) -> None:
         self._group.commit = result
         self._group.committed.set()
 
-    def await_commit(self, timeout_secs: float) -> dict[str, Any]:
+    def await_commit(self, timeout_secs: float) -> CommitResult:
         if not self._group.committed.wait(timeout_secs):
             raise BarrierError("rank 0 of the conversion did not commit in time")
         return self._group.commit

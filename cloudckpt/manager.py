@@ -16,10 +16,11 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from .backends import resolve
-from .committed import open_checkpoint
 from .config import CheckpointerConfig, resolve_config
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
-from .format import MANIFEST_NAME
+from .protocol.commit import GcReport, collect_orphans, remove_checkpoint
+from .protocol.committed import open_checkpoint
+from .protocol.records import DATA_DIR, INDEX_DIR
 from .types import STATE_DICT, RankInfo, default_rank_info
 
 if TYPE_CHECKING:  # the checkpointer (and torch) load with the first manager, not the command
@@ -133,9 +134,25 @@ class CheckpointRoot:
     def remove(self, name: str) -> None:
         """Delete ``<root>/<name>``: the manifest first, so a crash midway leaves it
         uncommitted rather than damaged."""
+        remove_checkpoint(self.backend, self.backend.join(self.path, name), self.uri_of(name))
+
+    def collect_orphans(self, name: str, older_than: float, *, dry_run: bool = False) -> GcReport:
+        """Remove the objects under ``<root>/<name>`` that its manifest does not name (all of
+        them if it is uncommitted) once their save attempt is ``older_than`` seconds old; an
+        uncommitted checkpoint left empty is removed."""
         path = self.backend.join(self.path, name)
-        self.backend.delete(self.backend.join(path, MANIFEST_NAME))
-        self.backend.delete(path, recursive=True)
+        report = collect_orphans(self.backend, path, self.uri_of(name), older_than, dry_run=dry_run)
+        if not report.committed and not report.kept and report.removed and not dry_run:
+            # only empty directories are left (local disk); never a recursive delete here: a
+            # save that starts now must not lose its first objects
+            for sub in (DATA_DIR, INDEX_DIR, ""):
+                d = self.backend.join(path, sub) if sub else path
+                try:
+                    if not self.backend.list_dir(d):
+                        self.backend.delete(d)
+                except OSError:
+                    pass
+        return report
 
     def retention_victims(self, keep_last: int | None, keep_every: int | None) -> dict[int, str]:
         """Committed ``step -> name`` that retention removes (never an uncommitted one)."""
@@ -149,7 +166,9 @@ class CheckpointManager:
 
     ``async_save=True`` builds an async checkpointer: ``save`` returns once staging is queued,
     as ``(stage_future, commit_future)``; ``commit_future`` resolves to the URI after the
-    commit, the ``latest`` hint and retention.
+    commit, the ``latest`` hint and retention. ``gc_older_than`` (seconds): retention also
+    removes orphans (objects no manifest names: killed or lost saves) of that age under the
+    ``step-N`` checkpoints, as ``cloudckpt gc --older-than`` does.
     """
 
     def __init__(
@@ -162,6 +181,7 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         async_save: bool = False,
         rank_info: RankInfo | None = None,
+        gc_older_than: float | None = None,
     ) -> None:
         self._config = resolve_config(config)
         root = root or self._config.storage.root
@@ -175,8 +195,13 @@ class CheckpointManager:
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+        if gc_older_than is not None and (
+            not isinstance(gc_older_than, (int, float)) or gc_older_than < 0
+        ):
+            raise ValueError(f"gc_older_than must be seconds >= 0 or None, got {gc_older_than!r}")
         self.keep_last = keep_last
         self.keep_every = keep_every
+        self.gc_older_than = gc_older_than
         self.async_save = async_save
         self._options = self._config.storage.options_with(storage_options)
         self._rank_info = rank_info or default_rank_info()
@@ -253,13 +278,23 @@ class CheckpointManager:
 
     def apply_retention(self) -> list[int]:
         """Remove the committed steps that ``keep_last``/``keep_every`` do not keep; returns
-        them. Uncommitted directories are never touched."""
-        if self.keep_last is None and self.keep_every is None:
-            return []
-        victims = self._dir.retention_victims(self.keep_last, self.keep_every)
+        them. Uncommitted directories are only touched by orphan gc (``gc_older_than``)."""
+        victims: dict[int, str] = {}
+        if self.keep_last is not None or self.keep_every is not None:
+            victims = self._dir.retention_victims(self.keep_last, self.keep_every)
         for name in victims.values():
             logger.info("retention: removing %s", self._dir.uri_of(name))
             self._dir.remove(name)
+        if self.gc_older_than is not None:
+            for name in set(self._dir.listed().values()) - set(victims.values()):
+                report = self._dir.collect_orphans(name, self.gc_older_than)
+                for g in report.removed:
+                    logger.info(
+                        "gc: removed %d orphan object(s) of attempt %r under %s",
+                        len(g.objects),
+                        g.name,
+                        self._dir.uri_of(name),
+                    )
         return list(victims)
 
     def load(self, step: int, state_dict: STATE_DICT | None = None, **kwargs: Any) -> STATE_DICT:

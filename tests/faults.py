@@ -3,6 +3,7 @@
     with FaultProxy("127.0.0.1", moto_port) as proxy:
         proxy.inject(status=503, times=3, method="PUT")        # the next 3 PUTs get 503 SlowDown
         proxy.inject(drop=True, times=1, path_re=r"partNumber")  # one upload_part loses its socket
+        proxy.inject(drop_answer=True, method="PUT", path_re="manifest")  # done, answer lost
         ... point the client at f"http://127.0.0.1:{proxy.port}" ...
 
 Requests that match no active rule are forwarded unchanged. Faults happen on the server path:
@@ -37,6 +38,7 @@ class Rule:
     path_re: str | None = None
     delay: float | None = None
     drop: bool = False
+    drop_answer: bool = False  # forward the request, then drop the connection unanswered
     body: bytes | None = None
     hits: int = 0
 
@@ -96,7 +98,13 @@ class _Handler(BaseHTTPRequestHandler):
                     break
             fault = None
             if rule is not None:
-                fault = "drop" if rule.drop else (f"{rule.status}" if rule.status else "delay")
+                fault = (
+                    "drop"
+                    if rule.drop
+                    else "drop_answer"
+                    if rule.drop_answer
+                    else (f"{rule.status}" if rule.status else "delay")
+                )
             st.seen.append(Seen(self.command, self.path, fault))
         if rule is not None and rule.delay:
             time.sleep(rule.delay)
@@ -119,6 +127,11 @@ class _Handler(BaseHTTPRequestHandler):
         conn.request(self.command, self.path, body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
+        if rule is not None and rule.drop_answer:  # the server did it; the client never hears
+            conn.close()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         self.send_response(resp.status, resp.reason)
         for k, v in resp.getheaders():
             if k.lower() not in _HOP and k.lower() != "content-length":

@@ -10,6 +10,7 @@ from stores import StoreTarget
 
 import cloudckpt
 from cloudckpt.backends import resolve
+from cloudckpt.protocol import open_checkpoint
 
 
 def _backend(store: StoreTarget, *parts: str):  # type: ignore[no-untyped-def]
@@ -153,7 +154,8 @@ def test_flipped_byte_is_caught(store: StoreTarget) -> None:
     uri = store.uri("ckpt")
     cloudckpt.save(uri, _sd(), **store.config_kwargs())
     backend, root = _backend(store, "ckpt")
-    path = backend.join(root, "data/rank-00000-0000.safetensors")
+    rel = open_checkpoint(uri, store.backend, store.storage_options).manifest.ranks[0].files[0]
+    path = backend.join(root, rel)
     raw = bytearray(backend.read_bytes(path))
     raw[-3] ^= 0x40
     backend.delete(path)
@@ -172,8 +174,9 @@ def test_many_files_written_and_read(store: StoreTarget) -> None:
     sd = {f"t{i}": torch.full((1024,), float(i)) for i in range(20)}  # 4 KiB each
     uri = store.uri("many")
     cloudckpt.save(uri, sd, config=cfg)
-    backend, root = _backend(store, "many", "data")
-    assert len(backend.list_dir(root)) == 5
+    m = open_checkpoint(uri, store.backend, store.storage_options).manifest
+    backend, root = _backend(store, "many", "data", m.attempt)
+    assert len(backend.list_dir(root)) == 5 == len(m.ranks[0].files)
     _assert_same(cloudckpt.load(uri, config=cfg), sd)
 
 

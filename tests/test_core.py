@@ -15,6 +15,14 @@ from typing import Any
 
 import pytest
 import torch
+from layout_helpers import (
+    all_objects,
+    data_file,
+    data_files,
+    index_file,
+    read_manifest_doc,
+    write_manifest_doc,
+)
 from state_asserts import same
 
 import cloudckpt
@@ -129,10 +137,10 @@ def test_file_size_packs_and_splits(tmp_path: Path) -> None:
     )
     sd = {"small": [torch.zeros(16) for _ in range(40)], "big": torch.zeros(4096)}
     cloudckpt.save(str(tmp_path / "c"), sd, config=cfg)
-    files = sorted(os.listdir(tmp_path / "c" / "data"))
+    files = data_files(tmp_path / "c")
     # 40 x 64 B in 1 KiB files -> 3 files, the 16 KiB tensor in one of its own
     assert len(files) == 4
-    sizes = [os.path.getsize(tmp_path / "c" / "data" / f) for f in files]
+    sizes = [os.path.getsize(f) for f in files]
     assert max(sizes) > 16384 and all(s < 16384 for s in sorted(sizes)[:-1])
     same(cloudckpt.load(str(tmp_path / "c"), config=cfg), sd)
 
@@ -144,8 +152,8 @@ def test_data_files_open_with_safetensors(tmp_path: Path) -> None:
     sd["odd"] = torch.zeros(3, dtype=torch.complex64)  # unknown to safetensors: stored as bytes
     cloudckpt.save(str(tmp_path / "c"), sd)
     seen = {}
-    for f in os.listdir(tmp_path / "c" / "data"):
-        with safe_open(str(tmp_path / "c" / "data" / f), framework="pt") as st:
+    for f in data_files(tmp_path / "c"):
+        with safe_open(str(f), framework="pt") as st:
             for k in st.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
                 seen[k] = st.get_tensor(k)
     assert torch.equal(seen["model.0.weight"], sd["model"]["0.weight"])
@@ -316,9 +324,9 @@ def _saved(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
 
 def test_flipped_byte_names_object_and_key(tmp_path: Path) -> None:
     root, sd = _saved(tmp_path)
-    f = root / "data" / "rank-00000-0000.safetensors"
+    f = data_file(root)
     raw = bytearray(f.read_bytes())
-    index = json.loads((root / "index" / "rank-00000.json").read_bytes())
+    index = json.loads(index_file(root).read_bytes())
     _, _, _, _, offset, _, _ = next(t for t in index["tensors"] if t[0] == "model.2.bias")
     raw[offset] ^= 1
     f.write_bytes(bytes(raw))
@@ -333,7 +341,7 @@ def test_flipped_byte_names_object_and_key(tmp_path: Path) -> None:
 
 def test_truncated_data_file(tmp_path: Path) -> None:
     root, _ = _saved(tmp_path)
-    f = root / "data" / "rank-00000-0000.safetensors"
+    f = data_file(root)
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(
         cloudckpt.CorruptCheckpointError, match=r"rank-00000-0000.safetensors is truncated"
@@ -350,7 +358,7 @@ def test_garbage_manifest(tmp_path: Path) -> None:
 
 def test_damaged_index(tmp_path: Path) -> None:
     root, _ = _saved(tmp_path)
-    idx = root / "index" / "rank-00000.json"
+    idx = index_file(root)
     raw = bytearray(idx.read_bytes())
     raw[-5] ^= 0x01
     idx.write_bytes(bytes(raw))
@@ -362,7 +370,7 @@ def test_damaged_index(tmp_path: Path) -> None:
 
 def test_missing_data_file(tmp_path: Path) -> None:
     root, _ = _saved(tmp_path)
-    (root / "data" / "rank-00000-0000.safetensors").unlink()
+    (data_file(root)).unlink()
     with pytest.raises(
         cloudckpt.CorruptCheckpointError, match=r"is missing but the index lists it"
     ):
@@ -407,19 +415,19 @@ def test_lying_safetensors_header_is_refused(blob: bytes, message: str) -> None:
 
 def test_lying_index_is_refused_before_allocation(tmp_path: Path) -> None:
     root, _ = _saved(tmp_path)
-    idx_path = root / "index" / "rank-00000.json"
+    idx_path = index_file(root)
     doc = json.loads(idx_path.read_bytes())
     doc["tensors"][0][2] = [1 << 40]  # a shape that would need 4 TiB
     doc["tensors"][0][5] = (1 << 40) * 4
     raw = json.dumps(doc, separators=(",", ":")).encode()
     idx_path.write_bytes(raw)
-    manifest = json.loads((root / MANIFEST_NAME).read_bytes())
+    manifest = read_manifest_doc(root)
     from cloudckpt.format import crc32c
 
     manifest["ranks"][0]["size"], manifest["ranks"][0]["crc32c"] = len(raw), crc32c(raw)
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest))
+    write_manifest_doc(root, manifest)
     with pytest.raises(
-        cloudckpt.CorruptCheckpointError, match=r"claims bytes .* of data/rank-00000-0000"
+        cloudckpt.CorruptCheckpointError, match=r"claims bytes .* of data/[^/]+/rank-00000-0000"
     ):
         cloudckpt.load(str(root))
 
@@ -435,9 +443,12 @@ def test_overwrite_replaces_and_refuses_without_flag(tmp_path: Path) -> None:
     ):
         cloudckpt.save(uri, {"v": 2})
     assert cloudckpt.load(uri)["v"] == 1
+    old = all_objects(tmp_path / "c")
     cloudckpt.save(uri, {"v": 2}, overwrite=True)
     assert cloudckpt.load(uri) == {"v": 2}
-    assert not (tmp_path / "c" / "data").exists()  # the old data went with the old commit
+    now = all_objects(tmp_path / "c")
+    assert not (old - {MANIFEST_NAME}) & now  # the old objects went after the new commit
+    assert now == {MANIFEST_NAME, str(index_file(tmp_path / "c").relative_to(tmp_path / "c"))}
 
 
 _KILLED_SAVE = textwrap.dedent(
@@ -474,15 +485,14 @@ def test_sigkill_mid_save_leaves_nothing_loadable(tmp_path: Path) -> None:
 
 
 def test_sigkill_mid_overwrite_keeps_previous_or_uncommitted(tmp_path: Path) -> None:
-    """Killed while replacing: never a manifest over partial data."""
+    """Killed while writing the replacement: the previous checkpoint stays committed."""
     prev = tmp_path / "prev"
     cloudckpt.save(str(prev), {"v": 1})
     other = tmp_path / "other"
     cloudckpt.save(str(other), {"v": 7})
     proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(prev)], capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()
-    with pytest.raises(cloudckpt.CheckpointNotCommittedError):
-        cloudckpt.load(str(prev))
+    assert cloudckpt.load(str(prev)) == {"v": 1}
     assert cloudckpt.load(str(other)) == {"v": 7}  # a neighbour is untouched
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +11,6 @@ import torch
 from multirank_harness import rank_state, run_ranks
 
 import cloudckpt
-from cloudckpt.backends import resolve
-from cloudckpt.checkpoint_writer import CheckpointWriter, CheckpointWriterConfig
 
 pytestmark = pytest.mark.multirank
 
@@ -28,9 +26,12 @@ def test_every_rank_saves_and_loads_its_shard_locally(tmp_path: Path, barrier: s
     _all_ok(run_ranks("save_load", 3, {"root": root, "barrier": barrier}))
     manifest = cloudckpt.checkpoint_reader.open_checkpoint(f"{root}/step-1").manifest
     assert manifest.world_size == 3
-    assert [r.index for r in manifest.ranks] == [f"index/rank-{r:05d}.json" for r in range(3)]
+    assert [r.index.split("/")[::2] for r in manifest.ranks] == [
+        ["index", f"rank-{r:05d}.json"] for r in range(3)
+    ]
     assert all(
-        r.files and r.files[0].startswith(f"data/rank-{r.rank:05d}-") for r in manifest.ranks
+        r.files and re.fullmatch(rf"data/[^/]+/rank-{r.rank:05d}-\d{{4}}\.safetensors", r.files[0])
+        for r in manifest.ranks
     )
 
 
@@ -110,19 +111,6 @@ def test_multi_rank_save_on_s3(request: pytest.FixtureRequest) -> None:
         store.uri("run", "step-1"), store.backend, store.storage_options
     )
     assert ckpt.manifest.world_size == 3
-
-
-def test_rank_zero_refuses_an_index_from_another_attempt(tmp_path: Path) -> None:
-    """An index left by an earlier failed attempt at the same URI is never committed."""
-    uri = str(tmp_path / "c")
-    writer = CheckpointWriter(CheckpointWriterConfig(), cloudckpt.RankInfo(0, 1))
-    cloudckpt.save(uri, {"x": torch.ones(1)})
-    os.unlink(tmp_path / "c" / "manifest.json")  # the earlier attempt never committed
-    backend, root = resolve(uri)
-    outcome = {"rank": 0, "index": "index/rank-00000.json", "nonce": "0" * 32}
-    with pytest.raises(cloudckpt.CheckpointError, match=r"index of rank 0 is not from this save"):
-        writer._check_indexes(backend, root, uri, [outcome])
-    writer.close()
 
 
 def test_no_barrier_with_several_ranks_is_a_config_error(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator
 
@@ -82,7 +83,9 @@ def test_a_save_that_cannot_succeed_fails_in_time_and_leaves_nothing(
         )
     took = time.monotonic() - started
     message = str(info.value)
-    assert f"{uri}/data/rank-00000-0000.safetensors part 2: gave up after" in message
+    assert re.search(
+        re.escape(uri) + r"/data/[^/]+/rank-00000-0000.safetensors part 2: gave up after", message
+    )
     assert "stall timeout 3 s without progress" in message
     assert "Please reduce your request rate" in message
     assert took < 15

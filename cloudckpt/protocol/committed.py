@@ -1,0 +1,87 @@
+"""Opening a committed checkpoint: its manifest and each rank's index, checked, no tensors.
+
+Free of torch on purpose: the ``cloudckpt`` command lists and inspects checkpoints without
+paying for ``import torch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..backends import Backend, resolve
+from ..errors import (
+    BackendError,
+    CheckpointError,
+    CheckpointNotCommittedError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
+from ..format import crc32c
+from ..storage import describe_store_error
+from .records import MANIFEST_NAME, Manifest, RankIndex
+
+
+@dataclass
+class CommittedCheckpoint:
+    """An opened, committed checkpoint: its backend, path, URI and manifest."""
+
+    backend: Backend
+    root: str
+    uri: str
+    manifest: Manifest
+
+    def object_uri(self, rel: str) -> str:
+        return self.backend.to_uri(self.backend.join(self.root, rel))
+
+    def read_index(self, rank: int) -> RankIndex:
+        """Rank ``rank``'s index, checked against the size and CRC32C in the manifest."""
+        entry = next((r for r in self.manifest.ranks if r.rank == rank), None)
+        if entry is None:
+            raise CheckpointError(
+                f"{self.uri} has ranks 0..{self.manifest.world_size - 1}; rank {rank} is not "
+                "among them. Pass rank= with one of those."
+            )
+        where = self.object_uri(entry.index)
+        try:
+            raw = self.backend.read_bytes(self.backend.join(self.root, entry.index))
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{where} is missing but the manifest lists it; the checkpoint is damaged. "
+                "Load an earlier checkpoint."
+            ) from None
+        except OSError as e:
+            raise BackendError(describe_store_error(self.uri, where, e)) from e
+        if len(raw) != entry.size or crc32c(raw) != entry.crc32c:
+            raise CorruptCheckpointError(
+                f"{where}: size or CRC32C differs from the manifest ({len(raw)} bytes, expected "
+                f"{entry.size}); the index is damaged. Load an earlier checkpoint."
+            )
+        return RankIndex.from_json(raw, where)
+
+
+def open_checkpoint(
+    uri: str, backend_name: str | None = None, storage_options: Mapping[str, Any] | None = None
+) -> CommittedCheckpoint:
+    """Open the committed checkpoint at ``uri``: not found, not committed and damaged
+    manifests are told apart."""
+    backend, root = resolve(uri, backend=backend_name, storage_options=storage_options)
+    manifest_path = backend.join(root, MANIFEST_NAME)
+    try:
+        raw = backend.read_bytes(manifest_path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        if backend.exists(root):
+            raise CheckpointNotCommittedError(
+                f"{uri} holds no manifest.json: it is not a committed checkpoint (a save in "
+                "progress, or one that died). Load a committed one (cloudckpt ls / latest)."
+            ) from None
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {uri}: nothing is stored there. Check the URI (cloudckpt ls "
+            "lists the committed checkpoints under a root)."
+        ) from None
+    except OSError as e:
+        raise BackendError(describe_store_error(uri, manifest_path, e)) from e
+    return CommittedCheckpoint(
+        backend, root, uri, Manifest.from_json(raw, f"{uri}/{MANIFEST_NAME}")
+    )

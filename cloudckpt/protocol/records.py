@@ -1,0 +1,384 @@
+"""The typed records of the on-storage format and of the commit: names, index, manifest,
+a rank's outcome and the commit result.
+
+Format version 2 (docs/architecture.md, "On storage"): every object a save writes carries the
+save attempt's id in its name, ``data/<attempt>/rank-RRRRR-FFFF.safetensors`` and
+``index/<attempt>/rank-RRRRR.json``; ``manifest.json`` names every object of its checkpoint and
+carries its own CRC32C. Version 1 (``data/rank-RRRRR-FFFF.safetensors``,
+``index/rank-RRRRR.json``, no manifest CRC) is still read.
+
+Free of torch: the ``cloudckpt`` command lists and checks checkpoints without importing it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CorruptCheckpointError
+from ..format import check_no_overlap, crc32c, dtype_itemsize
+
+FORMAT_VERSION = 2
+MANIFEST_NAME = "manifest.json"
+DATA_DIR = "data"
+INDEX_DIR = "index"
+
+# -- names ----------------------------------------------------------------------------------
+
+
+def new_attempt_id() -> str:
+    """A fresh save attempt id: UTC time (for people reading listings) and 48 random bits."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:12]}"
+
+
+def data_file_name(rank: int, n: int, attempt: str) -> str:
+    """``data/<attempt>/rank-00000-0000.safetensors``."""
+    return f"{DATA_DIR}/{attempt}/rank-{rank:05d}-{n:04d}.safetensors"
+
+
+def index_name(rank: int, attempt: str) -> str:
+    """``index/<attempt>/rank-00000.json``."""
+    return f"{INDEX_DIR}/{attempt}/rank-{rank:05d}.json"
+
+
+def attempt_dir(name: str) -> str | None:
+    """``data/<attempt>`` or ``index/<attempt>`` for a version-2 object name, ``None`` for a
+    version-1 name (directly under ``data/`` or ``index/``) or anything else."""
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0] in (DATA_DIR, INDEX_DIR):
+        return f"{parts[0]}/{parts[1]}"
+    return None
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def check_name(name: object, where: str) -> str:
+    """``name`` if it is a relative path inside the checkpoint, else ``CorruptCheckpointError``.
+
+    Refused: empty names or components, absolute paths, ``.``/``..`` components, NUL bytes,
+    backslashes and anything that starts like a URI scheme or drive (``s3:``, ``C:``).
+    """
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "is empty or not a string"
+    elif "\x00" in name:
+        problem = "contains a NUL byte"
+    elif name.startswith("/"):
+        problem = "is an absolute path"
+    elif "\\" in name:
+        problem = "contains a backslash"
+    elif _SCHEME.match(name):
+        problem = "starts with a URI scheme or drive"
+    else:
+        parts = name.split("/")
+        if any(p == "" for p in parts):
+            problem = "has an empty path component"
+        elif any(p in (".", "..") for p in parts):
+            problem = "has a '.' or '..' component"
+    if problem is not None:
+        raise CorruptCheckpointError(
+            f"{where}: object name {name!r} {problem}; every name in a manifest or index must "
+            "be a relative path inside the checkpoint. The checkpoint is damaged or was "
+            "tampered with: do not load it, use an earlier one."
+        )
+    assert isinstance(name, str)
+    return name
+
+
+# -- index ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorRecord:
+    """Where one tensor lives and what it is. (A later field may carry a chunk's offsets in a
+    global tensor; readers ignore the fields they do not know.)"""
+
+    key: str
+    dtype: str
+    shape: list[int]
+    file: int  # position in RankIndex.files
+    offset: int  # absolute byte offset in the file
+    length: int
+    crc32c: int
+
+    def to_row(self) -> list[Any]:
+        return [self.key, self.dtype, self.shape, self.file, self.offset, self.length, self.crc32c]
+
+    @classmethod
+    def from_row(cls, row: Any) -> TensorRecord:
+        k, d, sh, f, o, n, c = row[:7]
+        return cls(str(k), str(d), [int(x) for x in sh], int(f), int(o), int(n), int(c))
+
+
+@dataclass
+class FileRecord:
+    """One data file of a rank: its name relative to the checkpoint and its size."""
+
+    path: str
+    size: int
+
+
+@dataclass
+class RankIndex:
+    """One rank's index: its tree, its data files and where each tensor is in them."""
+
+    rank: int
+    world_size: int
+    tree: dict[str, Any]
+    files: list[FileRecord]
+    tensors: list[TensorRecord]
+    attempt: str = ""  # the save attempt that wrote it ("" in version 1)
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": "cloudckpt-index",
+            "format_version": FORMAT_VERSION,
+            "attempt": self.attempt,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "files": [[f.path, f.size] for f in self.files],
+            "tensors": [t.to_row() for t in self.tensors],
+            "tree": self.tree,
+        }
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> RankIndex:
+        doc = load_json(raw, where)
+        check_format(doc, "cloudckpt-index", where)
+        try:
+            files = [FileRecord(str(p), int(s)) for p, s in doc["files"]]
+            tensors = [TensorRecord.from_row(row) for row in doc["tensors"]]
+            idx = cls(
+                int(doc["rank"]),
+                int(doc["world_size"]),
+                doc["tree"],
+                files,
+                tensors,
+                str(doc.get("attempt", "")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptCheckpointError(f"{where}: malformed index ({e!r})") from e
+        for f in files:
+            check_name(f.path, where)
+        idx.validate(where)
+        return idx
+
+    def validate(self, where: str) -> None:
+        """Every tensor inside its file, sizes matching dtype and shape, no overlaps."""
+        per_file: dict[int, list[tuple[int, int, str]]] = {}
+        for t in self.tensors:
+            if not 0 <= t.file < len(self.files):
+                raise CorruptCheckpointError(f"{where}: tensor {t.key!r} names no file")
+            size = self.files[t.file].size
+            if t.offset < 8 or t.length < 0 or t.offset + t.length > size:
+                raise CorruptCheckpointError(
+                    f"{where}: tensor {t.key!r} claims bytes {t.offset}..{t.offset + t.length} "
+                    f"of {self.files[t.file].path} ({size} bytes)"
+                )
+            itemsize = dtype_itemsize(t.dtype, where)
+            if (t.shape and min(t.shape) < 0) or math.prod(t.shape) * itemsize != t.length:
+                raise CorruptCheckpointError(
+                    f"{where}: tensor {t.key!r} length disagrees with its shape"
+                )
+            per_file.setdefault(t.file, []).append((t.offset, t.offset + t.length, t.key))
+        for f, ranges in per_file.items():
+            check_no_overlap(ranges, f"{where} ({self.files[f].path})")
+
+
+# -- manifest -------------------------------------------------------------------------------
+
+
+@dataclass
+class RankEntry:
+    """A rank in the manifest: its index (name, size, CRC32C) and its data files."""
+
+    rank: int
+    index: str
+    size: int
+    crc32c: int
+    files: list[str]
+    bytes: int
+
+    def names(self) -> list[str]:
+        return [self.index, *self.files]
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: the commit record of a checkpoint, naming every object of it."""
+
+    world_size: int
+    ranks: list[RankEntry]
+    library_version: str
+    created_unix: float = field(default_factory=time.time)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    attempt: str = ""  # the committing save attempt ("" in version 1)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.bytes for r in self.ranks)
+
+    def names(self) -> set[str]:
+        """Every object this manifest names (itself included)."""
+        return {MANIFEST_NAME, *(n for r in self.ranks for n in r.names())}
+
+    def _doc(self) -> dict[str, Any]:
+        return {
+            "format": "cloudckpt",
+            "format_version": self.format_version,
+            "attempt": self.attempt,
+            "library_version": self.library_version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_unix)),
+            "created_unix": self.created_unix,
+            "world_size": self.world_size,
+            "ranks": [vars(r) for r in self.ranks],
+            "metadata": self.metadata,
+        }
+
+    def to_json(self) -> bytes:
+        """The manifest with its own CRC32C (see :func:`manifest_crc`) as the last field."""
+        doc = self._doc()
+        doc["crc32c"] = manifest_crc(doc)
+        return json.dumps(doc, indent=1, allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> Manifest:
+        """Parse and check a manifest: its own CRC32C (version 2), its ranks and every name."""
+        doc = load_json(raw, where)
+        check_format(doc, "cloudckpt", where)
+        version = int(doc["format_version"])
+        if version >= 2:
+            stored = doc.pop("crc32c", None)
+            if not isinstance(stored, int) or stored != manifest_crc(doc):
+                raise CorruptCheckpointError(
+                    f"{where}: the manifest's own CRC32C "
+                    f"{'is missing' if stored is None else 'does not match its content'}; "
+                    "the manifest is damaged. Load an earlier checkpoint."
+                )
+        try:
+            ranks = [
+                RankEntry(
+                    int(r["rank"]),
+                    r["index"],  # checked by check_name below
+                    int(r["size"]),
+                    int(r["crc32c"]),
+                    list(r["files"]),
+                    int(r["bytes"]),
+                )
+                for r in doc["ranks"]
+            ]
+            m = cls(
+                int(doc["world_size"]),
+                ranks,
+                str(doc.get("library_version", "")),
+                float(doc.get("created_unix", 0.0)),
+                dict(doc.get("metadata") or {}),
+                str(doc.get("attempt", "")),
+                version,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptCheckpointError(f"{where}: malformed manifest ({e!r})") from e
+        if sorted(r.rank for r in m.ranks) != list(range(m.world_size)):
+            raise CorruptCheckpointError(f"{where}: manifest ranks do not match world_size")
+        for r in m.ranks:
+            for name in r.names():
+                check_name(name, where)
+        return m
+
+
+def manifest_crc(doc: dict[str, Any]) -> int:
+    """CRC32C of a manifest document without its ``crc32c`` field, over its canonical JSON
+    (sorted keys, no spaces): independent of how the file is indented."""
+    body = {k: v for k, v in doc.items() if k != "crc32c"}
+    return crc32c(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
+
+
+def load_json(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(
+            f"{where} is not valid JSON ({e}); the object is damaged. Restore it from a copy or "
+            "use an earlier checkpoint."
+        ) from e
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{where} is not a JSON object; the object is damaged")
+    return doc
+
+
+def check_format(doc: dict[str, Any], kind: str, where: str) -> None:
+    if doc.get("format") != kind:
+        raise CorruptCheckpointError(f"{where}: not a {kind} document")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptCheckpointError(f"{where}: format_version {version!r} is not a version")
+    if version > FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{where}: format version {version!r} is newer than this cloudckpt understands "
+            f"({FORMAT_VERSION}); upgrade cloudckpt"
+        )
+
+
+# -- the commit's messages between ranks ------------------------------------------------------
+
+
+@dataclass
+class RankOutcome:
+    """What one rank reports at the barrier: failed (``error``), or the index it wrote."""
+
+    rank: int
+    ok: bool = True
+    error: str = ""
+    index: str = ""
+    size: int = 0
+    crc32c: int = 0
+    files: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+    def entry(self) -> RankEntry:
+        """This rank's line in the manifest."""
+        return RankEntry(
+            self.rank, self.index, self.size, self.crc32c, list(self.files), self.bytes
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(vars(self))
+
+    @classmethod
+    def from_json(cls, raw: Any) -> RankOutcome:
+        """Parse :meth:`to_json`'s text (``str`` or ``bytes``)."""
+        doc = json.loads(raw)
+        return cls(
+            int(doc["rank"]),
+            bool(doc["ok"]),
+            str(doc.get("error", "")),
+            str(doc.get("index", "")),
+            int(doc.get("size", 0)),
+            int(doc.get("crc32c", 0)),
+            [str(f) for f in doc.get("files", [])],
+            int(doc.get("bytes", 0)),
+        )
+
+
+@dataclass
+class CommitResult:
+    """What rank 0 tells the others after the commit."""
+
+    ok: bool
+    error: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(vars(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> CommitResult:
+        doc = json.loads(raw)
+        return cls(bool(doc["ok"]), str(doc.get("error", "")))
