@@ -115,6 +115,9 @@ class SyncCheckpointer(_ReaderCheckpointer):
     def save(
         self, path: str, state_dict: STATE_DICT, **kwargs: Any
     ) -> tuple[Future[Any], Future[Any]] | None:
+        """Save and commit; a committed checkpoint at ``path`` is replaced unless
+        ``overwrite=False`` (as upstream; ``cloudckpt.save`` refuses by default)."""
+        kwargs.setdefault("overwrite", True)
         self._writer.write(path, state_dict, **kwargs)
         return None
 
@@ -152,6 +155,9 @@ class AsyncCheckpointer(_ReaderCheckpointer):
     def save(
         self, path: str, state_dict: STATE_DICT, **kwargs: Any
     ) -> tuple[Future[Any], Future[Any]] | None:
+        """Stage now, write and commit behind the caller; a committed checkpoint at ``path``
+        is replaced unless ``overwrite=False`` (as upstream)."""
+        kwargs.setdefault("overwrite", True)
         previous, self._write_future = self._write_future, None
         done, self._staged = self._staged, None
         try:

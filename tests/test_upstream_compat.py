@@ -117,7 +117,7 @@ def test_users_writer_receives_path_and_state_dict_by_keyword(writer: str, tmp_p
     with ckpt:
         _, write_f = ckpt.save(str(tmp_path / "c"), {"w": torch.ones(2), "step": 1}, tag="x")
         write_f.result()
-    assert out.read_text() == f"{tmp_path / 'c'}|['step', 'w']|['tag']"
+    assert out.read_text() == f"{tmp_path / 'c'}|['step', 'w']|['overwrite', 'tag']"
 
 
 # -- 5: the start-up timeout is a TimeoutError ----------------------------------------------------
@@ -351,3 +351,47 @@ def test_a_wait_only_barrier_at_world_size_three_commits_after_the_rendezvous(
         for rank in range(3):
             out = cloudckpt.load(f"{root}/step-{step}", rank=rank)
             assert torch.equal(out["shard"][0], rank_state(rank, state_step)["shard"][0])
+
+
+# -- 6: the upstream-named checkpointers overwrite; cloudckpt.save refuses ------------------------
+
+
+def test_upstream_named_checkpointers_overwrite_by_default(tmp_path: Path) -> None:
+    writer = CheckpointWriter(config=CheckpointWriterConfig(), rank_info=RANK0)
+    reader = CheckpointReader(rank_info=RANK0)
+    direct = SyncCheckpointer(writer, reader)
+    built = cloudckpt.make_sync_checkpointer(rank_info=RANK0)
+    for n, ck in enumerate((direct, built)):
+        p = str(tmp_path / f"sync{n}")
+        ck.save(p, {"step": 1, "w": torch.zeros(2)})
+        ck.save(p, {"step": 2, "w": torch.ones(2)})
+        out = ck.load(p)
+        assert out["step"] == 2 and torch.equal(out["w"], torch.ones(2))
+        with pytest.raises(cloudckpt.CheckpointExistsError) as info:
+            ck.save(p, {"step": 3}, overwrite=False)
+        assert str(info.value).startswith(f"a committed checkpoint is already at {p}")
+    built.close()
+    writer.close()
+    reader.close()
+
+
+def test_async_checkpointer_overwrites_by_default(tmp_path: Path) -> None:
+    p = str(tmp_path / "c")
+    with cloudckpt.make_async_checkpointer(rank_info=RANK0) as ck:
+        for step in (1, 2):
+            _, write_f = ck.save(p, {"step": step})
+            write_f.result()
+    assert cloudckpt.load(p)["step"] == 2
+
+
+def test_cloudckpt_save_still_refuses_without_overwrite(tmp_path: Path) -> None:
+    p = str(tmp_path / "c")
+    cloudckpt.save(p, {"step": 1})
+    with pytest.raises(cloudckpt.CheckpointExistsError) as info:
+        cloudckpt.save(p, {"step": 2})
+    assert str(info.value) == (
+        f"a committed checkpoint is already at {p}; pass overwrite=True to replace it, or save "
+        "under a new name"
+    )
+    cloudckpt.save(p, {"step": 2}, overwrite=True)
+    assert cloudckpt.load(p)["step"] == 2
