@@ -9,9 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TF_DIR="$PWD/terraform"
 
+# terraform is required: a machine without it fails here rather than passing by skipping.
+# (On our machines it is a hand-installed binary, /usr/local/bin/terraform, beside the provider
+# mirror /opt/tf-plugins; no package registry we reach ships a working one.)
 if ! command -v terraform >/dev/null 2>&1; then
-  echo "terraform.sh: no terraform binary on PATH; skipping the terraform checks" >&2
-  exit 0
+  echo "terraform.sh: no terraform binary on PATH: install terraform >= 1.7 (and a provider mirror" \
+       "folder named tf-plugins, or TF_PLUGINS_DIR) to run the terraform checks" >&2
+  exit 1
 fi
 
 find_mirror() {
@@ -73,12 +77,13 @@ unset TF_DATA_DIR
 step "modules/gcs-checkpoint-bucket, examples/gcp: fmt only (the google provider is not in the mirror)"
 
 # checkov pins old boto3/botocore/packaging/networkx, which clash with the test venv (s3fs needs
-# a current botocore, pytest packaging>=24): it lives in a venv of its own, outside the tree.
+# a current botocore, pytest packaging>=24): it lives in a venv of its own inside the clone, in
+# the ignored folder .ci/cache/ (nothing is written outside the clone).
 # $CHECKOV names a binary, or "skip"; else checkov on PATH; else that venv, made on first use.
 find_checkov() {
   if [ -n "${CHECKOV:-}" ]; then echo "$CHECKOV"; return 0; fi
   if command -v checkov >/dev/null 2>&1; then command -v checkov; return 0; fi
-  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/cloudckpt/checkov-venv"
+  local venv="$PWD/.ci/cache/checkov-venv"
   if [ ! -x "$venv/bin/checkov" ]; then
     echo "== installing checkov into $venv" >&2
     python3 -m venv "$venv" >&2 && "$venv/bin/pip" install -q checkov >&2 || return 1

@@ -31,6 +31,7 @@ import time
 import warnings
 from typing import Any
 
+import plots
 from bench_local import (  # same bytes as the local bench
     WORKLOADS,
     child_result,
@@ -172,4 +173,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with plots.recorded("bench_async"):  # tables -> bar charts in bench/results/
+        main()

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 
+import plots
 from bench_local import WORKLOADS  # the same bytes as the local bench
 
 CRC_FLOOR = (
@@ -115,4 +116,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with plots.recorded("bench_cli"):  # tables -> bar charts in bench/results/
+        main()

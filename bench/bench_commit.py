@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import plots
 import torch
 
 import cloudckpt
@@ -154,4 +155,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with plots.recorded("bench_commit"):  # tables -> bar charts in bench/results/
+        main()

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from typing import Any
 
+import plots
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_remote as remote  # the workloads, RSS sampler and server
 
@@ -133,4 +135,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with plots.recorded("bench_gcs"):  # tables -> bar charts in bench/results/
+        main()

@@ -25,6 +25,8 @@ import tempfile
 import time
 from typing import Any
 
+import plots
+
 WORKLOADS = {
     "large": "1 GiB in 64 tensors of 16 MiB",
     "small": "300 MiB in 20,000 tensors of 15 KiB",
@@ -236,4 +238,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with plots.recorded("bench_local"):  # tables -> bar charts in bench/results/
+        main()

@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Any
 
+import plots
+
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -243,6 +245,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workloads", default="large,small")
     p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--tools", default="", help="comma-separated subset of the tools (default all)")
+    p.add_argument("--ops", default="save,load", help="save, load or both")
     p.add_argument("--cap", type=float, default=240.0, help="seconds per run before giving up")
     p.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -252,7 +256,12 @@ def main() -> None:
         return
     server = Server(a.store)
     bucket = server.bucket()
-    tools = TOOLS[a.store]
+    tools = dict(TOOLS[a.store])
+    if a.tools:
+        keep = set(a.tools.split(",")) | {str(tools["ref"])}
+        tools = {
+            k: ([t for t in v if t in keep] if isinstance(v, list) else v) for k, v in tools.items()
+        }
     print(f"{os.cpu_count()} cores; {a.store} server at {server.endpoint}; runs {a.runs}; "
           f"scale {a.scale}; ratio = {tools['ref']} time / tool time\n")  # fmt: skip
     print("| workload | op | tool | median s | GB/s | vs ref | peak RSS over state |")
@@ -271,7 +280,7 @@ def main() -> None:
 
     try:
         for workload in a.workloads.split(","):
-            for op in ("save", "load"):
+            for op in a.ops.split(","):
                 results: dict[str, dict[str, Any]] = {
                     t: {"times": [], "over": 0.0} for t in tools[op]
                 }
@@ -309,4 +318,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with plots.recorded("bench_remote"):  # tables -> bar charts in bench/results/
+        main()

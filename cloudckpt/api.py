@@ -6,10 +6,10 @@ import dataclasses
 import os
 from typing import Any
 
-from .builder import make_checkpoint_reader, make_sync_checkpointer
+from .builder import make_checkpoint_reader, make_sync_checkpointer, rank_info_for
 from .checkpointer import load_with_reader
 from .config import CheckpointerConfig, resolve_config
-from .types import STATE_DICT, RankInfo, default_rank_info
+from .types import STATE_DICT, RankInfo
 
 ConfigArg = CheckpointerConfig | str | os.PathLike[str] | None
 
@@ -58,7 +58,7 @@ def load(
     """Load the committed checkpoint at ``uri``: everything, or only ``state_dict``'s keys
     (into its own tensors where they fit). ``strict`` raises on keys the checkpoint lacks."""
     cfg = _with_options(config, storage_options)
-    reader = make_checkpoint_reader(cfg, rank_info or default_rank_info())
+    reader = make_checkpoint_reader(cfg, rank_info_for(cfg, rank_info))
     try:
         return load_with_reader(
             reader, uri, state_dict, default_map_location, strict, {"rank": rank}

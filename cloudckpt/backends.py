@@ -13,25 +13,54 @@ and ``file://``) and ``fsspec`` (any protocol fsspec knows, ``memory://`` includ
 from __future__ import annotations
 
 import abc
+import ctypes
+import difflib
 import errno
+import fcntl
+import inspect
 import json
 import logging
+import mmap
 import os
+import re
 import shutil
+import sys
 import threading
 import uuid
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from types import MappingProxyType
 from typing import Any, ClassVar
 
+from . import buffers
+from .buffers import Buffer
 from .errors import BackendError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-Buffer = bytes | bytearray | memoryview
+__all__ = ["Backend", "Buffer", "Capabilities", "FsspecBackend", "LocalBackend", "ObjectInfo"]
 
 _IOV_MAX = 1024
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's store can do; callers read these after resolving a URI.
+
+    ``process_shareable``: another process with the same options sees the same objects (false
+    for an in-process store such as ``memory://``). ``create_only_commit``:
+    :meth:`Backend.put_create_only` is atomic against a concurrent writer. ``conditional_replace``:
+    the store can replace an object only if it is still the version read before.
+    ``ranged_reads``: a read of a byte range costs only that range.
+    """
+
+    process_shareable: bool = True
+    create_only_commit: bool = True
+    conditional_replace: bool = False
+    ranged_reads: bool = True
 
 
 @dataclass(frozen=True)
@@ -57,17 +86,34 @@ class VersionedObject:
 class Backend(abc.ABC):
     """A store of objects, addressed by path, bound to one set of storage options.
 
-    Subclasses set ``name`` and ``protocols`` (URI schemes; ``""`` means a plain path) and
-    implement the abstract methods. ``create_only_commit`` says whether
-    :meth:`put_create_only` is atomic against a concurrent writer on this store;
-    ``conditional_replace`` whether :meth:`put_replace` refuses to replace a version other than
-    the expected one.
+    Subclasses set ``name`` and ``protocols`` (URI schemes; ``""`` means a plain path),
+    declare ``capabilities`` (per class, or per instance where the store decides) and implement
+    the abstract methods. Whoever creates a backend closes it.
     """
 
     name: ClassVar[str] = ""
     protocols: ClassVar[tuple[str, ...]] = ()
-    create_only_commit: ClassVar[bool] = True
-    conditional_replace: ClassVar[bool] = False
+    capabilities: Capabilities = Capabilities()
+    #: The storage options this backend takes itself. ``None``: not declared, every option is
+    #: passed on unchecked. A backend that hands the rest to an fsspec filesystem also accepts
+    #: that filesystem's options (see :meth:`fsspec_class`).
+    accepted_options: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
+        """The fsspec filesystem class the remaining options go to (``None``: none)."""
+        return None
+
+    @property
+    def create_only_commit(self) -> bool:
+        """Whether :meth:`put_create_only` is atomic (``capabilities.create_only_commit``)."""
+        return self.capabilities.create_only_commit
+
+    @property
+    def conditional_replace(self) -> bool:
+        """Whether :meth:`put_replace` refuses to replace a version other than the expected one
+        (``capabilities.conditional_replace``)."""
+        return self.capabilities.conditional_replace
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
         self.storage_options: dict[str, Any] = dict(storage_options or {})
@@ -156,32 +202,176 @@ class Backend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads; the default holds none."""
 
+    def check_location(self, path: str) -> None:  # noqa: B027 - optional check
+        """Raise :class:`BackendError` naming ``path`` if nothing could ever be stored there
+        (its bucket does not exist, a parent is a file). A prefix that is merely empty is fine.
+        Listings call this when they find nothing, so a mistyped location is an error rather
+        than an empty listing. The default checks nothing."""
+
     def retry_total(self) -> int:
         """Requests this backend has retried so far (for log lines); 0 if it never retries."""
         return 0
 
 
-def _write_all(fd: int, buffers: list[memoryview]) -> None:
-    """Write ``buffers`` to ``fd`` with as few ``writev`` calls as the kernel allows."""
-    while buffers:
-        batch = buffers[:_IOV_MAX]
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write ``views`` to ``fd`` with as few ``writev`` calls as the kernel allows."""
+    while views:
+        batch = views[:_IOV_MAX]
         written = os.writev(fd, batch)
-        # Drop what was written; a partial write leaves the tail of one buffer.
-        i = 0
-        while i < len(batch) and written >= len(batch[i]):
-            written -= len(batch[i])
-            i += 1
-        rest = buffers[i:]
-        if written and rest:
-            rest[0] = rest[0][written:]
-        buffers = rest
+        views = buffers.skip(batch, written) + views[len(batch) :]
+
+
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none (macOS)
+DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes
+DIRECT_BLOCK = 4 << 20  # one aligned staging buffer
+DIRECT_DEPTH = 8  # staging buffers in flight per object, at most
+DIRECT_POOL = 16  # staging buffers of one backend in all (64 MiB), shared by its objects
+DIRECT_AUTO_MIN = 16 << 20  # "auto": objects from this size on go through O_DIRECT
+DIRECT_THREADS = 16  # the backend's writer threads, shared by the objects it writes at once
+
+
+def parse_direct_io(value: Any) -> bool | None:
+    """The ``direct_io`` storage option: ``True``, ``False`` or ``None`` for ``"auto"``."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(
+        f"storage option direct_io = {value!r} is not valid for the local backend: use "
+        '"auto" (the default: O_DIRECT for large objects where the filesystem accepts it), '
+        "true or false"
+    )
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of ``view`` at ``offset`` (``pwrite`` may write less than asked)."""
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:  # pragma: no cover - the kernel raises ENOSPC/EIO instead
+            raise OSError(f"pwrite wrote {n} bytes")
+        view, offset = view[n:], offset + n
+
+
+_libc_fallocate: Any = None
+
+
+def _fallocate(fd: int, length: int) -> int:
+    """Reserve ``length`` bytes for ``fd`` (``fallocate(2)``, no emulation); returns the size
+    reserved, 0 where the filesystem cannot. A full disk raises ``ENOSPC`` here, early."""
+    global _libc_fallocate
+    if length <= 0 or not sys.platform.startswith("linux"):
+        return 0
+    if _libc_fallocate is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        fn.restype = ctypes.c_int
+        _libc_fallocate = fn
+    if _libc_fallocate(fd, 0, 0, length) == 0:
+        return length
+    err = ctypes.get_errno()
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        raise OSError(err, os.strerror(err))
+    return 0  # EOPNOTSUPP and the like: write without reserving
+
+
+def _address(view: memoryview) -> int | None:
+    """The address of a large writable buffer (for ``memmove``); ``None`` for small or
+    read-only ones, which are copied by slice assignment."""
+    if view.nbytes < (64 << 10) or view.readonly:
+        return None
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class _Staging:
+    """One page-aligned staging buffer: the map, a view of it and its address."""
+
+    map: mmap.mmap
+    view: memoryview
+    address: int
+
+
+class _StagingPool:
+    """At most ``limit`` staging buffers shared by the objects a backend writes at once, all
+    unmapped when the last of those objects is done (an idle backend holds no memory).
+
+    An object that holds a buffer never waits for the pool (it reuses its own), so one waiting
+    here always gets one from an object that finishes: no deadlock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._free: list[_Staging] = []
+        self._count = 0
+        self._users = 0
+
+    def enter(self) -> None:
+        with self._cond:
+            self._users += 1
+
+    def leave(self, held: list[_Staging]) -> None:
+        with self._cond:
+            self._free.extend(held)
+            self._users -= 1
+            if self._users == 0:
+                self._free.clear()  # the maps go with their last reference
+                self._count = 0
+            self._cond.notify_all()
+
+    def try_take(self) -> _Staging | None:
+        with self._cond:
+            return self._take_locked()
+
+    def take(self) -> _Staging:
+        with self._cond:
+            while (buf := self._take_locked()) is None:
+                self._cond.wait()
+            return buf
+
+    def _take_locked(self) -> _Staging | None:
+        if self._free:
+            return self._free.pop()
+        if self._count >= self.limit:
+            return None
+        self._count += 1
+        m = mmap.mmap(-1, DIRECT_BLOCK)  # page-aligned, zero-filled
+        return _Staging(m, memoryview(m), ctypes.addressof(ctypes.c_char.from_buffer(m)))
 
 
 class LocalBackend(Backend):
-    """Plain paths and ``file://``: temporary name, fsync, then rename (link for create-only)."""
+    """Plain paths and ``file://``: temporary name, fsync, then rename (link for create-only).
+
+    Large objects are written with ``O_DIRECT`` (storage option ``direct_io``): chunks are
+    copied into page-aligned staging buffers that ``DIRECT_DEPTH`` at a time go to the disk from
+    the backend's writer threads, bypassing the page cache; the unaligned tail is written padded
+    to the block size and the file truncated to its size. A filesystem that refuses ``O_DIRECT``
+    (tmpfs) gets buffered writes instead. Durability is the same either way: fsync of the file,
+    rename, fsync of the directory.
+    """
 
     name = "local"
     protocols = ("", "file", "local")
+    accepted_options: ClassVar[frozenset[str] | None] = frozenset({"direct_io"})
+
+    def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(storage_options)
+        self.direct_io = parse_direct_io(self.storage_options.get("direct_io", "auto"))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._no_direct: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
+        self._staging = _StagingPool(DIRECT_POOL)
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def to_path(self, uri: str) -> str:
         for prefix in ("file://", "local://"):
@@ -209,26 +399,52 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
 
-    def _write_temp(self, path: str, chunks: Iterable[Buffer]) -> str:
+    def _wants_direct(self, size: int) -> bool:
+        if not _O_DIRECT or self.direct_io is False:
+            return False
+        return self.direct_io is True or size >= DIRECT_AUTO_MIN
+
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(DIRECT_THREADS, thread_name_prefix="cloudckpt-dio")
+            return self._pool
+
+    def _open_temp(self, path: str, direct: bool) -> tuple[str, int, bool]:
+        """A new temporary file next to ``path``: its name, fd, and whether it is O_DIRECT."""
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = self._temp_name(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        if direct and os.stat(parent).st_dev not in self._no_direct:
+            try:
+                return tmp, os.open(tmp, flags | _O_DIRECT, 0o644), True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._refused_direct(parent)
+                try:  # some filesystems (ramfs) create the file before refusing the flag
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+        return tmp, os.open(tmp, flags, 0o644), False
+
+    def _refused_direct(self, parent: str) -> None:
+        dev = os.stat(parent).st_dev
+        if dev not in self._no_direct:
+            self._no_direct.add(dev)
+            log = logger.warning if self.direct_io else logger.debug
+            log("%s: the filesystem refuses O_DIRECT; writing through the page cache", parent)
+
+    def _write_temp(self, path: str, chunks: Iterable[Buffer], size: int | None = None) -> str:
+        direct = size is not None and self._wants_direct(size)
+        tmp, fd, direct = self._open_temp(path, direct)
         try:
-            pending: list[memoryview] = []
-            pending_bytes = 0
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B") if not isinstance(chunk, memoryview) else chunk
-                if view.nbytes == 0:
-                    continue
-                if view.format != "B" or view.ndim != 1:
-                    view = view.cast("B")
-                pending.append(view)
-                pending_bytes += view.nbytes
-                if len(pending) >= _IOV_MAX or pending_bytes >= (8 << 20):
-                    _write_all(fd, pending)
-                    pending, pending_bytes = [], 0
-            _write_all(fd, pending)
+            if direct:
+                assert size is not None
+                self._write_direct(fd, path, chunks, size)
+            else:
+                self._write_buffered(fd, chunks)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -240,30 +456,121 @@ class LocalBackend(Backend):
         os.close(fd)
         return tmp
 
+    @staticmethod
+    def _write_buffered(fd: int, chunks: Iterable[Buffer]) -> None:
+        pending: list[memoryview] = []
+        pending_bytes = 0
+        for chunk in chunks:
+            view = buffers.byte_view(chunk)
+            if view.nbytes == 0:
+                continue
+            pending.append(view)
+            pending_bytes += view.nbytes
+            if len(pending) >= _IOV_MAX or pending_bytes >= (8 << 20):
+                _write_all(fd, pending)
+                pending, pending_bytes = [], 0
+        _write_all(fd, pending)
+
+    def _write_direct(self, fd: int, path: str, chunks: Iterable[Buffer], size: int) -> None:
+        """Copy ``chunks`` into aligned staging buffers, up to ``DIRECT_DEPTH`` of them writing
+        at once; the buffers come from the backend's pool, shared with concurrent objects."""
+        pool = self._writer_pool()
+        staging = self._staging
+        parent = os.path.dirname(path)
+        mine: list[_Staging] = []
+        free: list[_Staging] = []
+        inflight: deque[tuple[Future[None], _Staging]] = deque()
+
+        def write(view: memoryview, offset: int) -> None:
+            try:
+                _pwrite_all(fd, view, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # Opened with O_DIRECT but refused at write time: go on through the page cache.
+                self._refused_direct(parent)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+                _pwrite_all(fd, view, offset)
+
+        def take() -> _Staging:
+            if free:
+                return free.pop()
+            buf = staging.try_take() if len(mine) < DIRECT_DEPTH else None
+            if buf is None and inflight:
+                future, buf = inflight.popleft()
+                future.result()
+                return buf
+            if buf is None:  # nothing of our own yet: wait for another object's buffer
+                buf = staging.take()
+            mine.append(buf)
+            return buf
+
+        def submit(buf: _Staging, n: int, offset: int) -> None:
+            padded = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+            if padded != n:
+                buf.view[n:padded] = bytes(padded - n)  # the tail's padding, cut by ftruncate
+            inflight.append((pool.submit(write, buf.view[:padded], offset), buf))
+
+        total = 0
+        # Allocated up front, the writes land inside the file: ext4 and XFS then run them in
+        # parallel (writes that extend a file take its lock one at a time).
+        allocated = _fallocate(fd, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN)
+        staging.enter()
+        try:
+            buf, fill = take(), 0
+            for chunk in chunks:
+                view = memoryview(chunk)
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                src = _address(view)
+                pos = 0
+                while pos < view.nbytes:
+                    n = min(view.nbytes - pos, DIRECT_BLOCK - fill)
+                    if src is not None:  # memmove lets the other threads run meanwhile
+                        ctypes.memmove(buf.address + fill, src + pos, n)
+                    else:
+                        buf.view[fill : fill + n] = view[pos : pos + n]
+                    fill += n
+                    pos += n
+                    if fill == DIRECT_BLOCK:
+                        submit(buf, fill, total)
+                        total += fill
+                        buf, fill = take(), 0
+            if fill:
+                submit(buf, fill, total)
+                total += fill
+            while inflight:
+                inflight.popleft()[0].result()
+            if total % DIRECT_ALIGN or (allocated and total != allocated):
+                os.ftruncate(fd, total)
+            logger.debug("%s: %d bytes written with O_DIRECT", path, total)
+        finally:
+            # On an error: nothing may still write to ``fd`` (or a buffer) once this returns.
+            for future, _ in inflight:
+                future.cancel()
+            for future, _ in inflight:
+                if not future.cancelled():
+                    future.exception()
+            inflight.clear()
+            staging.leave(mine)
+
     def write_object(self, path: str, chunks: Iterable[Buffer], size: int) -> None:
-        tmp = self._write_temp(path, chunks)
+        tmp = self._write_temp(path, chunks, size)
         os.replace(tmp, path)
         self._fsync_dir(os.path.dirname(path))
 
-    def read_into(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
+    def read_into(self, path: str, offset: int, dest: Sequence[memoryview]) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
-            views = [b for b in buffers if b.nbytes]
+            views = [b for b in dest if b.nbytes]
             while views:
                 batch = views[:_IOV_MAX]
                 got = os.preadv(fd, batch, offset)
                 if got == 0:
-                    want = sum(v.nbytes for v in views)
+                    want = buffers.total(views)
                     raise EOFError(f"{path}: object ends at byte {offset}, {want} more expected")
                 offset += got
-                i = 0
-                while i < len(batch) and got >= batch[i].nbytes:
-                    got -= batch[i].nbytes
-                    i += 1
-                rest = views[i:]
-                if got and rest:
-                    rest[0] = rest[0][got:]
-                views = rest
+                views = buffers.skip(batch, got) + views[len(batch) :]
         finally:
             os.close(fd)
 
@@ -289,6 +596,21 @@ class LocalBackend(Backend):
             if os.path.exists(tmp):
                 os.unlink(tmp)
         self._fsync_dir(os.path.dirname(path))
+
+    def check_location(self, path: str) -> None:
+        parent = path
+        while not os.path.lexists(parent):
+            up = os.path.dirname(parent)
+            if up == parent:
+                return
+            parent = up
+        if parent != path and not os.path.isdir(parent):
+            raise BackendError(
+                f"{path}: cannot hold checkpoints: {parent} is a file, not a directory; check "
+                "the path"
+            )
+        if parent == path and not os.path.isdir(path):
+            raise BackendError(f"{path}: is a file, not a directory of checkpoints")
 
     @staticmethod
     def _version(st: os.stat_result) -> str:
@@ -355,7 +677,16 @@ class FsspecBackend(Backend):
 
     name = "fsspec"
     protocols: ClassVar[tuple[str, ...]] = ("*",)
-    create_only_commit = False
+    accepted_options: ClassVar[frozenset[str] | None] = frozenset()
+
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
+        import fsspec
+
+        try:
+            return fsspec.get_filesystem_class(protocol or "file")
+        except (ValueError, ImportError):
+            return None  # construction reports the unknown protocol
 
     def __init__(
         self, storage_options: Mapping[str, Any] | None = None, *, protocol: str = "memory"
@@ -369,8 +700,15 @@ class FsspecBackend(Backend):
         except (ValueError, ImportError) as e:
             raise BackendError(
                 f"fsspec cannot open protocol {protocol!r}: {e}. Install the package that "
-                "provides it, or a cloudckpt backend plugin (cloudckpt-s3, cloudckpt-gcs)."
+                f"provides it, or {plugin_install_hint(protocol)}."
             ) from e
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        # The filesystem decides: an in-process store is invisible to a writer process.
+        self.capabilities = Capabilities(
+            process_shareable=not isinstance(self.fs, MemoryFileSystem),
+            create_only_commit=False,
+        )
 
     def to_path(self, uri: str) -> str:
         return str(self.fs._strip_protocol(uri)).rstrip("/")
@@ -406,16 +744,12 @@ class FsspecBackend(Backend):
             raise
         f.close()
 
-    def read_into(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
-        total = sum(b.nbytes for b in buffers)
+    def read_into(self, path: str, offset: int, dest: Sequence[memoryview]) -> None:
+        total = buffers.total(dest)
         data = self.fs.cat_file(path, start=offset, end=offset + total)
         if len(data) < total:
             raise EOFError(f"{path}: object ends at byte {offset + len(data)}, {total} expected")
-        view = memoryview(data)
-        pos = 0
-        for b in buffers:
-            b[:] = view[pos : pos + b.nbytes]
-            pos += b.nbytes
+        buffers.scatter(data, deque(buffers.byte_view(b) for b in dest))
 
     def read_bytes(self, path: str) -> bytes:
         return bytes(self.fs.cat_file(path))
@@ -484,16 +818,36 @@ _registry: dict[str, type[Backend]] = {}
 _by_protocol: dict[str, type[Backend]] = {}
 _entry_points_loaded = False
 _registry_lock = threading.RLock()
-_instances: dict[tuple[str, str, str], Backend] = {}
+
+#: Backends shared by ``resolve`` per (backend, scheme, options), least recently used first.
+#: The cache owns them: :func:`clear_backend_cache` closes them.
+_cache: OrderedDict[tuple[str, str, str], Backend] = OrderedDict()
+CACHE_SIZE = 16
 
 
-def register_backend(cls: type[Backend], *, protocols: Iterable[str] | None = None) -> None:
-    """Make ``cls`` available by its ``name`` and for its URI schemes (or ``protocols``)."""
+def register_backend(
+    cls: type[Backend], *, protocols: Iterable[str] | None = None, clobber: bool = False
+) -> None:
+    """Make ``cls`` available by its ``name`` and for its URI schemes (or ``protocols``).
+
+    A name or scheme already taken by another class is refused with ``ConfigError`` unless
+    ``clobber=True``.
+    """
+    protos = [p for p in (protocols if protocols is not None else cls.protocols) if p != "*"]
     with _registry_lock:
+        if not clobber:
+            taken = [f"scheme {p!r} by {_by_protocol[p].__qualname__}" for p in protos
+                     if _by_protocol.get(p, cls) is not cls]  # fmt: skip
+            if _registry.get(cls.name, cls) is not cls:
+                taken.insert(0, f"name {cls.name!r} by {_registry[cls.name].__qualname__}")
+            if taken:
+                raise ConfigError(
+                    f"cannot register {cls.__qualname__}: {'; '.join(taken)} is already "
+                    "registered. Pass clobber=True to replace it."
+                )
         _registry[cls.name] = cls
-        for proto in protocols if protocols is not None else cls.protocols:
-            if proto != "*":
-                _by_protocol[proto] = cls
+        for proto in protos:
+            _by_protocol[proto] = cls
 
 
 def _load_entry_points() -> None:
@@ -502,8 +856,8 @@ def _load_entry_points() -> None:
         if _entry_points_loaded:
             return
         _entry_points_loaded = True
-        register_backend(LocalBackend)
-        register_backend(FsspecBackend)
+        register_backend(LocalBackend, clobber=True)
+        register_backend(FsspecBackend, clobber=True)
         for ep in entry_points(group="cloudckpt.backends"):
             if ep.name in ("local", "fsspec"):
                 continue
@@ -516,14 +870,17 @@ def _load_entry_points() -> None:
                 logger.warning("entry point %r is not a cloudckpt Backend; ignored", ep.name)
                 continue
             # Plugins registered by hand (register_backend) win over entry points.
-            if cls.name not in _registry or _registry[cls.name] is cls:
-                register_backend(cls)
+            if cls.name not in _registry:
+                try:
+                    register_backend(cls)
+                except ConfigError as e:
+                    logger.warning("cloudckpt backend plugin %r ignored: %s", ep.name, e)
 
 
-def available_backends() -> dict[str, type[Backend]]:
-    """Every registered backend by name."""
+def available_backends() -> Mapping[str, type[Backend]]:
+    """Every registered backend by name (a read-only view)."""
     _load_entry_points()
-    return dict(_registry)
+    return MappingProxyType(dict(_registry))
 
 
 def split_scheme(uri: str) -> str:
@@ -531,6 +888,25 @@ def split_scheme(uri: str) -> str:
     if "://" in uri:
         return uri.split("://", 1)[0].lower()
     return ""
+
+
+_PLUGINS = {"s3": "s3", "s3a": "s3", "gcs": "gcs", "gs": "gcs"}
+
+
+def plugin_install_hint(name: str | None = None) -> str:
+    """How to install the backend plugin for a backend name or URI scheme: from a clone, and by
+    its distribution name once published (the plugins are distributions, not extras)."""
+    plugin = _PLUGINS.get((name or "").lower())
+    if plugin is None:
+        return (
+            "its plugin (a distribution with a 'cloudckpt.backends' entry point; the S3 and GCS "
+            "ones, from a clone of cloudckpt: pip install -e backends/s3 / -e backends/gcs, "
+            "published as cloudckpt-s3 / cloudckpt-gcs)"
+        )
+    return (
+        f"its plugin: from a clone of cloudckpt, pip install -e backends/{plugin} "
+        f"(published as cloudckpt-{plugin})"
+    )
 
 
 def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
@@ -542,14 +918,121 @@ def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
         except KeyError:
             raise ConfigError(
                 f"unknown backend {backend!r} for {uri!r}; known: {sorted(_registry)}. "
-                "Install its plugin (pip install cloudckpt[s3] / cloudckpt[gcs]) or fix the name."
+                f"Install {plugin_install_hint(backend)}, or fix the name."
             ) from None
     scheme = split_scheme(uri)
     return _by_protocol.get(scheme, FsspecBackend)
 
 
+FSSPEC_COMMON_OPTIONS = frozenset(
+    {
+        "skip_instance_cache",
+        "use_listings_cache",
+        "listings_expiry_time",
+        "max_paths",
+        "asynchronous",
+        "loop",
+        "batch_size",
+    }
+)
+"""Options every fsspec filesystem takes (its instance cache, listings cache and event loop)."""
+
+
+def _named_parameters(fs_class: type) -> set[str]:
+    names: set[str] = set()
+    for klass in fs_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            continue
+        names.update(
+            p.name
+            for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        )
+    return names
+
+
+def known_options(cls: type[Backend], protocol: str) -> frozenset[str] | None:
+    """Every storage option ``cls`` takes for ``protocol``; ``None`` if it does not declare them."""
+    if cls.accepted_options is None:
+        return None
+    fs_class = cls.fsspec_class(protocol)
+    if fs_class is None:
+        return cls.accepted_options
+    return cls.accepted_options | FSSPEC_COMMON_OPTIONS | _named_parameters(fs_class)
+
+
+def unknown_options(
+    cls: type[Backend], protocol: str, options: Mapping[str, Any]
+) -> tuple[list[str], frozenset[str]]:
+    """The keys of ``options`` that ``cls`` does not take, and the ones it takes."""
+    known = known_options(cls, protocol)
+    if known is None:
+        return [], frozenset()
+    return sorted(str(k) for k in options if k not in known), known
+
+
+def describe_unknown_options(
+    cls: type[Backend], protocol: str, unknown: list[str], known: frozenset[str]
+) -> str:
+    """``storage option 'x' is not one the s3 backend takes (did you mean 'y'?); known: ...``."""
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    what = f"backend {cls.name!r}" + (f" for {protocol}://" if protocol else "")
+    known_text = ", ".join(sorted(known)) if known else "none"
+    return (
+        f"storage option{'s' if len(unknown) > 1 else ''} {', '.join(hints)} "
+        f"{'are' if len(unknown) > 1 else 'is'} not taken by {what}; known options: {known_text}"
+    )
+
+
+_MALFORMED_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/*(?!/)")
+
+
+def check_uri(uri: str) -> None:
+    """Refuse a URI with a scheme but without ``://`` (``s3:/bucket``, ``gs:bucket``)."""
+    if "://" not in uri and _MALFORMED_URI.match(uri) and ":" in uri.split("/", 1)[0]:
+        scheme = uri.split(":", 1)[0]
+        raise ConfigError(
+            f"malformed URI {uri!r}: a store URI is {scheme}://bucket/prefix (two slashes after "
+            f"the scheme); a local path with a colon in its first component: write ./{uri}"
+        )
+
+
 def _options_key(options: Mapping[str, Any]) -> str:
     return json.dumps(options, sort_keys=True, default=repr)
+
+
+def _check_options(uri: str, cls: type[Backend], scheme: str, options: dict[str, Any]) -> None:
+    unknown, known = unknown_options(cls, scheme, options)
+    if unknown:
+        raise ConfigError(f"{uri}: {describe_unknown_options(cls, scheme, unknown, known)}")
+
+
+def open_backend(
+    uri: str,
+    *,
+    backend: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[Backend, str]:
+    """A new backend for ``uri`` (the caller owns it and closes it) and ``uri``'s path."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
+    check_uri(uri)
+    cls = backend_class_for(uri, backend)
+    options = dict(storage_options or {})
+    _check_options(uri, cls, split_scheme(uri), options)
+    if cls is FsspecBackend:
+        inst: Backend = FsspecBackend(options, protocol=split_scheme(uri) or "file")
+    else:
+        inst = cls(options)
+    return inst, inst.to_path(uri)
 
 
 def resolve(
@@ -558,19 +1041,43 @@ def resolve(
     backend: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[Backend, str]:
-    """The backend for ``uri`` (shared per backend, protocol and options) and ``uri``'s path."""
+    """The backend for ``uri`` (shared per backend, scheme and options) and ``uri``'s path.
+
+    Shared backends live in a cache of :data:`CACHE_SIZE` entries; the least recently used one
+    is dropped (not closed: a caller may still hold it) when a new one would exceed it. Use
+    :func:`open_backend` for a backend of your own.
+    """
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
+    check_uri(uri)
     cls = backend_class_for(uri, backend)
     options = dict(storage_options or {})
     scheme = split_scheme(uri)
+    _check_options(uri, cls, scheme, options)
     key = (cls.name, scheme, _options_key(options))
     with _registry_lock:
-        inst = _instances.get(key)
-        if inst is None:
-            if cls is FsspecBackend:
-                inst = FsspecBackend(options, protocol=scheme or "file")
-            else:
-                inst = cls(options)
-            _instances[key] = inst
-    return inst, inst.to_path(uri)
+        inst = _cache.get(key)
+        if inst is not None:
+            _cache.move_to_end(key)
+            return inst, inst.to_path(uri)
+    inst, path = open_backend(uri, backend=backend, storage_options=storage_options)
+    with _registry_lock:
+        shared = _cache.setdefault(key, inst)
+        _cache.move_to_end(key)
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    if shared is not inst:  # another thread made one first
+        inst.close()
+    return shared, path
+
+
+def clear_backend_cache() -> None:
+    """Close and forget every shared backend (call when no save or load is in flight)."""
+    with _registry_lock:
+        cached = list(_cache.values())
+        _cache.clear()
+    for inst in cached:
+        try:
+            inst.close()
+        except Exception as e:  # one broken close must not keep the others open
+            logger.warning("closing %r failed: %s", inst, e)

@@ -21,40 +21,111 @@ Protocol for save number ``seq`` (every rank's barrier counts saves the same way
 from __future__ import annotations
 
 import abc
+import inspect
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Any
 
-from .errors import BarrierError
+from .config_types import check_fields, masked, setting
+from .errors import BarrierError, ConfigError
 from .protocol.records import CommitResult, RankOutcome
 
 logger = logging.getLogger(__name__)
 
-BARRIER_REGISTRY: dict[str, type[Barrier]] = {}
+_barriers: dict[str, type[Barrier]] = {}
+#: Barrier classes by ``barrier_type`` (read-only: add with :func:`register_barrier`).
+BARRIER_REGISTRY: Mapping[str, type[Barrier]] = MappingProxyType(_barriers)
 
 
-def register_barrier(barrier_class: type[Barrier]) -> type[Barrier]:
-    """Register a barrier class under its ``barrier_type``."""
-    BARRIER_REGISTRY[barrier_class.barrier_type] = barrier_class
-    return barrier_class
+def register_barrier(barrier_class: type[Barrier] | None = None, *, clobber: bool = False) -> Any:
+    """Register a barrier class under its ``barrier_type`` (also as ``@register_barrier``).
+
+    A type already taken by another class is refused with ``ConfigError`` unless
+    ``clobber=True``.
+    """
+
+    def register(cls: type[Barrier]) -> type[Barrier]:
+        taken = _barriers.get(cls.barrier_type)
+        if taken is not None and taken is not cls and not clobber:
+            raise ConfigError(
+                f"cannot register {cls.__qualname__}: barrier_type {cls.barrier_type!r} is "
+                f"already registered by {taken.__qualname__}. Pass clobber=True to replace it."
+            )
+        _barriers[cls.barrier_type] = cls
+        return cls
+
+    return register if barrier_class is None else register(barrier_class)
 
 
 @dataclass
 class BarrierConfig:
-    """Which barrier to build (``None``: no barrier, one process) and its constructor arguments."""
+    """Which barrier to build (``None``: no barrier, one process) and its constructor arguments.
 
-    barrier_type: str | None = None
-    barrier_args: dict[str, Any] = field(default_factory=dict)
+    Its repr masks the values of arguments that look like credentials."""
+
+    barrier_type: str | None = setting(
+        None,
+        doc="`tcp_store` or `dist_barrier`; absent: none for one process, the process group's "
+        "store when one is initialized.",
+        types=(str, type(None)),
+    )
+    barrier_args: dict[str, Any] = setting(
+        doc="Table `[barrier.barrier_args]`: constructor arguments of the barrier (e.g. "
+        "`master_address`, `tcpstore_port`), checked against its signature. "
+        "`global_rank` and `global_world_size` here are the rank info of the save.",
+        types=(dict,),
+        default_factory=dict,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "barrier")
+
+    def __repr__(self) -> str:
+        return (
+            f"BarrierConfig(barrier_type={self.barrier_type!r}, "
+            f"barrier_args={masked(self.barrier_args)!r})"
+        )
 
 
 class _UnknownBarrierType(BarrierError, ValueError):
     pass
 
 
+def barrier_parameters(cls: type[Barrier]) -> tuple[frozenset[str] | None, frozenset[str]]:
+    """The argument names ``cls``'s constructor takes (``None``: any, it has ``**kwargs``) and
+    the ones it requires."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    named = [p for p in params if p.name != "self"]
+    if any(p.kind is p.VAR_KEYWORD for p in named):
+        return None, frozenset()
+    kw = [p for p in named if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return (
+        frozenset(p.name for p in kw),
+        frozenset(p.name for p in kw if p.default is p.empty),
+    )
+
+
+def rank_info_of(barrier_config: BarrierConfig) -> tuple[int, int] | None:
+    """``(global_rank, global_world_size)`` when the barrier arguments carry both."""
+    args = barrier_config.barrier_args
+    if "global_rank" in args and "global_world_size" in args:
+        rank, world = args["global_rank"], args["global_world_size"]
+        if type(rank) is not int or type(world) is not int or not 0 <= rank < world:
+            raise ConfigError(
+                f"[barrier.barrier_args] global_rank = {rank!r} and global_world_size = "
+                f"{world!r}: expected integers with 0 <= global_rank < global_world_size"
+            )
+        return rank, world
+    return None
+
+
 def create_barrier_from_config(barrier_config: BarrierConfig) -> Barrier | None:
-    """The barrier ``barrier_config`` names, or ``None``; an unknown type is a ``ValueError``."""
+    """The barrier ``barrier_config`` names, or ``None``; an unknown type is a ``ValueError``,
+    arguments its constructor does not take or lacks a :class:`ConfigError`."""
     if barrier_config.barrier_type is None:
         return None
     cls = BARRIER_REGISTRY.get(barrier_config.barrier_type)
@@ -63,12 +134,49 @@ def create_barrier_from_config(barrier_config: BarrierConfig) -> Barrier | None:
             f"Unknown barrier type: {barrier_config.barrier_type!r}. "
             f"Available types: {sorted(BARRIER_REGISTRY)} (or none for a single process)."
         )
-    return cls(**barrier_config.barrier_args)
+    known, required = barrier_parameters(cls)
+    args = barrier_config.barrier_args
+    if known is not None:
+        unknown = sorted(str(k) for k in args if k not in known)
+        missing = sorted(required - set(args))
+        if unknown or missing:
+            what = []
+            if unknown:
+                what.append(f"does not take {', '.join(map(repr, unknown))}")
+            if missing:
+                what.append(f"needs {', '.join(map(repr, missing))}")
+            raise ConfigError(
+                f"[barrier.barrier_args]: {cls.__name__} (barrier_type = "
+                f"{barrier_config.barrier_type!r}) {' and '.join(what)}; its arguments: "
+                f"{', '.join(sorted(known))}"
+            )
+    return cls(**args)
 
 
-def default_barrier(barrier_config: BarrierConfig, world_size: int) -> Barrier | None:
+def _with_rank(barrier_config: BarrierConfig, rank: int, world_size: int) -> BarrierConfig:
+    """``barrier_config`` with ``global_rank``/``global_world_size`` filled in from this process
+    when the barrier takes them and the config leaves them out (a config file is shared by every
+    rank, so it cannot name one)."""
+    cls = BARRIER_REGISTRY.get(barrier_config.barrier_type or "")
+    if cls is None:
+        return barrier_config
+    params = inspect.signature(cls.__init__).parameters
+    args = dict(barrier_config.barrier_args)
+    for name, value in (("global_rank", rank), ("global_world_size", world_size)):
+        if name in params and name not in args:
+            args[name] = value
+    return BarrierConfig(barrier_config.barrier_type, args)
+
+
+def default_barrier(
+    barrier_config: BarrierConfig, world_size: int, rank: int | None = None
+) -> Barrier | None:
     """The configured barrier; with none configured, several ranks and an initialized process
-    group, a :class:`DistBarrier` on that group's store (what a user of the group expects)."""
+    group, a :class:`DistBarrier` on that group's store (what a user of the group expects).
+    With ``rank`` given, a barrier that takes ``global_rank``/``global_world_size`` gets them
+    from this process unless the config names them."""
+    if rank is not None:
+        barrier_config = _with_rank(barrier_config, rank, world_size)
     barrier = create_barrier_from_config(barrier_config)
     if barrier is None and world_size > 1:
         import torch.distributed as dist
@@ -114,6 +222,11 @@ class Barrier(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the store or group."""
+
+    @property
+    def world_size(self) -> int | None:
+        """How many ranks this barrier waits for (``None``: it does not say)."""
+        return None
 
 
 class StoreExchange:
@@ -266,6 +379,10 @@ class _StoreBarrier(Barrier):
 
     def await_commit(self, timeout_secs: float) -> CommitResult:
         return self._exchange.await_commit(timeout_secs)
+
+    @property
+    def world_size(self) -> int | None:
+        return self._exchange.world_size
 
 
 _NO_PROCESS_GROUP = (

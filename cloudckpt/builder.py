@@ -7,9 +7,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .barriers import barrier_config_for_process, default_barrier
+from .barriers import barrier_config_for_process, default_barrier, rank_info_of
 from .checkpoint_process import (
-    WRITER_KINDS,
     BackgroundWriter,
     CheckpointProcess,
     WriterThread,
@@ -23,6 +22,40 @@ from .staging import DefaultStager
 from .types import RankInfo, default_rank_info
 
 
+def rank_info_for(cfg: CheckpointerConfig, rank_info: RankInfo | None) -> RankInfo:
+    """The rank info of a checkpointer built from ``cfg``.
+
+    ``global_rank`` and ``global_world_size`` in ``[barrier.barrier_args]`` are the rank info;
+    a ``rank_info`` argument or an initialized process group that disagrees with them is a
+    :class:`ConfigError` naming both. Otherwise ``rank_info``, else the process group's, else
+    a single rank.
+    """
+    from_barrier = rank_info_of(cfg.barrier_config)
+    if from_barrier is None:
+        return rank_info or default_rank_info()
+    barrier_ri = RankInfo(global_rank=from_barrier[0], global_world_size=from_barrier[1])
+    others = []
+    if rank_info is not None:
+        others.append(("rank_info=", rank_info))
+    if _group_initialized():
+        others.append(("the process group", default_rank_info()))
+    for what, ri in others:
+        if (ri.global_rank, ri.global_world_size) != from_barrier:
+            raise ConfigError(
+                f"[barrier.barrier_args] says rank {barrier_ri.global_rank} of "
+                f"{barrier_ri.global_world_size} (global_rank, global_world_size) but {what} says "
+                f"rank {ri.global_rank} of {ri.global_world_size}; make them agree (or drop "
+                f"one of them)"
+            )
+    return barrier_ri
+
+
+def _group_initialized() -> bool:
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and dist.is_initialized())
+
+
 def writer_from_config(
     rank_info: RankInfo, config: CheckpointerConfig, commit_hook: WriterHook | None = None
 ) -> CheckpointWriter:
@@ -30,7 +63,9 @@ def writer_from_config(
     return CheckpointWriter(
         config=config.writer_config,
         rank_info=rank_info,
-        barrier=default_barrier(config.barrier_config, rank_info.global_world_size),
+        barrier=default_barrier(
+            config.barrier_config, rank_info.global_world_size, rank_info.global_rank
+        ),
         commit_hook=commit_hook,
         storage=config.storage,
     )
@@ -50,7 +85,7 @@ def make_sync_checkpointer(
 ) -> SyncCheckpointer:
     """A :class:`SyncCheckpointer`; rank and world size from the process group if not given."""
     cfg = resolve_config(config)
-    rank_info = rank_info or default_rank_info()
+    rank_info = rank_info_for(cfg, rank_info)
     return SyncCheckpointer(
         writer=writer_from_config(rank_info, cfg, commit_hook),
         reader=make_checkpoint_reader(cfg, rank_info),
@@ -76,21 +111,11 @@ def make_async_checkpointer(
     ``checkpoint_writer_init_fn(rank_info=..., **checkpoint_writer_init_args)`` replaces the
     default writer in both.
     """
-    cfg = resolve_config(config)
-    rank_info = rank_info or default_rank_info()
+    cfg = resolve_config(config)  # validated: the writer kind and shared memory agree
+    rank_info = rank_info_for(cfg, rank_info)
     kind = cfg.process_config.writer
-    if kind not in WRITER_KINDS:
-        raise ConfigError(
-            f"[process] writer = {kind!r} is not a writer kind; use one of {list(WRITER_KINDS)}"
-        )
     background: BackgroundWriter
     if kind == "process":
-        if not cfg.staging_config.use_shared_memory:
-            raise ConfigError(
-                '[staging] use_shared_memory = false cannot work with [process] writer = "process":'
-                " the writer process reads the staged tensors from shared memory; set it to true"
-                ' or use writer = "thread"'
-            )
         if checkpoint_writer_init_fn is None:
             child_cfg = dataclasses.replace(
                 cfg,
@@ -109,6 +134,7 @@ def make_async_checkpointer(
             subprocess_init_args,
             writer_fn,
             writer_args,
+            storage=cfg.storage,
         )
     else:
         if subprocess_init_fn is not None:

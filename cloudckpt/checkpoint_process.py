@@ -15,7 +15,6 @@ import abc
 import functools
 import logging
 import logging.handlers
-import os
 import pickle
 import queue
 import signal
@@ -31,11 +30,13 @@ from typing import Any
 
 import torch
 
-from .backends import split_scheme
+from .backends import resolve
 from .config_types import WRITER_KINDS, CheckpointProcessConfig  # noqa: F401 - re-exported
 from .errors import ConfigError, WriterProcessError, WriterProcessTimeoutError
+from .storage import StorageConfig
 from .tree import Node, TensorLeaf, flatten, unflatten
 from .types import STATE_DICT, RankInfo
+from .utils import own_process_gc
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def writer_process_main(
         with lock:
             conn.send(message)
 
+    own_process_gc()  # nothing but the writer runs Python here
     package_logger = logging.getLogger("cloudckpt")
     package_logger.setLevel(log_level)
     package_logger.addHandler(logging.handlers.QueueHandler(_PipeLogQueue(send)))  # type: ignore[arg-type]
@@ -295,7 +297,6 @@ class _Worker:
         self._conn, child_end = ctx.Pipe()
         self._answers: queue.Queue[WorkerResponse | _Death] = queue.Queue()
         self._sent: dict[int, torch.UntypedStorage] = {}  # storages the process holds
-        os.environ.setdefault("MKL_SERVICE_FORCE_INTEL", "GNU")  # pytorch/pytorch#37377
         self.process = ctx.Process(
             target=writer_process_main,
             args=(
@@ -438,8 +439,10 @@ class CheckpointProcess(BackgroundWriter):
         subprocess_init_args: tuple[Any, ...],
         checkpoint_writer_init_fn: Callable[..., Any],
         checkpoint_writer_init_args: dict[str, Any],
+        storage: StorageConfig | None = None,
     ) -> None:
         self.rank_info = rank_info
+        self.storage = storage
         self.config = config
         self.subprocess_init_fn = subprocess_init_fn
         self.subprocess_init_args = tuple(subprocess_init_args)
@@ -505,11 +508,7 @@ class CheckpointProcess(BackgroundWriter):
     def _write(
         self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, kwargs: dict[str, Any]
     ) -> None:
-        if split_scheme(path) == "memory":
-            raise ConfigError(
-                f"{path}: memory:// lives inside one process, so the writer process would save "
-                'into its own memory; use [process] writer = "thread" with memory://'
-            )
+        self._check_shareable(path, kwargs.get("storage_options"))
         # one walk: refuses what cannot be saved, by key path, and is what the process receives
         tree, leaves = flatten(_resolved(state_dict))
         worker = self._ensure_worker()
@@ -518,6 +517,20 @@ class CheckpointProcess(BackgroundWriter):
         finally:
             if worker.dead is not None:
                 self._death = worker.dead
+
+    def _check_shareable(self, path: str, overrides: dict[str, Any] | None) -> None:
+        """Refuse a destination whose store the writer process cannot see (``memory://``)."""
+        storage = self.storage or StorageConfig()
+        uri = storage.resolve_uri(path)
+        backend, _ = resolve(
+            uri, backend=storage.backend, storage_options=storage.options_with(overrides)
+        )
+        if not backend.capabilities.process_shareable:
+            shown = path if uri == path else f"{path} (under the root, {uri})"
+            raise ConfigError(
+                f"{shown}: the {backend.name} store lives inside this process, so the writer "
+                'process would save into its own memory; use [process] writer = "thread" for it'
+            )
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -27,7 +27,7 @@ from .errors import (
     StateDictMismatchError,
 )
 from .format import crc32c, dtype_from_name, tensor_bytes
-from .protocol.committed import CommittedCheckpoint, open_checkpoint
+from .protocol.committed import CommittedCheckpoint, open_checkpoint, unreadable_name
 from .protocol.records import RankIndex, TensorRecord
 from .storage import StorageConfig, describe_store_error
 from .tree import Node, child_key, node_kind, unflatten
@@ -86,8 +86,14 @@ class CheckpointReader:
 
         With ``state_dict``, only its keys are read, into its own tensors where they fit.
         ``rank`` picks whose shard to read (default: this rank; required when the world
-        size differs from the checkpoint's).
+        size differs from the checkpoint's). Other keywords are a ``TypeError``.
         """
+        if kwargs:
+            raise TypeError(
+                f"CheckpointReader.read() got unexpected keyword argument(s) "
+                f"{', '.join(map(repr, sorted(kwargs)))}; it takes map_location, rank and "
+                "storage_options"
+            )
         with paused_gc():
             return self._read(path, state_dict, map_location, rank, storage_options)
 
@@ -134,7 +140,7 @@ class CheckpointReader:
             rec = index.tensors[i]
             dtype = dtype_from_name(rec.dtype, ckpt.uri)
             if target is None:
-                dest = torch.empty(rec.shape, dtype=dtype)
+                dest = _empty(rec, dtype, ckpt.uri)
                 requests.append(_Request(rec, dest))
                 return dest
             if tuple(target.shape) != tuple(rec.shape) or target.dtype != dtype:
@@ -146,7 +152,7 @@ class CheckpointReader:
             if target.device.type == "cpu" and target.is_contiguous():
                 requests.append(_Request(rec, target))
             else:
-                requests.append(_Request(rec, torch.empty(rec.shape, dtype=dtype), target))
+                requests.append(_Request(rec, _empty(rec, dtype, ckpt.uri), target))
             return target
 
         if state_dict is None:
@@ -234,8 +240,12 @@ class CheckpointReader:
                 f"{where} is truncated ({e}); key {group[0].record.key} and later cannot be read. "
                 "Load an earlier checkpoint."
             ) from None
+        except BackendError:  # from the backend: names the object and what to do
+            raise
         except OSError as e:
-            raise BackendError(describe_store_error(ckpt.uri, where, e)) from e
+            raise BackendError(describe_store_error(ckpt.uri, where, e, reading=True)) from e
+        except (ValueError, TypeError) as e:
+            raise unreadable_name(where, e) from e
         for r, view in zip(group, views):
             if crc32c(view) != r.record.crc32c:
                 raise CorruptCheckpointError(
@@ -248,6 +258,20 @@ class CheckpointReader:
     def close(self) -> None:
         """Stop the reader's threads."""
         self._pool.shutdown(wait=True)
+
+
+def _empty(rec: TensorRecord, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """The destination of one stored tensor. The index has already bounded its size by the
+    file it lies in (and the file's real end stops the read); an allocation the machine refuses
+    means the index claims more than any real checkpoint of this job holds."""
+    try:
+        return torch.empty(rec.shape, dtype=dtype)
+    except (RuntimeError, MemoryError, ValueError, OverflowError) as e:
+        raise CorruptCheckpointError(
+            f"{where}: tensor {rec.key!r} claims shape {rec.shape[:8]} ({rec.length} bytes), "
+            f"which cannot be allocated ({type(e).__name__}); the index is damaged or the "
+            "checkpoint is larger than this machine's memory"
+        ) from e
 
 
 def _merge(

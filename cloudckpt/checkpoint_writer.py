@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import abc
 import logging
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,8 +168,15 @@ class CheckpointWriter:
         """Save ``state_dict`` at ``path`` (a URI, a plain path, or a name under the root).
 
         Raises ``CheckpointExistsError`` if a committed checkpoint is there and not
-        ``overwrite``; ``UnsupportedValueError`` for a leaf that cannot be saved.
+        ``overwrite``; ``UnsupportedValueError`` for a leaf that cannot be saved. Other keyword
+        arguments go to the commit hook; without a hook they are a ``TypeError``.
         """
+        if kwargs and self._commit_hook is None:
+            raise TypeError(
+                f"CheckpointWriter.write() got unexpected keyword argument(s) "
+                f"{', '.join(map(repr, sorted(kwargs)))}: extra keywords go to a commit hook, "
+                "and this writer has none"
+            )
         with paused_gc():
             self._write(path, state_dict, overwrite, metadata, storage_options, kwargs)
         return None
@@ -190,6 +198,13 @@ class CheckpointWriter:
         )
         rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
         multi = world > 1
+        barrier_world = self._barrier.world_size if isinstance(self._barrier, Barrier) else None
+        if barrier_world is not None and barrier_world != world:
+            raise ConfigError(
+                f"{uri}: rank {rank} thinks the job has {world} rank(s) but its barrier waits "
+                f"for {barrier_world}; nothing was written. Make rank_info (or the process "
+                "group) agree with [barrier.barrier_args] global_world_size."
+            )
         if self._barrier is not None and not carries_outcomes(self._barrier):
             self._write_wait_only(backend, root, uri, state_dict, overwrite, metadata, kwargs)
             return
@@ -429,17 +444,23 @@ class CheckpointWriter:
         size = target_file_size(total, self._config.file_size_bytes, self._config.concurrency)
         plan = plan_files(leaves, rank, size, attempt)
         records: list[TensorRecord | None] = [None] * len(leaves)
+        stop = threading.Event()
         futures = [
-            self._pool.submit(self._write_file, backend, root, uri, n, planned, records)
+            self._pool.submit(self._write_file, backend, root, uri, n, planned, records, stop)
             for n, planned in enumerate(plan)
         ]
-        try:
-            files = [f.result() for f in futures]
-        except BaseException:
-            for f in futures:  # no write of this attempt goes on after the save returns
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            # One file failed: the others stop (an upload in flight aborts after its current
+            # tensor), and none is still running when the save reports the failure.
+            stop.set()
+            for f in futures:
                 f.cancel()
             wait(futures)
-            raise
+            first = next(f for f in futures if not f.cancelled() and f.exception() is not None
+                         and not isinstance(f.exception(), _Stopped))  # fmt: skip
+            first.result()
+        files = [f.result() for f in futures]
         return files, [r for r in records if r is not None]
 
     def _write_file(
@@ -450,6 +471,7 @@ class CheckpointWriter:
         file_no: int,
         planned: PlannedFile,
         records: list[TensorRecord | None],
+        stop: threading.Event,
     ) -> FileRecord:
         entries = []
         for _, leaf, name in planned.leaves:
@@ -464,6 +486,8 @@ class CheckpointWriter:
             yield header
             offset = len(header)
             for i, leaf, _ in planned.leaves:
+                if stop.is_set():
+                    raise _Stopped(f"{uri}: {planned.path} stopped: another data file failed")
                 t = host_contiguous(leaf.tensor)  # a host copy only for GPU or strided tensors
                 view = tensor_bytes(t)
                 records[i] = TensorRecord(
@@ -498,3 +522,7 @@ def carries_outcomes(barrier: Any) -> bool:
     """Whether ``barrier`` exchanges outcomes (a :class:`Barrier` overriding ``exchange``);
     else it can only wait, through ``execute_barrier()``."""
     return isinstance(barrier, Barrier) and type(barrier).exchange is not Barrier.exchange
+
+
+class _Stopped(Exception):
+    """A data file's upload given up because a sibling file of the same save failed."""

@@ -20,7 +20,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .backends import Backend, available_backends, resolve, split_scheme
+from .backends import (
+    Backend,
+    ObjectInfo,
+    available_backends,
+    backend_class_for,
+    known_options,
+    resolve,
+    split_scheme,
+)
 from .config import CheckpointerConfig, config_reference, resolve_config
 from .errors import (
     CheckpointError,
@@ -68,6 +76,7 @@ class Context:
     options: dict[str, Any]
     json: bool
     progress: bool
+    span: tuple[str, ...] = ()  # the URIs of a command that spans two stores (cp)
 
     def backend_name(self, uri: str) -> str | None:
         """The config's backend, if it serves ``uri``'s scheme (``cp`` spans two stores)."""
@@ -79,11 +88,29 @@ class Context:
             return None
         return name
 
+    def options_for(self, uri: str) -> dict[str, Any]:
+        """The storage options for ``uri``. ``cp`` spans two stores with one option set: each
+        side gets the options its backend takes; one that no side takes is still an error."""
+        if not self.span:
+            return self.options
+        sides = [
+            known_options(backend_class_for(u, self.backend_name(u)), split_scheme(u))
+            for u in (uri, *self.span)
+        ]
+        here = sides[0]
+        if here is None:
+            return self.options
+        if all(k is not None for k in sides) and any(
+            all(key not in k for k in sides if k is not None) for key in self.options
+        ):
+            return self.options  # resolve() names the option no side takes
+        return {k: v for k, v in self.options.items() if k in here}
+
     def resolve(self, uri: str) -> tuple[Backend, str]:
-        return resolve(uri, backend=self.backend_name(uri), storage_options=self.options)
+        return resolve(uri, backend=self.backend_name(uri), storage_options=self.options_for(uri))
 
     def open(self, uri: str) -> CommittedCheckpoint:
-        return open_checkpoint(uri, self.backend_name(uri), self.options)
+        return open_checkpoint(uri, self.backend_name(uri), self.options_for(uri))
 
     def root(self, uri: str | None) -> CheckpointRoot:
         uri = uri or self.cfg.storage.root
@@ -99,7 +126,11 @@ def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--storage-option expects KEY=VALUE, got {pair!r}")
+            # never echo the text: it may be a credential typed without its key
+            raise ConfigError(
+                f"--storage-option expects KEY=VALUE, got {len(pair)} characters without '=' "
+                "(or with an empty KEY); write e.g. --storage-option endpoint_url=http://host:9000"
+            )
         try:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
@@ -108,6 +139,11 @@ def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
         node = out
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"--storage-option {key}: {p!r} is set to a plain value by another "
+                    "--storage-option and cannot also hold nested keys"
+                )
         node[leaf] = value
     return out
 
@@ -159,12 +195,12 @@ def _time(unix: float) -> str:
 def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
     root = ctx.root(args.root)
     rows: list[dict[str, Any]] = []
-    for info in root.backend.list_dir(root.path):
+    entries = root.entries()
+    for info in entries:
         if not info.is_dir:
             continue
-        try:
-            ck = ctx.open(root.uri_of(info.name))
-        except (CheckpointNotFoundError, CheckpointNotCommittedError, CorruptCheckpointError):
+        ck = root.open_committed(info.name)  # a damaged one: one warning, then the others
+        if ck is None:
             continue  # only committed checkpoints are listed
         m = ck.manifest
         rows.append(
@@ -179,6 +215,8 @@ def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
             }
         )
     rows.sort(key=lambda r: (r["step"] is None, r["step"] or 0, r["name"]))
+    if not rows:
+        _say_empty(root, entries, exit_if_missing=True)
     if ctx.json:
         _print_json(rows)
     else:
@@ -236,10 +274,26 @@ def cmd_info(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _say_empty(root: CheckpointRoot, entries: list[ObjectInfo], exit_if_missing: bool) -> None:
+    """Nothing committed under ``root``: a path that does not exist fails (``ls``, ``latest``);
+    one that exists but holds no checkpoint is said on stderr."""
+    if not entries and not root.backend.exists(root.path):
+        if exit_if_missing:
+            raise CheckpointNotFoundError(
+                f"{root.root}: nothing is stored there (no such directory or prefix); check ROOT"
+            )
+        sys.stderr.write(f"cloudckpt: {root.root}: nothing is stored there\n")
+        return
+    sys.stderr.write(f"cloudckpt: no committed checkpoint under {root.root}\n")
+
+
 def cmd_latest(ctx: Context, args: argparse.Namespace) -> int:
     root = ctx.root(args.root)
     latest = root.latest()
     if latest is None:
+        entries = root.entries()
+        if not entries and not root.backend.exists(root.path):
+            _say_empty(root, entries, exit_if_missing=True)
         raise CheckpointNotFoundError(
             f"no committed checkpoint under {root.root}; check ROOT (cloudckpt ls {root.root})"
         )
@@ -286,6 +340,7 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_cp(ctx: Context, args: argparse.Namespace) -> int:
     if args.src.rstrip("/") == args.dst.rstrip("/"):
         raise CommandError("SRC and DST are the same checkpoint")
+    ctx.span = (args.src, args.dst)
     try:
         total = ctx.open(args.src).manifest.total_bytes
     except CheckpointNotCommittedError:
@@ -296,7 +351,8 @@ def cmd_cp(ctx: Context, args: argparse.Namespace) -> int:
             args.src,
             args.dst,
             overwrite=args.overwrite,
-            storage_options=ctx.options,
+            storage_options=ctx.options_for(args.src),
+            dst_storage_options=ctx.options_for(args.dst),
             backend=ctx.backend_name(args.src),
             dst_backend=ctx.backend_name(args.dst),
             concurrency=ctx.cfg.writer_config.concurrency,
@@ -335,7 +391,9 @@ def _convert_upstream(ctx: Context, args: argparse.Namespace) -> int:
         args.dst,
         overwrite=args.overwrite,
         writer_config=ctx.cfg.writer_config,
-        storage=StorageConfig(backend=ctx.backend_name(args.dst), options=ctx.options),
+        storage=StorageConfig(
+            backend=ctx.backend_name(args.dst), options=ctx.options_for(args.dst)
+        ),
     )
     if ctx.json:
         _print_json(doc)
@@ -389,7 +447,10 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
             )
     victims = {a["name"] for a in actions}
     now = time.time()
-    for info in root.backend.list_dir(root.path):
+    entries = root.entries()
+    if not entries:
+        _say_empty(root, entries, exit_if_missing=False)
+    for info in entries:
         if not info.is_dir or parse_step(info.name) is None or info.name in victims:
             continue  # only the step-N directories a manager writes; the rest is the user's
         if _checkpoint_entries(root.backend, info.path) is None:

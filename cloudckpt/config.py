@@ -5,6 +5,9 @@ Tables map one to one: ``[storage]`` -> :class:`StorageConfig`, ``[writer]`` ->
 :class:`CheckpointStagerConfig`, ``[process]`` -> :class:`CheckpointProcessConfig`. Nested
 tables (``[storage.options]``, ``[barrier.barrier_args]``) become the dict fields as written.
 Sizes (``file_size``) take units (``"256MiB"``), durations (every ``*_secs`` key) too (``"10m"``).
+Each key is declared with its type, unit, bounds and description in the dataclass's field
+metadata (``config_types.setting``); :func:`validate` checks from that metadata alone, and the
+reference is generated from it.
 
 ``cloudckpt config-reference`` prints the reference of every key (``docs/config-reference.md``).
 """
@@ -12,6 +15,7 @@ Sizes (``file_size``) take units (``"256MiB"``), durations (every ``*_secs`` key
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -19,14 +23,16 @@ from typing import Any
 
 from .barriers import BarrierConfig
 from .config_types import (
-    WRITER_KINDS,
+    UNIT_SIZE,
     CheckpointProcessConfig,
     CheckpointStagerConfig,
     CheckpointWriterConfig,
+    check_value,
+    type_names,
 )
 from .errors import ConfigError
 from .storage import StorageConfig
-from .utils import parse_duration, parse_size
+from .utils import format_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,15 +42,38 @@ else:  # pragma: no cover
 CONFIG_ENV = "CLOUDCKPT_CONFIG"
 
 
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where a config came from: a TOML file and its text, or Python (``path`` is ``None``)."""
+
+    path: str | None = None
+    text: str = ""
+
+    def at(self, line: int | None) -> str:
+        if self.path is None:
+            return "config built in Python"
+        return f"{self.path}:{line}" if line else self.path
+
+    def where(self, section: str, key: str | None, fallback: tuple[str, str] | None = None) -> str:
+        """``file:line`` of ``key`` in ``[section]`` (or of ``fallback``, or the table)."""
+        line = _line_of(self.text, section, key) if self.path else None
+        if line is None and fallback is not None and self.path:
+            line = _line_of(self.text, *fallback)
+        return self.at(line)
+
+
 @dataclass
 class CheckpointerConfig:
-    """Every knob of a checkpointer, grouped as the seed groups them, plus ``storage``."""
+    """Every knob of a checkpointer, grouped as upstream groups them, plus ``storage``.
+
+    ``source`` records the file it was read from (for error messages); not a setting."""
 
     writer_config: CheckpointWriterConfig = field(default_factory=CheckpointWriterConfig)
     barrier_config: BarrierConfig = field(default_factory=BarrierConfig)
     staging_config: CheckpointStagerConfig = field(default_factory=CheckpointStagerConfig)
     process_config: CheckpointProcessConfig = field(default_factory=CheckpointProcessConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    source: ConfigSource | None = field(default=None, repr=False, compare=False)
 
 
 # TOML table name -> (CheckpointerConfig field, dataclass)
@@ -55,52 +84,6 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "staging": ("staging_config", CheckpointStagerConfig),
     "process": ("process_config", CheckpointProcessConfig),
 }
-
-SIZE_KEYS = {("writer", "file_size"), ("staging", "max_staging_bytes")}
-"""Keys that are sizes: bytes or a string with units."""
-
-# What each key does, for the generated reference. A test fails if a field has no entry here.
-KEY_DOCS: dict[tuple[str, str], str] = {
-    ("storage", "backend"): "Registered backend name (`local`, `fsspec`, `s3`, `gcs`, ...). "
-    "Absent: the URI's scheme decides.",
-    ("storage", "root"): "URI that relative checkpoint names resolve against; the "
-    "`CheckpointManager` root and the command's default ROOT.",
-    ("storage", "options"): "Table `[storage.options]`: handed to the backend (fsspec storage "
-    "options, e.g. `endpoint_url`). A call's `storage_options=` / `--storage-option` wins.",
-    ("writer", "write_barrier_timeout_secs"): "How long ranks wait for each other at the commit "
-    "barrier.",
-    ("writer", "file_size"): "Target size of one data file; tensors are packed into files of "
-    "about this size (a larger tensor gets its own file).",
-    ("writer", "concurrency"): "Data files uploaded (and byte ranges read) at once per rank.",
-    ("barrier", "barrier_type"): "`tcp_store` or `dist_barrier`; absent: none for one process, "
-    "the process group's store when one is initialized.",
-    ("barrier", "barrier_args"): "Table `[barrier.barrier_args]`: constructor arguments of the "
-    "barrier (e.g. `master_address`, `tcpstore_port`).",
-    ("staging", "use_pinned_memory"): "Stage into pinned host memory (needs an accelerator).",
-    ("staging", "use_shared_memory"): "Stage into shared memory when the writer is a process "
-    "(required then; a thread writer never needs it).",
-    ("staging", "max_staging_bytes"): "Upper bound on the host memory staging may hold (a size); "
-    "a save that would need more fails at once with a `StagingError`. Absent: no bound.",
-    ("staging", "use_async_staging"): "Stage in a background thread; `save` returns at once.",
-    ("staging", "use_non_blocking_copy"): "Non-blocking device-to-host copies (needs an "
-    "accelerator).",
-    ("process", "subprocess_init_timeout_secs"): "How long the background writer may take to "
-    "start.",
-    ("process", "subprocess_shutdown_timeout_secs"): "How long closing waits for the background "
-    "writer.",
-    ("process", "writer"): "`thread` (a background thread of the training process) or `process` "
-    "(a persistent writer process fed through shared memory; uploads never hold the trainer's "
-    "GIL).",
-}
-
-
-def is_duration_key(key: str) -> bool:
-    """Keys ending in ``_secs`` are durations: seconds or a string with units."""
-    return key.endswith("_secs")
-
-
-def _where(path: str, line: int | None) -> str:
-    return f"{path}:{line}" if line else path
 
 
 def _line_of(text: str, section: str, key: str | None) -> int | None:
@@ -120,62 +103,27 @@ def _line_of(text: str, section: str, key: str | None) -> int | None:
     return header
 
 
-def _type_ok(value: Any, annotation: str) -> bool:
-    """Whether ``value`` fits a field annotation such as ``int``, ``str | None``, ``dict[...]``."""
-    for alt in (a.strip() for a in annotation.split("|")):
-        base = alt.split("[", 1)[0]
-        if (
-            (base == "None" and value is None)
-            or (base == "bool" and type(value) is bool)
-            or (base == "int" and type(value) is int)
-            or (base == "float" and type(value) in (int, float))
-            or (base == "str" and isinstance(value, str))
-            or (base == "dict" and isinstance(value, dict))
-            or base == "Any"
-        ):
-            return True
-    return False
-
-
-def _convert(section: str, key: str, value: Any, annotation: str) -> Any:
-    """Check one value's type and parse units; ``ValueError`` says what was expected."""
-    if (section, key) in SIZE_KEYS:
-        if isinstance(value, dict):
-            raise ValueError(f"expected a size like 268435456 or '256MiB', got a table {value!r}")
-        return parse_size(value)
-    if is_duration_key(key):
-        if isinstance(value, dict):
-            raise ValueError(f"expected a duration like 600 or '10m', got a table {value!r}")
-        seconds = parse_duration(value)
-        return int(seconds) if seconds == int(seconds) else seconds
-    if not _type_ok(value, annotation):
-        raise ValueError(f"expected {annotation}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build(cls: type, values: dict[str, Any], path: str, text: str, section: str) -> Any:
+def _build(cls: type, values: dict[str, Any], source: ConfigSource, section: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(
-                f"{_where(path, _line_of(text, section, key))}: unknown key {key!r} in "
-                f"[{section}]; known keys: {', '.join(sorted(fields))}"
+                f"{source.where(section, key)}: unknown key {key!r} in [{section}]; known keys: "
+                f"{', '.join(sorted(fields))}"
             )
         try:
-            kwargs[key] = _convert(section, key, value, str(fields[key].type))
-        except ValueError as e:
-            raise ConfigError(
-                f"{_where(path, _line_of(text, section, key))}: [{section}] {key}: {e}"
-            ) from None
+            kwargs[key] = check_value(section, fields[key], value)
+        except ConfigError as e:
+            raise ConfigError(f"{source.where(section, key)}: {e}") from None
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{_where(path, _line_of(text, section, None))}: [{section}]: {e}") from e
+    except ConfigError as e:
+        raise ConfigError(f"{source.where(section, None)}: {e}") from None
 
 
 def load_config(path: str | os.PathLike[str]) -> CheckpointerConfig:
-    """Read a TOML config file into a :class:`CheckpointerConfig`.
+    """Read a TOML config file into a :class:`CheckpointerConfig` and :func:`validate` it.
 
     Raises :class:`ConfigError` naming the file, the line, the key and what was expected.
     """
@@ -193,63 +141,144 @@ def load_config(path: str | os.PathLike[str]) -> CheckpointerConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    source = ConfigSource(path, text)
     kwargs: dict[str, Any] = {}
     for section, value in doc.items():
         if section not in SECTIONS or not isinstance(value, dict):
             what = f"table [{section}]" if isinstance(value, dict) else f"top-level key {section!r}"
+            line = _line_of(text, section, None) or _line_of(text, "", section)
             raise ConfigError(
-                f"{_where(path, _line_of(text, section, None) or _line_of(text, '', section))}: "
-                f"unknown {what}; known tables: "
+                f"{source.at(line)}: unknown {what}; known tables: "
                 f"{', '.join(f'[{s}]' for s in sorted(SECTIONS))}"
             )
         attr, cls = SECTIONS[section]
-        kwargs[attr] = _build(cls, value, path, text, section)
-    cfg = CheckpointerConfig(**kwargs)
-    _check_names(cfg, path, text)
+        kwargs[attr] = _build(cls, value, source, section)
+    return validate(CheckpointerConfig(**kwargs, source=source))
+
+
+def validate(cfg: CheckpointerConfig) -> CheckpointerConfig:
+    """Check every key of ``cfg`` from its field metadata, then what spans keys; normalise units.
+
+    Every entry point calls this, for files and for configs built in Python. Checks: each
+    field's type, unit and range; the backend and barrier named exist; the barrier's arguments
+    are ones its constructor takes; the storage options are ones the backend takes (when the
+    backend is known from ``backend`` or ``root``); a process writer has shared memory.
+    Raises :class:`ConfigError` naming the file and line (or "config built in Python"), the
+    key and the accepted names. Returns ``cfg``.
+    """
+    if not isinstance(cfg, CheckpointerConfig):
+        raise ConfigError(
+            f"config must be a CheckpointerConfig, a TOML file path or None, got "
+            f"{type(cfg).__name__}"
+        )
+    source = cfg.source or ConfigSource()
+    for section, (attr, cls) in SECTIONS.items():
+        obj: Any = getattr(cfg, attr)
+        if not isinstance(obj, cls):
+            raise ConfigError(
+                f"{source.where(section, None)}: CheckpointerConfig.{attr} must be a "
+                f"{cls.__name__}, got {type(obj).__name__}"
+            )
+        for f in dataclasses.fields(cls):
+            try:
+                value = check_value(section, f, getattr(obj, f.name))
+            except ConfigError as e:
+                raise ConfigError(f"{source.where(section, f.name)}: {e}") from None
+            setattr(obj, f.name, value)
+    _check_backend(cfg, source)
+    _check_barrier(cfg, source)
+    if cfg.process_config.writer == "process" and not cfg.staging_config.use_shared_memory:
+        raise ConfigError(
+            f"{source.where('staging', 'use_shared_memory')}: [staging] use_shared_memory = "
+            'false cannot work with [process] writer = "process": the writer process reads the '
+            'staged tensors from shared memory; set it to true or use writer = "thread"'
+        )
     return cfg
 
 
-def _check_names(cfg: CheckpointerConfig, path: str, text: str) -> None:
-    """The backend and barrier named must exist."""
-    if cfg.storage.backend is not None:
-        from .backends import available_backends
+def _check_backend(cfg: CheckpointerConfig, source: ConfigSource) -> None:
+    from .backends import (
+        available_backends,
+        backend_class_for,
+        check_uri,
+        describe_unknown_options,
+        plugin_install_hint,
+        split_scheme,
+        unknown_options,
+    )
 
-        if cfg.storage.backend not in available_backends():
-            raise ConfigError(
-                f"{_where(path, _line_of(text, 'storage', 'backend'))}: [storage] backend = "
-                f"{cfg.storage.backend!r} is not installed; known: "
-                f"{', '.join(sorted(available_backends()))}. Install its plugin (pip install "
-                "cloudckpt[s3] or cloudckpt[gcs]) or remove the key to pick by URI scheme."
-            )
-    if cfg.barrier_config.barrier_type is not None:
-        from .barriers import BARRIER_REGISTRY
-
-        if cfg.barrier_config.barrier_type not in BARRIER_REGISTRY:
-            raise ConfigError(
-                f"{_where(path, _line_of(text, 'barrier', 'barrier_type'))}: [barrier] "
-                f"barrier_type = {cfg.barrier_config.barrier_type!r} is unknown; use one of "
-                f"{', '.join(sorted(BARRIER_REGISTRY))} or leave it out"
-            )
-    if cfg.process_config.writer not in WRITER_KINDS:
+    storage = cfg.storage
+    if storage.backend is not None and storage.backend not in available_backends():
         raise ConfigError(
-            f"{_where(path, _line_of(text, 'process', 'writer'))}: [process] writer = "
-            f"{cfg.process_config.writer!r} is not a writer kind; use one of "
-            f"{', '.join(WRITER_KINDS)}"
+            f"{source.where('storage', 'backend')}: [storage] backend = "
+            f"{storage.backend!r} is not installed; known: "
+            f"{', '.join(sorted(available_backends()))}. Install "
+            f"{plugin_install_hint(storage.backend)}, or remove the key to pick by URI scheme."
         )
+    if storage.root:
+        try:
+            check_uri(storage.root)
+        except ConfigError as e:
+            raise ConfigError(f"{source.where('storage', 'root')}: [storage] root: {e}") from None
+    if not storage.root:
+        return  # the URI scheme (and so the options taken) is known only per call; checked there
+    scheme = split_scheme(storage.root)
+    cls = backend_class_for(storage.root, storage.backend)
+    unknown, known = unknown_options(cls, scheme, storage.options)
+    if unknown:
+        raise ConfigError(
+            f"{source.where('storage.options', unknown[0], fallback=('storage', 'options'))}: "
+            f"[storage.options] {describe_unknown_options(cls, scheme, unknown, known)}"
+        )
+
+
+def _check_barrier(cfg: CheckpointerConfig, source: ConfigSource) -> None:
+    from .barriers import BARRIER_REGISTRY, barrier_parameters
+
+    barrier = cfg.barrier_config
+    if barrier.barrier_type is None:
+        if barrier.barrier_args:
+            raise ConfigError(
+                f"{source.where('barrier', 'barrier_args')}: [barrier.barrier_args] is set but "
+                f"no barrier_type; use one of {', '.join(sorted(BARRIER_REGISTRY))}"
+            )
+        return
+    cls = BARRIER_REGISTRY.get(barrier.barrier_type)
+    if cls is None:
+        raise ConfigError(
+            f"{source.where('barrier', 'barrier_type')}: [barrier] barrier_type = "
+            f"{barrier.barrier_type!r} is unknown; use one of "
+            f"{', '.join(sorted(BARRIER_REGISTRY))} or leave it out"
+        )
+    known, _required = barrier_parameters(cls)
+    if known is None:
+        return
+    for key in barrier.barrier_args:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{source.where('barrier.barrier_args', str(key), fallback=('barrier', 'barrier_args'))}: "
+                f"[barrier.barrier_args] {key!r}{hint} is not an argument of {cls.__name__} "
+                f"(barrier_type = {barrier.barrier_type!r}); known: {', '.join(sorted(known))}"
+            )
 
 
 def resolve_config(
     config: CheckpointerConfig | str | os.PathLike[str] | None,
 ) -> CheckpointerConfig:
-    """``config`` itself, the file it names, ``$CLOUDCKPT_CONFIG``'s file, or the defaults."""
+    """``config`` itself, the file it names, ``$CLOUDCKPT_CONFIG``'s file, or the defaults;
+    validated (:func:`validate`) in every case."""
     if isinstance(config, CheckpointerConfig):
-        return config
-    if config is not None:
+        return validate(config)
+    if isinstance(config, (str, os.PathLike)):
         return load_config(config)
+    if config is not None:
+        return validate(config)  # names the wrong type
     env = os.environ.get(CONFIG_ENV)
     if env:
         return load_config(env)
-    return CheckpointerConfig()
+    return validate(CheckpointerConfig())
 
 
 def _default_text(f: dataclasses.Field[Any]) -> str:
@@ -267,11 +296,26 @@ def _default_text(f: dataclasses.Field[Any]) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
+    if f.metadata.get("unit") == UNIT_SIZE and isinstance(value, int) and value >= 1024:
+        return f"{value} ({format_size(value)})"
     return str(value)
 
 
+def _kind_text(f: dataclasses.Field[Any]) -> str:
+    meta = f.metadata
+    types: tuple[type, ...] = meta["types"]
+    kind = meta.get("unit") or type_names(tuple(t for t in types if t is not type(None)))
+    if meta.get("choices"):
+        kind += " (" + ", ".join(f"`{c}`" for c in meta["choices"]) + ")"
+    if meta.get("minimum") is not None:
+        kind += f", >= {meta['minimum']:g}"
+    if type(None) in types:
+        kind += ", optional"
+    return kind
+
+
 def config_reference() -> str:
-    """Markdown reference of every table and key, generated from the dataclasses."""
+    """Markdown reference of every table and key, generated from the fields' metadata."""
     out = [
         "# Configuration reference",
         "",
@@ -279,10 +323,15 @@ def config_reference() -> str:
         "",
         "A TOML file maps onto `CheckpointerConfig` one to one: `cloudckpt.load_config(path)`, "
         "`config=` on every entry point, `--config` on the command, or `$CLOUDCKPT_CONFIG`. "
-        "Sizes take `B`, `KB`, `MB`, `GB`, `TB`, `KiB`, `MiB`, `GiB`, `TiB`; durations (keys "
-        "ending in `_secs`) take a number of seconds or `ms`, `s`, `m`, `h`, `d`, `w`. Unknown "
-        "tables or keys, wrong types and unknown backends or barriers are a `ConfigError` naming "
-        "the file, line and key. Examples: `docs/examples/`.",
+        "Sizes take `B`, `KB`, `MB`, `GB`, `TB`, `KiB`, `MiB`, `GiB`, `TiB`; durations take a "
+        "number of seconds or `ms`, `s`, `m`, `h`, `d`, `w`. Every entry point validates the "
+        "config the same way (`cloudckpt.config.validate`), a file or one built in Python: "
+        "unknown tables or keys, wrong types, values out of range, unknown backends or "
+        "barriers, barrier arguments the barrier does not take and storage options the backend "
+        "does not take are a `ConfigError` naming the file, line and key and the accepted "
+        "names. Reprs and error messages never show the value of a key that looks like a "
+        "credential (`key`, `secret`, `token`, `password`, `credential`, `session`). "
+        "Examples: `docs/examples/`.",
     ]
     for section, (attr, cls) in SECTIONS.items():
         out += [
@@ -295,24 +344,17 @@ def config_reference() -> str:
             "| --- | --- | --- | --- |",
         ]
         for f in dataclasses.fields(cls):
-            kind = str(f.type)
-            if (section, f.name) in SIZE_KEYS:
-                kind = "size"
-            elif is_duration_key(f.name):
-                kind = "duration"
-            elif kind.startswith("dict"):
-                kind = "table"
-            kind = kind.replace(" | None", ", optional").replace(" | ", " or ")
-            doc = KEY_DOCS.get((section, f.name), "")
-            out.append(f"| `{f.name}` | {kind} | {_default_text(f)} | {doc} |")
+            out.append(
+                f"| `{f.name}` | {_kind_text(f)} | {_default_text(f)} | {f.metadata['doc']} |"
+            )
     return "\n".join(out) + "\n"
 
 
 def missing_key_docs() -> list[str]:
-    """Config keys without an entry in :data:`KEY_DOCS` (the reference must cover all)."""
+    """Config keys declared without a description (the reference must cover all)."""
     return [
         f"[{s}] {f.name}"
         for s, (_, cls) in SECTIONS.items()
         for f in dataclasses.fields(cls)
-        if (s, f.name) not in KEY_DOCS
+        if not f.metadata.get("doc")
     ]

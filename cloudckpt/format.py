@@ -6,6 +6,8 @@ The checkpoint's own records (object names, index, manifest) live in
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import importlib
 import json
@@ -22,6 +24,101 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled, so the command
 from .errors import CorruptCheckpointError
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+MAX_TREE_DEPTH = 100
+"""Deepest container nesting a state-dict tree may have, on save and on load."""
+
+_TREE_SCALARS = ("none", "bool", "int", "float", "str", "bytes")
+_TREE_CONTAINERS = ("dict", "odict", "list", "tuple")
+TREE_NODE_KINDS = ("tensor", *_TREE_SCALARS, *_TREE_CONTAINERS)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number this format stores")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
+def parse_json(raw: bytes, where: str) -> Any:
+    """``raw`` parsed as JSON without ``NaN``/``Infinity`` (or numbers that overflow to them);
+    a document nested too deep, or any parse failure, is :class:`CorruptCheckpointError` with
+    the parser's error as ``__cause__``."""
+    try:
+        return json.loads(raw, parse_constant=_no_constants, parse_float=_finite_float)
+    except RecursionError as e:
+        raise CorruptCheckpointError(
+            f"{where}: nested too deep to be a cloudckpt document; the object is damaged"
+        ) from e
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptCheckpointError(
+            f"{where} is not valid JSON ({e}); the object is damaged. Restore it from a copy or "
+            "use an earlier checkpoint."
+        ) from e
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        base64.b64decode(text, validate=True)
+    except (ValueError, binascii.Error):
+        return False
+    return True
+
+
+def check_tree(tree: Any, n_tensors: int, where: str) -> None:
+    """Check a stored state-dict tree without building it: known node types only, payloads of
+    the right type, tensor numbers in range, depth at most :data:`MAX_TREE_DEPTH`. What
+    loading would refuse, raised as :class:`CorruptCheckpointError` naming the key path."""
+    stack: list[tuple[Any, str, int]] = [(tree, "", 0)]
+    while stack:
+        node, key, depth = stack.pop()
+        at = key or "<root>"
+        if not isinstance(node, dict) or len(node) != 1:
+            raise CorruptCheckpointError(f"{where}: malformed tree node at {at}")
+        ((kind, payload),) = node.items()
+        if kind not in TREE_NODE_KINDS:
+            raise CorruptCheckpointError(
+                f"{where}: unknown node type {str(kind)[:40]!r} at {at}; this cloudckpt reads "
+                f"{', '.join(TREE_NODE_KINDS)} (never pickles)"
+            )
+        ok = True
+        if kind == "tensor":
+            ok = type(payload) is int and 0 <= payload < n_tensors
+        elif kind == "none":
+            ok = payload is None
+        elif kind == "bool":
+            ok = type(payload) is bool
+        elif kind == "int":
+            ok = type(payload) is int
+        elif kind == "float":
+            ok = type(payload) in (int, float) or payload in ("inf", "-inf", "nan")
+        elif kind == "str":
+            ok = type(payload) is str
+        elif kind == "bytes":
+            ok = type(payload) is str and _is_base64(payload)
+        elif depth >= MAX_TREE_DEPTH:
+            raise CorruptCheckpointError(
+                f"{where}: the tree is nested more than {MAX_TREE_DEPTH} deep at {at}"
+            )
+        elif kind in ("dict", "odict"):
+            ok = type(payload) is list and all(
+                type(item) is list and len(item) == 2 and type(item[0]) in (str, int)
+                for item in payload
+            )
+            if ok:
+                stack.extend(
+                    (child, f"{key}.{k}" if key else str(k), depth + 1) for k, child in payload
+                )
+        else:
+            ok = type(payload) is list
+            if ok:
+                stack.extend((child, f"{key}[{i}]", depth + 1) for i, child in enumerate(payload))
+        if not ok:
+            raise CorruptCheckpointError(f"{where}: bad {kind} value at {at}")
+
 
 _RECORDS = frozenset(
     {
@@ -183,10 +280,7 @@ def parse_safetensors_header(head: bytes, file_size: int, where: str) -> list[Sa
         )
     if len(head) < 8 + n:
         raise CorruptCheckpointError(f"{where}: header cut short")
-    try:
-        header = json.loads(head[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{where}: safetensors header is not JSON: {e}") from e
+    header = parse_json(head[8 : 8 + n], f"{where} (safetensors header)")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{where}: safetensors header is not an object")
     base = 8 + n
@@ -196,7 +290,11 @@ def parse_safetensors_header(head: bytes, file_size: int, where: str) -> list[Sa
             continue
         try:
             dtype, shape, (s, t) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            ok = all(isinstance(x, int) and x >= 0 for x in (*shape, s, t))
+            ok = (
+                isinstance(dtype, str)
+                and type(shape) is list
+                and all(type(x) is int and x >= 0 for x in (*shape, s, t))
+            )
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok or dtype not in _SAFETENSORS_ITEMSIZE:

@@ -15,13 +15,19 @@ import re
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from .backends import resolve
+from .backends import ObjectInfo, resolve
 from .config import CheckpointerConfig, resolve_config
-from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from .errors import (
+    BackendError,
+    CheckpointError,
+    CheckpointNotCommittedError,
+    CheckpointNotFoundError,
+    ConfigError,
+)
 from .protocol.commit import GcReport, collect_orphans, remove_checkpoint
-from .protocol.committed import open_checkpoint
+from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import DATA_DIR, INDEX_DIR
-from .types import STATE_DICT, RankInfo, default_rank_info
+from .types import STATE_DICT, RankInfo
 
 if TYPE_CHECKING:  # the checkpointer (and torch) load with the first manager, not the command
     from .checkpointer import Checkpointer
@@ -75,30 +81,58 @@ class CheckpointRoot:
         self.backend, self.path = resolve(
             self.root, backend=backend_name, storage_options=self.options
         )
+        self._warned: set[str] = set()
 
     def uri_of(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def listed(self) -> dict[int, str]:
-        """``step -> directory name`` of every ``step-N`` directory, committed or not."""
+    def entries(self) -> list[ObjectInfo]:
+        """The root's direct children. Nothing there is fine (a new root) unless the location
+        could never hold a checkpoint (a missing bucket, a file): that is an error naming it."""
         try:
             infos = self.backend.list_dir(self.path)
         except FileNotFoundError:
-            return {}
+            infos = []
+        if not infos:
+            self.backend.check_location(self.path)
+        return infos
+
+    def listed(self) -> dict[int, str]:
+        """``step -> directory name`` of every ``step-N`` directory, committed or not."""
         found: dict[int, str] = {}
-        for info in infos:
+        for info in self.entries():
             step = parse_step(info.name)
             if step is not None and info.is_dir and found.get(step) != step_name(step):
                 found[step] = info.name  # the padded name wins over another width
         return found
 
-    def committed(self, name: str) -> bool:
-        """Whether ``<root>/<name>`` has a manifest that parses."""
+    def open_committed(self, name: str) -> CommittedCheckpoint | None:
+        """The committed checkpoint ``<root>/<name>``; ``None`` if it is not committed, or if it
+        is damaged (then one warning names it, and listings go on to the others). A store
+        failure is raised: it says nothing about the checkpoint."""
+        uri = self.uri_of(name)
         try:
-            open_checkpoint(self.uri_of(name), self.backend_name, self.options)
-        except CheckpointError:
-            return False
-        return True
+            return open_checkpoint(uri, self.backend_name, self.options)
+        except (CheckpointNotFoundError, CheckpointNotCommittedError):
+            return None
+        except BackendError:
+            raise
+        except Exception as e:  # a damaged manifest, whatever its parser raised
+            if name not in self._warned:
+                self._warned.add(name)
+                logger.warning(
+                    "skipping %s: its manifest is damaged (%s: %s); the other checkpoints are "
+                    "still listed. Inspect it with `cloudckpt verify %s`, or remove it",
+                    uri,
+                    type(e).__name__,
+                    str(e)[:200],
+                    uri,
+                )
+            return None
+
+    def committed(self, name: str) -> bool:
+        """Whether ``<root>/<name>`` has a manifest that parses (a damaged one is skipped)."""
+        return self.open_committed(name) is not None
 
     def uri(self, step: int) -> str:
         """The URI of ``step``: the name found under the root (any width), else the padded one."""
@@ -194,20 +228,23 @@ class CheckpointManager:
             if value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
-                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+                raise ConfigError(f"{name} must be an int >= 1 or None, got {value!r}")
         if gc_older_than is not None and (
-            not isinstance(gc_older_than, (int, float)) or gc_older_than < 0
+            isinstance(gc_older_than, bool)
+            or not isinstance(gc_older_than, (int, float))
+            or not 0 <= gc_older_than < float("inf")
         ):
-            raise ValueError(f"gc_older_than must be seconds >= 0 or None, got {gc_older_than!r}")
+            raise ConfigError(f"gc_older_than must be seconds >= 0 or None, got {gc_older_than!r}")
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.gc_older_than = gc_older_than
         self.async_save = async_save
+        from .builder import make_async_checkpointer, make_sync_checkpointer, rank_info_for
+
         self._options = self._config.storage.options_with(storage_options)
-        self._rank_info = rank_info or default_rank_info()
+        self._rank_info = rank_info_for(self._config, rank_info)
         self._dir = CheckpointRoot(root, self._config.storage.backend, self._options)
         self.root = self._dir.root
-        from .builder import make_async_checkpointer, make_sync_checkpointer
 
         self._ckpt: Checkpointer = (
             make_async_checkpointer(self._config, rank_info=self._rank_info)

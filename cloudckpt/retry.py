@@ -138,6 +138,11 @@ class RetryPolicy:
         cap = min(self.max_backoff, self.initial_backoff * self.multiplier ** max(attempt - 1, 0))
         return (rng or random).uniform(0.0, cap)
 
+    @staticmethod
+    def option_names() -> tuple[str, ...]:
+        """The storage options :meth:`from_options` reads."""
+        return tuple(RETRY_OPTION_FIELDS)
+
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> RetryPolicy:
         """A policy from storage options; pops ``retry_*`` keys so the client never sees them.
@@ -145,16 +150,8 @@ class RetryPolicy:
         Keys: ``retry_stall_timeout``, ``retry_max_attempts``, ``retry_initial_backoff``,
         ``retry_max_backoff``, ``retry_request_timeout``.
         """
-        fields = {
-            "retry_stall_timeout": "stall_timeout",
-            "retry_max_attempts": "max_attempts",
-            "retry_initial_backoff": "initial_backoff",
-            "retry_max_backoff": "max_backoff",
-            "retry_multiplier": "multiplier",
-            "retry_request_timeout": "request_timeout",
-        }
         kwargs: dict[str, Any] = {}
-        for key, name in fields.items():
+        for key, name in RETRY_OPTION_FIELDS.items():
             if key in options:
                 value = options.pop(key)
                 try:
@@ -168,6 +165,18 @@ class RetryPolicy:
                         f"storage option {key!r} must be a number, got {value!r}"
                     ) from None
         return cls(**kwargs)
+
+
+RETRY_OPTION_FIELDS = {
+    "retry_stall_timeout": "stall_timeout",
+    "retry_max_attempts": "max_attempts",
+    "retry_initial_backoff": "initial_backoff",
+    "retry_max_backoff": "max_backoff",
+    "retry_multiplier": "multiplier",
+    "retry_request_timeout": "request_timeout",
+}
+RETRY_OPTIONS = frozenset(RETRY_OPTION_FIELDS)
+"""The storage options :meth:`RetryPolicy.from_options` takes."""
 
 
 class Deadline:

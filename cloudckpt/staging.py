@@ -107,12 +107,15 @@ class DefaultStager(CheckpointStager):
         accel = _accelerator_available()
         self._share = for_process and self._config.use_shared_memory
         # torch cannot hand pinned memory to another process: a process writer gets shared memory
-        self._pin = self._config.use_pinned_memory and accel and not self._share
-        self._non_blocking = self._config.use_non_blocking_copy and accel
-        if not accel and (self._config.use_pinned_memory or self._config.use_non_blocking_copy):
+        pin, non_blocking = self._config.use_pinned_memory, self._config.use_non_blocking_copy
+        self._pin = pin is not False and accel and not self._share
+        self._non_blocking = non_blocking is not False and accel
+        asked = [n for n, v in (("use_pinned_memory", pin), ("use_non_blocking_copy", non_blocking))
+                 if v is True]  # fmt: skip
+        if not accel and asked:  # only what the caller set explicitly; the default follows accel
             warnings.warn(
                 "no accelerator: staging falls back to plain CPU memory and blocking copies "
-                "(use_pinned_memory / use_non_blocking_copy have no effect here)",
+                f"({' / '.join(asked)} = true has no effect here)",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -4,20 +4,49 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .backends import split_scheme
+from .config_types import check_fields, masked, setting
 
 
 @dataclass
 class StorageConfig:
     """``backend``: a registered backend name (default: by the URI's scheme); ``root``: a URI
-    that relative names resolve against; ``options``: the backend's fsspec storage options."""
+    that relative names resolve against; ``options``: the backend's storage options.
 
-    backend: str | None = None
-    root: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    Its repr masks the values of options that look like credentials."""
+
+    backend: str | None = setting(
+        None,
+        doc="Registered backend name (`local`, `fsspec`, `s3`, `gcs`, ...). Absent: the URI's "
+        "scheme decides.",
+        types=(str, type(None)),
+    )
+    root: str | None = setting(
+        None,
+        doc="URI that relative checkpoint names resolve against; the `CheckpointManager` root "
+        "and the command's default ROOT.",
+        types=(str, type(None)),
+    )
+    options: dict[str, Any] = setting(
+        doc="Table `[storage.options]`: handed to the backend, which declares the options it "
+        "takes (its own and, for fsspec-based backends, the fsspec filesystem's, e.g. "
+        "`endpoint_url`); an unknown option is a `ConfigError`. A call's `storage_options=` / "
+        "`--storage-option` wins. Values of keys that look secret are masked in reprs.",
+        types=(dict,),
+        default_factory=dict,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "storage")
+
+    def __repr__(self) -> str:
+        return (
+            f"StorageConfig(backend={self.backend!r}, root={self.root!r}, "
+            f"options={masked(self.options)!r})"
+        )
 
     def resolve_uri(self, path: str) -> str:
         """``path`` itself if it is a URI or absolute path, else ``root``/``path``."""
@@ -42,7 +71,10 @@ _HINTS = {
 }
 
 
-def describe_store_error(uri: str, path: str, e: OSError) -> str:
+def describe_store_error(uri: str, path: str, e: OSError, *, reading: bool = False) -> str:
     """A message naming the checkpoint URI, the object and what the store said."""
-    hint = _HINTS.get(e.errno or -1, "check the store and the URI, then save again")
-    return f"{uri}: storing {path} failed: {e.strerror or e} ({hint})"
+    again = "try again" if reading else "save again"
+    hint = _HINTS.get(e.errno or -1, f"check the store and the URI, then {again}")
+    if reading and e.errno == errno.EROFS:
+        hint = f"check the store and the URI, then {again}"
+    return f"{uri}: {'reading' if reading else 'storing'} {path} failed: {e.strerror or e} ({hint})"

@@ -22,8 +22,13 @@ from typing import Any
 import torch
 
 from .errors import CorruptCheckpointError, UnsupportedValueError
+from .format import MAX_TREE_DEPTH
 
 Node = dict[str, Any]
+
+MAX_DEPTH = MAX_TREE_DEPTH
+"""Deepest container nesting saved or loaded (a real state dict is rarely 10 deep); deeper is
+refused before a byte is written, and a stored tree deeper than this is corruption."""
 
 # Parameters and buffers are saved as the plain tensors they hold.
 _PLAIN_TENSOR_TYPES: tuple[type, ...] = tuple(
@@ -87,7 +92,7 @@ def flatten(state_dict: Any) -> tuple[Node, list[TensorLeaf]]:
     tensors: list[TensorLeaf] = []
     active: set[int] = set()
 
-    def visit(value: Any, key: str) -> Node:
+    def visit(value: Any, key: str, depth: int = 0) -> Node:
         t = type(value)
         if isinstance(value, torch.Tensor):
             check_tensor(key, value)
@@ -106,6 +111,11 @@ def flatten(state_dict: Any) -> tuple[Node, list[TensorLeaf]]:
         if t is bytes:
             return {"bytes": base64.b64encode(value).decode("ascii")}
         if t in (dict, OrderedDict, list, tuple):
+            if depth >= MAX_DEPTH:
+                raise UnsupportedValueError(
+                    f"{key or '<root>'}: containers nested more than {MAX_DEPTH} deep; flatten "
+                    "this part of the state dict (e.g. join keys with '.')"
+                )
             if id(value) in active:
                 raise UnsupportedValueError(
                     f"{key or '<root>'}: the state dict contains itself (a reference cycle)"
@@ -120,9 +130,11 @@ def flatten(state_dict: Any) -> tuple[Node, list[TensorLeaf]]:
                                 f"{child_key(key, repr(k), False)}: cannot save a dict key of "
                                 f"type {type(k).__qualname__}; keys must be str or int"
                             )
-                        items.append([k, visit(v, child_key(key, k, False))])
+                        items.append([k, visit(v, child_key(key, k, False), depth + 1)])
                     return {"odict" if t is OrderedDict else "dict": items}
-                children = [visit(v, child_key(key, i, True)) for i, v in enumerate(value)]
+                children = [
+                    visit(v, child_key(key, i, True), depth + 1) for i, v in enumerate(value)
+                ]
                 return {"list" if t is list else "tuple": children}
             finally:
                 active.discard(id(value))
@@ -166,9 +178,14 @@ def unflatten(
     tensor: Callable[[int, str], Any],
     where: str,
     key: str = "",
+    depth: int = 0,
 ) -> Any:
     """Rebuild the value of ``node``; ``tensor(i, key)`` supplies tensor ``i``."""
     kind, payload = node_kind(node, where)
+    if depth > MAX_DEPTH:
+        raise CorruptCheckpointError(
+            f"{where}: the tree is nested more than {MAX_DEPTH} deep at {key or '<root>'}"
+        )
     try:
         if kind == "tensor":
             return tensor(int(payload), key)
@@ -177,11 +194,12 @@ def unflatten(
         if kind in ("dict", "odict"):
             out: dict[Any, Any] = OrderedDict() if kind == "odict" else {}
             for k, child in payload:
-                out[k] = unflatten(child, tensor, where, child_key(key, k, False))
+                out[k] = unflatten(child, tensor, where, child_key(key, k, False), depth + 1)
             return out
         if kind in ("list", "tuple"):
             items = [
-                unflatten(c, tensor, where, child_key(key, i, True)) for i, c in enumerate(payload)
+                unflatten(c, tensor, where, child_key(key, i, True), depth + 1)
+                for i, c in enumerate(payload)
             ]
             return items if kind == "list" else tuple(items)
     except (TypeError, ValueError) as e:

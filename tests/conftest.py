@@ -28,6 +28,64 @@ pytest.register_assert_rewrite(*_STORE_MODULES)  # imported just below, before p
 STORE_FIXTURES: list[str] = [
     name for mod in _STORE_MODULES for name in importlib.import_module(mod).STORE_FIXTURES
 ]
+#: Targets whose store lives inside this process (another process cannot see their objects).
+IN_PROCESS_FIXTURES: list[str] = [
+    name
+    for mod in _STORE_MODULES
+    for name in getattr(importlib.import_module(mod), "IN_PROCESS_FIXTURES", [])
+]
+
+
+# Markers derived from the store matrix: a test that reaches a store module's fixture (directly,
+# through another fixture, or as a parameter naming it) gets that module's marker (s3, gcs).
+MARK_OF_FIXTURE: dict[str, str] = {
+    name: mod.rsplit(".", 1)[1]
+    for mod in _STORE_MODULES
+    if mod.rsplit(".", 1)[1] in ("s3", "gcs")  # the stores that need a server
+    for name in importlib.import_module(mod).STORE_FIXTURES
+}
+MARK_OF_FIXTURE.update(
+    {
+        "cloudckpt_moto_server": "s3",
+        "moto_server": "s3",
+        "seaweed_server": "s3",
+        "cloudckpt_s3": "s3",
+        "cloudckpt_gcs_server": "gcs",
+        "gcs_server": "gcs",
+        "cloudckpt_gcs": "gcs",
+    }
+)
+
+
+def store_marks(item: pytest.Item) -> set[str]:
+    """The store markers ``item`` needs, from its fixture closure and its parameters."""
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        names |= {v for v in callspec.params.values() if isinstance(v, str)}
+    return {MARK_OF_FIXTURE[n] for n in names if n in MARK_OF_FIXTURE}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for mark in sorted(store_marks(item)):
+            if item.get_closest_marker(mark) is None:
+                item.add_marker(getattr(pytest.mark, mark))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[object], request: pytest.FixtureRequest
+) -> None:
+    """A store fixture asked for in a way collection cannot see (``getfixturevalue("name")``)
+    fails the test unless it carries the store's marker, so ``-m s3`` / ``-m "not gcs"`` stay true."""
+    mark = MARK_OF_FIXTURE.get(fixturedef.argname)
+    node = request.node
+    if mark and isinstance(node, pytest.Item) and node.get_closest_marker(mark) is None:
+        raise pytest.UsageError(
+            f"{node.nodeid} uses the {fixturedef.argname} fixture but is not marked "
+            f"{mark}: add @pytest.mark.{mark} or take the fixture as an argument"
+        )
 
 
 @pytest.fixture(params=STORE_FIXTURES)

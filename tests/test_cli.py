@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from config_files import write_store_config
-from conftest import STORE_FIXTURES
+from conftest import IN_PROCESS_FIXTURES, STORE_FIXTURES
 from stores import StoreTarget
 
 import cloudckpt
@@ -22,8 +22,8 @@ from cloudckpt.checkpoint_reader import open_checkpoint
 from cloudckpt.config import config_reference
 from cloudckpt.manager import CheckpointManager, step_name
 
-# fsspec's memory:// store lives inside one process: the command cannot see it
-CROSS_PROCESS = [n for n in STORE_FIXTURES if n != "memory_store"]
+# memory:// and memobj:// live inside one process: the command cannot see them
+CROSS_PROCESS = [n for n in STORE_FIXTURES if n not in IN_PROCESS_FIXTURES]
 
 
 @pytest.fixture(params=CROSS_PROCESS)

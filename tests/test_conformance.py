@@ -190,3 +190,15 @@ def test_unwritable_destination_names_uri(tmp_path) -> None:  # type: ignore[no-
     assert info.value.__cause__ is not None
     assert isinstance(info.value.__cause__, OSError)
     assert info.value.__cause__.errno == errno.ENOTDIR
+
+
+def test_capabilities_are_declared(store: StoreTarget) -> None:
+    from cloudckpt.backends import Capabilities
+
+    backend, _ = _backend(store, "x")
+    caps = backend.capabilities
+    assert isinstance(caps, Capabilities)
+    in_process = store.name in ("memory", "memobj")
+    assert caps.process_shareable is not in_process
+    assert caps.create_only_commit is (store.name != "memory")
+    assert backend.create_only_commit is caps.create_only_commit

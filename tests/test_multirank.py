@@ -66,7 +66,9 @@ def test_world_size_mismatch_needs_an_explicit_rank(tmp_path: Path) -> None:
 
 
 def test_a_failing_rank_fails_every_rank_at_once(tmp_path: Path) -> None:
-    results = run_ranks("one_rank_raises", 4, {"root": str(tmp_path), "bad_rank": 2, "timeout": 60})
+    results = run_ranks(
+        "one_rank_raises", 4, {"root": str(tmp_path), "bad_rank": 2, "timeout": 600}, timeout=300
+    )
     bad = results[2]["result"]
     assert (
         bad["type"] == "UnsupportedValueError"
@@ -78,7 +80,7 @@ def test_a_failing_rank_fails_every_rank_at_once(tmp_path: Path) -> None:
         assert r["error"].startswith(
             "checkpoint save failed on rank(s) [2]: rank 2: UnsupportedValueError"
         )
-        assert r["secs"] < 10  # learned at the barrier, not after the 60 s timeout
+        assert r["secs"] < 200  # learned at the barrier, not after the 600 s timeout
     assert not (tmp_path / "bad" / "manifest.json").exists()
 
 
@@ -99,6 +101,7 @@ def test_a_killed_rank_fails_the_others_after_the_timeout(tmp_path: Path, victim
     assert not (tmp_path / "killed" / "manifest.json").exists()
 
 
+@pytest.mark.s3
 def test_multi_rank_save_on_s3(request: pytest.FixtureRequest) -> None:
     store = request.getfixturevalue("s3_moto_store")
     args = {

@@ -88,7 +88,7 @@ def test_a_save_that_cannot_succeed_fails_in_time_and_leaves_nothing(
     )
     assert "stall timeout 3 s without progress" in message
     assert "Please reduce your request rate" in message
-    assert took < 15
+    assert took < 120  # hang guard: retrying forever would never get here
     objects = moto_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
     assert not [o["Key"] for o in objects if o["Key"].endswith("manifest.json")]
     assert _no_uploads_left(moto_server, bucket)
@@ -100,12 +100,13 @@ def test_access_denied_fails_at_once(moto_server: S3Server, proxy: FaultProxy) -
     bucket = moto_server.new_bucket()
     body = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
     proxy.inject(status=403, times=None, method="PUT", body=body)
-    started = time.monotonic()
-    with pytest.raises(cloudckpt.BackendError, match=rf"s3://{bucket}/c: storing .* failed"):
+    with pytest.raises(
+        cloudckpt.BackendError,
+        match=rf"s3://{bucket}/c/data/\S+: the store refused the request \(HTTP 403 AccessDenied",
+    ):
         cloudckpt.save(
             f"s3://{bucket}/c", {"x": torch.ones(2)}, storage_options=_opts(moto_server, proxy)
         )
-    assert time.monotonic() - started < 5
     assert [s.fault for s in proxy.seen if s.fault] == ["403"]  # no retries
 
 
@@ -141,3 +142,30 @@ def test_generic_fsspec_backend_warns_that_commit_is_not_create_only(
         cloudckpt.save(f"s3://{bucket}/c", {"x": torch.ones(2)}, config=cfg)
     assert torch.equal(cloudckpt.load(f"s3://{bucket}/c", config=cfg)["x"], torch.ones(2))
     assert any("the manifest commit is not create-only" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failed_data_file_stops_its_siblings_before_the_save_returns(
+    moto_server: S3Server, proxy: FaultProxy
+) -> None:
+    bucket = moto_server.new_bucket()
+    uri = f"s3://{bucket}/run/step-1"
+    g = torch.Generator().manual_seed(1)
+    # 12 tensors of 1.5 MiB in 4 MiB files: six data files, four written at once
+    sd = {f"t{i}": torch.randn(384 << 10, generator=g) for i in range(12)}
+    cfg = cloudckpt.CheckpointerConfig(
+        writer_config=cloudckpt.CheckpointWriterConfig(file_size="4MiB", concurrency=4),
+        storage=cloudckpt.StorageConfig(options=_opts(moto_server, proxy)),
+    )
+    body = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+    proxy.inject(status=403, times=None, method="PUT", path_re="rank-00000-0000", body=body)
+    proxy.inject(delay=0.5, times=None, method="PUT", path_re="/data/")  # siblings are slow
+    with pytest.raises(
+        cloudckpt.BackendError, match=r"rank-00000-0000\.safetensors: the store refused"
+    ):
+        cloudckpt.save(uri, sd, config=cfg)
+    seen = len(proxy.seen)
+    time.sleep(2.0)
+    assert len(proxy.seen) == seen  # nothing of this save still talks to the store
+    started = {s.path.split("?")[0].rsplit("/", 1)[-1] for s in proxy.seen if s.method == "PUT"}
+    assert "rank-00000-0005.safetensors" not in started  # queued siblings never started
+    assert _no_uploads_left(moto_server, bucket)

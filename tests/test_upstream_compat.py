@@ -80,7 +80,7 @@ def test_process_handle_is_alive_until_close_and_writes_land(tmp_path: Path) -> 
     assert cp.process is not None
     writer = cp.process.processes[0]
     assert writer.is_alive() and writer.pid != os.getpid()
-    future = cp.write({"w": torch.arange(5.0), "epoch": 5}, str(tmp_path / "c"), custom_arg=1)
+    future = cp.write({"w": torch.arange(5.0), "epoch": 5}, str(tmp_path / "c"))
     assert future.result() is None
     cp.close()
     assert not writer.is_alive()

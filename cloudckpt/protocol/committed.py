@@ -51,14 +51,28 @@ class CommittedCheckpoint:
                 f"{where} is missing but the manifest lists it; the checkpoint is damaged. "
                 "Load an earlier checkpoint."
             ) from None
+        except BackendError:  # from the backend: names the object and what to do
+            raise
         except OSError as e:
-            raise BackendError(describe_store_error(self.uri, where, e)) from e
+            raise BackendError(describe_store_error(self.uri, where, e, reading=True)) from e
+        except (ValueError, TypeError) as e:
+            raise unreadable_name(where, e) from e
         if len(raw) != entry.size or crc32c(raw) != entry.crc32c:
             raise CorruptCheckpointError(
                 f"{where}: size or CRC32C differs from the manifest ({len(raw)} bytes, expected "
                 f"{entry.size}); the index is damaged. Load an earlier checkpoint."
             )
         return RankIndex.from_json(raw, where)
+
+
+def unreadable_name(where: str, e: Exception) -> CorruptCheckpointError:
+    """A stored name the store cannot even look up (a NUL byte, a wrong type): the manifest or
+    index that holds it is damaged."""
+    where = where.replace("\x00", "\\x00")
+    return CorruptCheckpointError(
+        f"{where}: the store cannot read this name ({type(e).__name__}: {e}); the manifest or "
+        "index naming it is damaged. Load an earlier checkpoint."
+    )
 
 
 def open_checkpoint(
@@ -80,8 +94,10 @@ def open_checkpoint(
             f"no checkpoint at {uri}: nothing is stored there. Check the URI (cloudckpt ls "
             "lists the committed checkpoints under a root)."
         ) from None
+    except BackendError:  # from the backend: names the object and what to do
+        raise
     except OSError as e:
-        raise BackendError(describe_store_error(uri, manifest_path, e)) from e
+        raise BackendError(describe_store_error(uri, manifest_path, e, reading=True)) from e
     return CommittedCheckpoint(
         backend, root, uri, Manifest.from_json(raw, f"{uri}/{MANIFEST_NAME}")
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CorruptCheckpointError
-from ..format import check_no_overlap, crc32c, dtype_itemsize
+from ..format import check_no_overlap, check_tree, crc32c, dtype_itemsize, parse_json
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -91,6 +91,57 @@ def check_name(name: object, where: str) -> str:
     return name
 
 
+# -- field checks ---------------------------------------------------------------------------
+
+MAX_OFFSET = (1 << 63) - 1
+"""Largest size, offset or length a stored record may hold (what a file offset can be)."""
+MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
+
+
+def read_int(value: Any, what: str, where: str, lo: int = 0, hi: int = MAX_OFFSET) -> int:
+    """``value`` if it is an integer (not a bool, not a float) in ``lo..hi``."""
+    if type(value) is not int or not lo <= value <= hi:
+        shown = (
+            repr(value)[:40] if isinstance(value, (int, float, str, bool)) else type(value).__name__
+        )
+        raise CorruptCheckpointError(
+            f"{where}: {what} must be an integer in {lo}..{hi}, got {shown}; the object is "
+            "damaged. Load an earlier checkpoint."
+        )
+    return value
+
+
+def read_str(value: Any, what: str, where: str) -> str:
+    if type(value) is not str:
+        raise CorruptCheckpointError(
+            f"{where}: {what} must be a string, got {type(value).__name__}; the object is damaged"
+        )
+    return value
+
+
+def read_list(value: Any, what: str, where: str) -> list[Any]:
+    if type(value) is not list:
+        raise CorruptCheckpointError(
+            f"{where}: {what} must be a list, got {type(value).__name__}; the object is damaged"
+        )
+    return value
+
+
+def read_dict(value: Any, what: str, where: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise CorruptCheckpointError(
+            f"{where}: {what} must be an object, got {type(value).__name__}; the object is damaged"
+        )
+    return value
+
+
+def _read_row(row: Any, n: int, what: str, where: str) -> list[Any]:
+    row = read_list(row, what, where)
+    if len(row) < n:
+        raise CorruptCheckpointError(f"{where}: {what} has {len(row)} fields, expected {n}")
+    return row
+
+
 # -- index ----------------------------------------------------------------------------------
 
 
@@ -111,9 +162,23 @@ class TensorRecord:
         return [self.key, self.dtype, self.shape, self.file, self.offset, self.length, self.crc32c]
 
     @classmethod
-    def from_row(cls, row: Any) -> TensorRecord:
-        k, d, sh, f, o, n, c = row[:7]
-        return cls(str(k), str(d), [int(x) for x in sh], int(f), int(o), int(n), int(c))
+    def from_row(cls, row: Any, where: str = "index") -> TensorRecord:
+        """One ``tensors`` row, every field checked for type and range."""
+        k, d, sh, f, o, n, c = _read_row(row, 7, "a tensors row", where)[:7]
+        key = read_str(k, "a tensor key", where)
+        at = f"tensor {key[:80]!r}"
+        shape = read_list(sh, f"{at} shape", where)
+        if len(shape) > MAX_DIMS:
+            raise CorruptCheckpointError(f"{where}: {at} has {len(shape)} dimensions")
+        return cls(
+            key,
+            read_str(d, f"{at} dtype", where),
+            [read_int(x, f"{at} shape", where) for x in shape],
+            read_int(f, f"{at} file number", where),
+            read_int(o, f"{at} offset", where),
+            read_int(n, f"{at} length", where),
+            read_int(c, f"{at} CRC32C", where, hi=0xFFFFFFFF),
+        )
 
 
 @dataclass
@@ -153,25 +218,32 @@ class RankIndex:
         doc = load_json(raw, where)
         check_format(doc, "cloudckpt-index", where)
         try:
-            files = [FileRecord(str(p), int(s)) for p, s in doc["files"]]
-            tensors = [TensorRecord.from_row(row) for row in doc["tensors"]]
+            files = []
+            for row in read_list(doc["files"], "files", where):
+                p, size = _read_row(row, 2, "a files row", where)[:2]
+                files.append(FileRecord(check_name(p, where), read_int(size, "a file size", where)))
+            tensors = [
+                TensorRecord.from_row(row, where)
+                for row in read_list(doc["tensors"], "tensors", where)
+            ]
+            world = read_int(doc["world_size"], "world_size", where, lo=1)
             idx = cls(
-                int(doc["rank"]),
-                int(doc["world_size"]),
-                doc["tree"],
+                read_int(doc["rank"], "rank", where, hi=world - 1),
+                world,
+                read_dict(doc["tree"], "tree", where),
                 files,
                 tensors,
-                str(doc.get("attempt", "")),
+                read_str(doc.get("attempt", ""), "attempt", where),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptCheckpointError(f"{where}: malformed index ({e!r})") from e
-        for f in files:
-            check_name(f.path, where)
+        except KeyError as e:
+            raise CorruptCheckpointError(f"{where}: malformed index (no {e})") from e
         idx.validate(where)
         return idx
 
     def validate(self, where: str) -> None:
-        """Every tensor inside its file, sizes matching dtype and shape, no overlaps."""
+        """The tree as loading reads it; every tensor inside its file, sizes matching dtype and
+        shape, no overlaps."""
+        check_tree(self.tree, len(self.tensors), where)
         per_file: dict[int, list[tuple[int, int, str]]] = {}
         for t in self.tensors:
             if not 0 <= t.file < len(self.files):
@@ -257,35 +329,43 @@ class Manifest:
         version = int(doc["format_version"])
         if version >= 2:
             stored = doc.pop("crc32c", None)
-            if not isinstance(stored, int) or stored != manifest_crc(doc):
+            if type(stored) is not int or stored != manifest_crc(doc, where):
                 raise CorruptCheckpointError(
                     f"{where}: the manifest's own CRC32C "
                     f"{'is missing' if stored is None else 'does not match its content'}; "
                     "the manifest is damaged. Load an earlier checkpoint."
                 )
         try:
-            ranks = [
-                RankEntry(
-                    int(r["rank"]),
-                    r["index"],  # checked by check_name below
-                    int(r["size"]),
-                    int(r["crc32c"]),
-                    list(r["files"]),
-                    int(r["bytes"]),
+            listed = read_list(doc["ranks"], "ranks", where)
+            # the listed ranks bound world_size: a damaged one must not size an allocation
+            world = read_int(doc["world_size"], "world_size", where, lo=1, hi=max(len(listed), 1))
+            ranks = []
+            for r in listed:
+                r = read_dict(r, "a ranks entry", where)
+                ranks.append(
+                    RankEntry(
+                        read_int(r["rank"], "a rank", where, hi=world - 1),
+                        r["index"],  # checked by check_name below
+                        read_int(r["size"], "an index size", where),
+                        read_int(r["crc32c"], "an index CRC32C", where, hi=0xFFFFFFFF),
+                        read_list(r["files"], "a rank's files", where),
+                        read_int(r["bytes"], "a rank's bytes", where),
+                    )
                 )
-                for r in doc["ranks"]
-            ]
+            created = doc.get("created_unix", 0.0)
+            if type(created) not in (int, float) or not math.isfinite(created):
+                raise CorruptCheckpointError(f"{where}: created_unix is not a finite number")
             m = cls(
-                int(doc["world_size"]),
+                world,
                 ranks,
-                str(doc.get("library_version", "")),
-                float(doc.get("created_unix", 0.0)),
-                dict(doc.get("metadata") or {}),
-                str(doc.get("attempt", "")),
+                read_str(doc.get("library_version", ""), "library_version", where),
+                float(created),
+                read_dict(doc.get("metadata") or {}, "metadata", where),
+                read_str(doc.get("attempt", ""), "attempt", where),
                 version,
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptCheckpointError(f"{where}: malformed manifest ({e!r})") from e
+        except KeyError as e:
+            raise CorruptCheckpointError(f"{where}: malformed manifest (no {e})") from e
         if sorted(r.rank for r in m.ranks) != list(range(m.world_size)):
             raise CorruptCheckpointError(f"{where}: manifest ranks do not match world_size")
         for r in m.ranks:
@@ -294,21 +374,21 @@ class Manifest:
         return m
 
 
-def manifest_crc(doc: dict[str, Any]) -> int:
+def manifest_crc(doc: dict[str, Any], where: str = "manifest") -> int:
     """CRC32C of a manifest document without its ``crc32c`` field, over its canonical JSON
     (sorted keys, no spaces): independent of how the file is indented."""
     body = {k: v for k, v in doc.items() if k != "crc32c"}
-    return crc32c(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (RecursionError, ValueError, TypeError) as e:
+        raise CorruptCheckpointError(f"{where}: the manifest cannot be re-encoded ({e})") from e
+    return crc32c(text.encode())
 
 
 def load_json(raw: bytes, where: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(
-            f"{where} is not valid JSON ({e}); the object is damaged. Restore it from a copy or "
-            "use an earlier checkpoint."
-        ) from e
+    """A JSON object from ``raw``, parsed with :func:`cloudckpt.format.parse_json` (no
+    ``NaN``/``Infinity``, bounded nesting, failures as ``CorruptCheckpointError``)."""
+    doc = parse_json(raw, where)
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{where} is not a JSON object; the object is damaged")
     return doc

@@ -10,7 +10,7 @@ from typing import Any
 from ..backends import Backend
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..format import MAX_HEADER_BYTES, crc32c, parse_safetensors_header, safetensors_entry
-from .committed import CommittedCheckpoint, open_checkpoint
+from .committed import CommittedCheckpoint, open_checkpoint, unreadable_name
 from .records import TensorRecord
 
 CHUNK = 8 << 20  # bytes per read when streaming
@@ -105,6 +105,8 @@ def _verify_file(
         actual = backend.size(path)
     except FileNotFoundError:
         return [f"{where} is missing but the index lists it ({len(tensors)} tensors)"]
+    except (ValueError, TypeError) as error:
+        return [str(unreadable_name(where, error))]
     if actual != size:
         return [f"{where} is {actual} bytes; the index says {size}: the file is damaged"]
     problems = []

@@ -9,6 +9,7 @@ import pytest
 from stores import StoreTarget, fresh_name
 
 STORE_FIXTURES = ["local_store", "memory_store"]
+IN_PROCESS_FIXTURES = ["memory_store"]
 
 
 @pytest.fixture

@@ -12,55 +12,20 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
-from stores import StoreTarget, fresh_name
+from cloudckpt.testing import FAKE_AWS_ENV, CloudStore, S3Server, fresh_name
+from stores import StoreTarget
 
 STORE_FIXTURES = ["s3_moto_store", "s3_seaweed_store"]
 
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# This test process only (the plugin sets them per test): subprocesses and the SeaweedFS store
+# read the fake credentials from the environment.
+for _k, _v in FAKE_AWS_ENV.items():
+    os.environ.setdefault(_k, _v)
 
-
-@dataclass
-class S3Server:
-    """A running S3 endpoint and the options that reach it."""
-
-    host: str
-    port: int
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def options(self, endpoint: str | None = None, **extra: Any) -> dict[str, Any]:
-        return {
-            "endpoint_url": endpoint or self.endpoint,
-            "key": "testing",
-            "secret": "testing",
-            "retry_stall_timeout": 20,
-            **extra,
-        }
-
-    def client(self, endpoint: str | None = None) -> Any:
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=endpoint or self.endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
-
-    def new_bucket(self) -> str:
-        name = f"b-{fresh_name()}"
-        self.client().create_bucket(Bucket=name)
-        return name
+__all__ = ["S3Server"]
 
 
 def _free_port() -> int:
@@ -70,14 +35,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def moto_server() -> Iterator[S3Server]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield S3Server(host, int(port))
-    server.stop()
+def moto_server(cloudckpt_moto_server: S3Server) -> S3Server:
+    """The plugin's moto server (cloudckpt.testing), under the name these tests use."""
+    return cloudckpt_moto_server
 
 
 @pytest.fixture(scope="session")
@@ -114,16 +74,12 @@ def seaweed_server() -> Iterator[S3Server]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _target(name: str, server: S3Server) -> StoreTarget:
-    bucket = server.new_bucket()
-    return StoreTarget(name, f"s3://{bucket}/{fresh_name()}", server.options())
-
-
 @pytest.fixture
-def s3_moto_store(moto_server: S3Server) -> StoreTarget:
-    return _target("s3-moto", moto_server)
+def s3_moto_store(cloudckpt_s3: CloudStore) -> StoreTarget:
+    return StoreTarget("s3-moto", cloudckpt_s3.uri, cloudckpt_s3.storage_options)
 
 
 @pytest.fixture
 def s3_seaweed_store(seaweed_server: S3Server) -> StoreTarget:
-    return _target("s3-seaweed", seaweed_server)
+    bucket = seaweed_server.new_bucket()
+    return StoreTarget("s3-seaweed", f"s3://{bucket}/{fresh_name()}", seaweed_server.options())

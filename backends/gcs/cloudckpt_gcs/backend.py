@@ -1,5 +1,8 @@
 """The GCS backend: gcsfs for credentials, endpoint and session; the data path speaks the JSON API.
 
+On :class:`cloudckpt.objectstore.ObjectStoreBackend`, which owns options, retries, error mapping
+and parallel ranged reads (each resumed from where it stopped after a dropped connection).
+
 Why not plain gcsfs calls: ``GCSFileSystem`` retries inside every request on its own schedule
 (six tries, up to half a minute), caches listings (stale after writes made elsewhere) and buffers
 writes. Here every request is one attempt and cloudckpt's retry policy decides about the next, under
@@ -10,8 +13,10 @@ one deadline; writes stream from the caller's buffers; reads land in the caller'
   killed process leaves nothing. A failed piece is resumed from the offset the server persisted.
 - ``put_create_only``: a simple (multipart) upload with ``ifGenerationMatch=0``: the store refuses
   it (412) when any live object has the name, so of two writers exactly one commits.
-- ``read_into``: ranged GETs, ``read_part_size`` pieces in parallel, each streamed into its slice
-  of the destination buffers and resumed from where it stopped after a dropped connection.
+- ``read_version`` / ``put_replace``: the object with its generation (metadata, then the media
+  at that generation), and an upload with ``ifGenerationMatch=<that generation>``: 412 when
+  another writer replaced it meanwhile.
+- ``open_range``: one ranged GET (the base cuts reads into ``read_part_size`` pieces).
 """
 
 from __future__ import annotations
@@ -22,99 +27,49 @@ import json
 import logging
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
-from cloudckpt.backends import Backend, Buffer, ObjectInfo
-from cloudckpt.errors import BackendError
-from cloudckpt.retry import Retrier, RetryCounter, RetryPolicy, classify_network_error
+from cloudckpt import buffers
+from cloudckpt.backends import Buffer, Capabilities, ObjectInfo, VersionedObject
+from cloudckpt.errors import BackendError, ConfigError
+from cloudckpt.objectstore import ObjectStoreBackend, OptionSpec, StoreAnswer
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 _KIB256 = 256 << 10
-#: HTTP statuses worth another attempt (GCS's documented transient answers).
-RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-
-#: Options that tune this backend; every other option goes to ``gcsfs.GCSFileSystem``.
-OWN_OPTIONS = ("part_size", "read_part_size", "read_concurrency")
 
 
 class GCSStatusError(OSError):
-    """The store answered ``status``; the message names the object and the store's words."""
+    """The store answered ``status`` (``code``: the JSON API's reason, or a cloudckpt name such
+    as ``NoSuchBucket``); the message names the object and the store's words."""
 
-    def __init__(self, status: int, what: str, detail: str) -> None:
-        code = {401: errno.EACCES, 403: errno.EACCES}.get(status, errno.EIO)
-        super().__init__(code, f"GCS answered HTTP {status} for {what}: {detail}")
+    def __init__(self, status: int, what: str, detail: str, code: str = "") -> None:
+        super().__init__(errno.EIO, f"GCS answered HTTP {status} for {what}: {detail}")
         self.status = status
-
-    @property
-    def retryable(self) -> bool:
-        return self.status in RETRYABLE_STATUSES
+        self.code = code
+        self.detail = detail
 
 
-def classify(exc: BaseException) -> str | None:
-    """Why ``exc`` is worth another attempt (``"503"``, ``"connection"``), or ``None``."""
-    if isinstance(exc, GCSStatusError):
-        return str(exc.status) if exc.retryable else None
-    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, EOFError)):
-        return None
-    return classify_network_error(exc)
-
-
-def _error_detail(body: bytes) -> str:
-    """The store's message from an error body (JSON API or plain text), shortened."""
+def _error_detail(body: bytes) -> tuple[str, str]:
+    """The store's message and reason from an error body (JSON API or plain text)."""
     text = body.decode("utf-8", errors="replace").strip()
+    reason = ""
     try:
         err = json.loads(text)["error"]
-        text = err if isinstance(err, str) else str(err.get("message", text))
-    except (ValueError, KeyError, TypeError, AttributeError):
+        if isinstance(err, str):
+            text = err
+        else:
+            text = str(err.get("message", text))
+            reason = str((err.get("errors") or [{}])[0].get("reason", ""))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         pass
-    return text[:300] or "(no message)"
-
-
-def _as_bytes_view(chunk: Buffer) -> memoryview:
-    view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
-    if view.ndim != 1 or view.format != "B":
-        view = view.cast("B")
-    return view
-
-
-def _slice_views(views: Sequence[memoryview], skip: int) -> list[memoryview]:
-    """``views`` without their first ``skip`` bytes (no copy)."""
-    out: list[memoryview] = []
-    for v in views:
-        if skip >= v.nbytes:
-            skip -= v.nbytes
-            continue
-        out.append(v[skip:] if skip else v)
-        skip = 0
-    return out
-
-
-def _split_views(views: Sequence[memoryview], size: int) -> list[list[memoryview]]:
-    """``views`` cut into consecutive groups of ``size`` bytes (the last may be shorter)."""
-    groups: list[list[memoryview]] = []
-    cur: list[memoryview] = []
-    room = size
-    for v in views:
-        while v.nbytes:
-            take = min(room, v.nbytes)
-            cur.append(v[:take])
-            v = v[take:]
-            room -= take
-            if room == 0:
-                groups.append(cur)
-                cur, room = [], size
-    if cur:
-        groups.append(cur)
-    return groups
+    return text[:300] or "(no message)", reason
 
 
 _BODY_SLICE = 1 << 20
+_READ_CHUNK = 1 << 20
 
 
 async def _body(views: Sequence[memoryview]) -> AsyncIterator[memoryview]:
@@ -126,79 +81,63 @@ async def _body(views: Sequence[memoryview]) -> AsyncIterator[memoryview]:
             yield v[i : i + _BODY_SLICE]
 
 
-@dataclass
-class _Piece:
-    """One ranged read: bytes ``start``..``start+length`` of the object into ``views``."""
+class GCSBackend(ObjectStoreBackend):
+    """``gs://bucket/key`` and ``gcs://bucket/key`` on Google Cloud Storage (or an emulator).
 
-    start: int
-    length: int
-    views: list[memoryview]
-    done: int = 0
-
-
-class GCSBackend(Backend):
-    """``gs://bucket/key`` and ``gcs://bucket/key`` on Google Cloud Storage (or an emulator)."""
+    Options: gcsfs.GCSFileSystem's (``project``, ``token``, ``endpoint_url``, ...) plus
+    ``part_size`` (a multiple of 256 KiB), ``read_part_size``, ``max_inflight_parts`` (alias
+    ``read_concurrency``) and the ``retry_*`` options.
+    """
 
     name = "gcs"
     protocols = ("gs", "gcs")
-    create_only_commit = True
-
-    #: Bytes per resumable-upload request (a multiple of 256 KiB, as GCS requires).
-    part_size: int = 16 << 20
-    #: Bytes per ranged GET; a larger read is split and fetched in parallel.
-    read_part_size: int = 16 << 20
-    #: Ranged GETs in flight per ``read_into`` call.
-    read_concurrency: int = 8
+    scheme = "gs"
+    capabilities = Capabilities(create_only_commit=True, conditional_replace=True)
+    option_specs = (
+        OptionSpec("part_size", "size", 16 << 20, "bytes per resumable-upload piece", _KIB256),
+        OptionSpec("read_part_size", "size", 16 << 20, "bytes per ranged GET"),
+        OptionSpec("max_inflight_parts", "int", 8, "ranged GETs in flight per read",
+                   aliases=("read_concurrency",)),
+    )  # fmt: skip
     #: Objects up to this size go as one simple upload rather than a resumable session.
     simple_upload_max: int = 8 << 20
 
-    def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(storage_options)
-        fs_options = dict(self.storage_options)
-        self.policy = RetryPolicy.from_options(fs_options)
-        self.counter = RetryCounter()
-        self.retrier = Retrier(self.policy, classify, self.counter)
-        fs_options.setdefault("requests_timeout", self.policy.request_timeout)
-        for key in OWN_OPTIONS:
-            if key in fs_options:
-                setattr(self, key, int(fs_options.pop(key)))
-        if self.part_size < _KIB256 or self.part_size % _KIB256:
-            raise BackendError(
-                f"GCS option part_size={self.part_size} must be a positive multiple of 256 KiB "
-                f"({_KIB256} bytes); GCS refuses other resumable-upload piece sizes"
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
+        from gcsfs.core import GCSFileSystem
+
+        return GCSFileSystem
+
+    def open_client(self, options: dict[str, Any]) -> None:
+        if self.part_size % _KIB256:
+            raise ConfigError(
+                f"storage option part_size={self.part_size} for the gcs backend: must be a "
+                f"multiple of 256 KiB ({_KIB256} bytes); GCS refuses other resumable-upload "
+                "piece sizes"
             )
-        if self.read_part_size < 1 or self.read_concurrency < 1:
-            raise BackendError("GCS options read_part_size and read_concurrency must be >= 1")
+        options.setdefault("requests_timeout", self.policy.request_timeout)
         # The plain JSON-API filesystem class, not gcsfs's experimental zonal/HNS subclass: that
         # one probes a gRPC endpoint per bucket (a stall of about a minute against an emulator),
         # and this backend's data path is the JSON API either way.
         from gcsfs.core import GCSFileSystem
 
         try:
-            self.fs = GCSFileSystem(**fs_options)
+            self.fs = GCSFileSystem(**options)
         except (TypeError, ValueError) as e:
-            raise BackendError(
-                f"cannot open GCS with options {sorted(fs_options)}: {e}. The options are "
+            raise ConfigError(
+                f"cannot open GCS with options {sorted(options)}: {e}. The options are "
                 "gcsfs.GCSFileSystem's (project, token, endpoint_url, requester_pays, ...)."
             ) from e
+        self.endpoint = self.endpoint or str(self.fs._location)
 
-    # -- addressing -------------------------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.fs.loop
 
-    def to_path(self, uri: str) -> str:
-        for prefix in ("gs://", "gcs://"):
-            if uri.startswith(prefix):
-                uri = uri[len(prefix) :]
-                break
-        return uri.strip("/")
-
-    def to_uri(self, path: str) -> str:
-        return f"gs://{path.lstrip('/')}"
-
-    def _split(self, path: str) -> tuple[str, str]:
-        bucket, _, key = path.strip("/").partition("/")
-        if not bucket:
-            raise BackendError(f"{self.to_uri(path)!r} names no bucket; use gs://BUCKET/PATH")
-        return bucket, key
+    def answer_of(self, exc: BaseException) -> StoreAnswer | None:
+        if isinstance(exc, GCSStatusError):
+            return StoreAnswer(exc.status, exc.code, exc.detail)
+        return None
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -211,25 +150,9 @@ class GCSBackend(Backend):
         url = f"{self._base}/storage/v1/b/{q(bucket, safe='')}/o/{q(key, safe='')}"
         return url + "?alt=media" if media else url
 
-    def _run(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """Run a coroutine on gcsfs's event-loop thread from the calling thread."""
-        from fsspec.asyn import FSTimeoutError, sync
-
-        try:
-            return sync(self.fs.loop, fn, *args, **kwargs)
-        except FSTimeoutError as e:  # aiohttp's timeout, re-raised by fsspec without a word
-            raise TimeoutError(
-                errno.ETIMEDOUT,
-                f"GCS sent no complete answer within {self.fs.requests_timeout} s (storage "
-                "option retry_request_timeout)",
-            ) from e
-
-    def _retry(self, what: str, attempt: Callable[[], T]) -> T:
-        """One logical operation: ``attempt`` again while the shared retry policy allows."""
-        return self.retrier.call(attempt, what=what)
-
-    def retry_total(self) -> int:
-        return self.counter.total
+    def _sync(self, what: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` (a coroutine function) on gcsfs's loop under the retry policy."""
+        return self.run(self.call(lambda: fn(*args), what))
 
     async def _request(
         self,
@@ -242,7 +165,7 @@ class GCSBackend(Backend):
         data: Any = None,
         ok: Iterable[int] = (200, 201, 204),
     ) -> tuple[int, Mapping[str, str], bytes]:
-        """One HTTP request; a status outside ``ok`` raises (404 as ``FileNotFoundError``)."""
+        """One HTTP request; a status outside ``ok`` raises :class:`GCSStatusError`."""
         await self.fs._set_session()
         async with self.fs.session.request(
             method,
@@ -256,37 +179,29 @@ class GCSBackend(Backend):
             body = await r.read()
             if r.status in tuple(ok):
                 return r.status, r.headers, body
-            self._raise_for(r.status, body, what)
-        raise AssertionError("unreachable")
-
-    def _raise_for(self, status: int, body: bytes, what: str) -> None:
-        detail = _error_detail(body)
-        if status == 404:
-            raise FileNotFoundError(errno.ENOENT, f"not found on GCS ({detail})", what)
-        if status == 412:
-            raise FileExistsError(errno.EEXIST, "object exists (ifGenerationMatch=0 failed)", what)
-        if status in (401, 403):
-            raise PermissionError(
-                errno.EACCES,
-                f"GCS refused access (HTTP {status}: {detail}); check the credentials (token, "
-                "GOOGLE_APPLICATION_CREDENTIALS) and the IAM roles in docs/backends/gcs.md",
-                what,
-            )
-        raise GCSStatusError(status, what, detail)
+            detail, reason = _error_detail(body)
+            raise GCSStatusError(r.status, what, detail, reason)
 
     # -- writes -----------------------------------------------------------------------------
 
     def write_object(self, path: str, chunks: Iterable[Buffer], size: int) -> None:
-        bucket, key = self._split(path)
+        bucket, key = self.split(path)
         what = self.to_uri(path)
         if size <= self.simple_upload_max:
-            data = b"".join(bytes(_as_bytes_view(c)) for c in chunks)
+            data = b"".join(buffers.byte_view(c) for c in chunks)
             self._check_size(what, len(data), size)
-            self._retry(what, lambda: self._run(self._simple_upload, bucket, key, data, False))
+            self._sync(what, self._simple_upload, bucket, key, data, None)
             return
-        session = self._retry(what, lambda: self._run(self._start_resumable, bucket, key, what))
+        session = self._sync(what, self._start_resumable, bucket, key, what)
         try:
-            self._stream_parts(session, what, chunks, size)
+            offset = 0
+            for views in buffers.iter_parts(chunks, self.part_size):
+                n = buffers.total(views)
+                if offset + n > size:
+                    self._check_size(what, offset + n, size)
+                self._send_part(session, what, views, offset, size)
+                offset += n
+            self._check_size(what, offset, size)
         except BaseException:
             self._cancel_session(session)
             raise
@@ -296,31 +211,12 @@ class GCSBackend(Backend):
         if got != size:
             raise ValueError(f"{what}: the chunks hold {got} bytes but {size} were announced")
 
-    def _stream_parts(self, session: str, what: str, chunks: Iterable[Buffer], size: int) -> None:
-        """Cut ``chunks`` into ``part_size`` pieces and send each as soon as it is complete."""
-        pending: list[memoryview] = []
-        pending_bytes = 0
-        offset = 0
-        for chunk in chunks:
-            view = _as_bytes_view(chunk)
-            while view.nbytes:
-                take = min(view.nbytes, self.part_size - pending_bytes)
-                pending.append(view[:take])
-                pending_bytes += take
-                view = view[take:]
-                if pending_bytes == self.part_size and offset + pending_bytes < size:
-                    self._send_part(session, what, pending, offset, size)
-                    offset += pending_bytes
-                    pending, pending_bytes = [], 0
-        self._check_size(what, offset + pending_bytes, size)
-        # The last piece (possibly exactly part_size) finalizes the object.
-        self._send_part(session, what, pending, offset, size)
-
     def _send_part(
         self, session: str, what: str, views: list[memoryview], offset: int, size: int
     ) -> None:
-        """Send ``views`` (bytes ``offset``.. of the object), resuming after a failure."""
-        end = offset + sum(v.nbytes for v in views)
+        """Send ``views`` (bytes ``offset``.. of the object), resuming after a failure; the
+        piece that reaches ``size`` finalizes the object."""
+        end = offset + buffers.total(views)
         state: dict[str, Any] = {"sent": offset, "failed": ""}
 
         def attempt() -> None:
@@ -330,22 +226,19 @@ class GCSBackend(Backend):
             # status query, so the query must stay the exception.
             if state["failed"] == "query":
                 state["sent"] = max(
-                    state["sent"], self._run(self._query_session, session, what, size)
+                    state["sent"], self.run(self._query_session(session, what, size))
                 )
                 if state["sent"] >= end:
                     return
             try:
-                persisted = self._run(
-                    self._put_range,
-                    session,
-                    what,
-                    _slice_views(views, state["sent"] - offset),
-                    state["sent"],
-                    end,
-                    size,
-                )
+                persisted = self.run(
+                    self._put_range(
+                        session, what, buffers.skip(views, state["sent"] - offset),
+                        state["sent"], end, size,
+                    )
+                )  # fmt: skip
             except GCSStatusError as e:
-                if not e.retryable and state["failed"] == "lost":
+                if self.classify(e) is None and state["failed"] == "lost":
                     state["failed"] = "query"
                     raise GCSStatusError(503, what, f"resend refused ({e}); asking") from e
                 state["failed"] = "answered"
@@ -358,7 +251,7 @@ class GCSBackend(Backend):
                 state["failed"] = "answered"
                 raise GCSStatusError(503, what, f"GCS kept {persisted} of {end} bytes")
 
-        self._retry(what, attempt)
+        self.call_sync(attempt, what)
 
     async def _start_resumable(self, bucket: str, key: str, what: str) -> str:
         _, headers, _ = await self._request(
@@ -438,11 +331,14 @@ class GCSBackend(Backend):
     def _cancel_session(self, session: str) -> None:
         """Abandon a resumable upload (best effort: an unfinished session expires anyway)."""
         try:
-            self._run(self._request, "DELETE", session, "upload session", ok=(200, 204, 499))
+            self.run(self._request("DELETE", session, "upload session", ok=(200, 204, 499)))
         except Exception as e:  # the original error matters more
             logger.debug("cancelling a GCS upload session failed: %s", type(e).__name__)
 
-    async def _simple_upload(self, bucket: str, key: str, data: bytes, create_only: bool) -> None:
+    async def _simple_upload(
+        self, bucket: str, key: str, data: bytes, if_generation: str | None
+    ) -> None:
+        """One multipart upload; ``if_generation``: only over that generation ("0": none)."""
         boundary = f"cloudckpt-{uuid.uuid4().hex}"
         meta = json.dumps({"name": key, "contentType": "application/octet-stream"})
         body = b"".join(
@@ -454,8 +350,8 @@ class GCSBackend(Backend):
             ]
         )
         params = {"uploadType": "multipart", "name": key}
-        if create_only:
-            params["ifGenerationMatch"] = "0"
+        if if_generation is not None:
+            params["ifGenerationMatch"] = if_generation
         await self._request(
             "POST",
             f"{self._base}/upload/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o",
@@ -466,72 +362,86 @@ class GCSBackend(Backend):
         )
 
     def put_create_only(self, path: str, data: bytes) -> None:
-        bucket, key = self._split(path)
+        bucket, key = self.split(path)
         what = self.to_uri(path)
         tried = {"n": 0}
 
-        def attempt() -> None:
+        async def attempt() -> None:
             tried["n"] += 1
             try:
-                self._run(self._simple_upload, bucket, key, bytes(data), True)
-            except FileExistsError:
+                await self._simple_upload(bucket, key, bytes(data), "0")
+            except GCSStatusError as e:
                 # A retry after a lost response finds our own object: that is success.
-                if tried["n"] > 1 and self._read_or_none(path) == bytes(data):
+                if (
+                    e.status == 412
+                    and tried["n"] > 1
+                    and await self._get_or_none(bucket, key) == data
+                ):
                     return
                 raise
 
-        self._retry(what, attempt)
+        self.run(self.call(attempt, what))
 
-    def _read_or_none(self, path: str) -> bytes | None:
+    def read_version(self, path: str) -> VersionedObject | None:
+        """The object and its generation (metadata, then the media at that generation)."""
+        bucket, key = self.split(path)
+        what = self.to_uri(path)
+
+        async def get() -> VersionedObject | None:
+            for _ in range(5):  # replaced between the two requests: read again
+                meta = await self._stat(bucket, key, what)
+                if meta is None:
+                    return None
+                generation = str(meta["generation"])
+                try:
+                    _, _, body = await self._request(
+                        "GET",
+                        self._object_url(bucket, key),
+                        what,
+                        params={"alt": "media", "ifGenerationMatch": generation},
+                    )
+                except GCSStatusError as e:
+                    if e.status == 412:
+                        continue
+                    raise
+                return VersionedObject(bytes(body), generation)
+            raise GCSStatusError(409, what, "the object keeps changing while it is read")
+
+        return self._sync(what, get)
+
+    def put_replace(self, path: str, data: bytes, expected_version: str) -> None:
+        """An upload with ``ifGenerationMatch=<expected_version>``: ``FileExistsError`` (412)
+        when another writer replaced the object meanwhile."""
+        bucket, key = self.split(path)
+        what = self.to_uri(path)
         try:
-            return self.read_bytes(path)
-        except FileNotFoundError:
-            return None
+            self._sync(
+                what, self._simple_upload, bucket, key, bytes(data), expected_version or None
+            )
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "object was replaced meanwhile", what) from None
+
+    async def _get_or_none(self, bucket: str, key: str) -> bytes | None:
+        try:
+            return await self._get(bucket, key)
+        except GCSStatusError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def _get(self, bucket: str, key: str) -> bytes:
+        url = self._object_url(bucket, key, media=True)
+        return (await self._request("GET", url, self.to_uri(f"{bucket}/{key}")))[2]
 
     # -- reads ------------------------------------------------------------------------------
 
-    def read_into(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
-        bucket, key = self._split(path)
-        what = self.to_uri(path)
-        views = [_as_bytes_view(b) for b in buffers if b.nbytes]
-        pieces = []
-        start = offset
-        for group in _split_views(views, self.read_part_size):
-            n = sum(v.nbytes for v in group)
-            pieces.append(_Piece(start, n, group))
-            start += n
-        if not pieces:
-            return
-        url = self._object_url(bucket, key, media=True)
-
-        def attempt() -> None:
-            self._run(self._fetch_pieces, url, what, [p for p in pieces if p.done < p.length])
-
-        self._retry(what, attempt)
-
-    async def _fetch_pieces(self, url: str, what: str, pieces: list[_Piece]) -> None:
-        limit = asyncio.Semaphore(self.read_concurrency)
-
-        async def one(p: _Piece) -> None:
-            async with limit:
-                await self._fetch_piece(url, what, p)
-
-        tasks = [asyncio.ensure_future(one(p)) for p in pieces]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
-    async def _fetch_piece(self, url: str, what: str, p: _Piece) -> None:
-        """GET the rest of ``p`` and copy the body into its views as it arrives."""
-        first = p.start + p.done
-        last = p.start + p.length - 1
+    async def open_range(
+        self, bucket: str, key: str, first: int, last: int
+    ) -> AsyncGenerator[bytes, None]:
+        what = self.to_uri(f"{bucket}/{key}")
         await self.fs._set_session()
         async with self.fs.session.get(
-            url,
+            self._object_url(bucket, key, media=True),
             params=self.fs._get_params({}),
             headers=self.fs._get_headers({"Range": f"bytes={first}-{last}"}),
             timeout=self.fs.requests_timeout,
@@ -539,53 +449,45 @@ class GCSBackend(Backend):
             if r.status == 416:
                 raise EOFError(f"{what}: object ends before byte {first}, {last + 1} needed")
             if r.status not in (200, 206):
-                self._raise_for(r.status, await r.read(), what)
+                detail, reason = _error_detail(await r.read())
+                raise GCSStatusError(r.status, what, detail, reason)
             skip = first if r.status == 200 else 0  # a server that ignored the Range header
-            targets = _slice_views(p.views, p.done)
-            ti = 0
-            while ti < len(targets):
-                data = await r.content.readany()
-                if not data:
-                    break
-                src = memoryview(data)
+            want = last + 1 - first
+            got = 0
+            while got < want:
+                # Whole MiBs where the body has them: a few large chunks scatter far faster
+                # than the many small ones the socket hands over.
+                n = min(want - got + skip, _READ_CHUNK)
+                try:
+                    data, ended = await r.content.readexactly(n), False
+                except asyncio.IncompleteReadError as e:
+                    data, ended = e.partial, True
                 if skip:
-                    cut = min(skip, src.nbytes)
-                    src, skip = src[cut:], skip - cut
-                while src.nbytes and ti < len(targets):
-                    dst = targets[ti]
-                    n = min(dst.nbytes, src.nbytes)
-                    dst[:n] = src[:n]
-                    p.done += n
-                    src = src[n:]
-                    if n == dst.nbytes:
-                        ti += 1
-                    else:
-                        targets[ti] = dst[n:]
-            if p.done < p.length:
+                    cut = min(skip, len(data))
+                    data, skip = data[cut:], skip - cut
+                got += len(data)
+                if data:
+                    yield data
+                if ended:
+                    break
+            if got < want:
                 total = r.headers.get("Content-Range", "").rpartition("/")[2]
-                if total.isdigit() and int(total) < p.start + p.length:
-                    raise EOFError(
-                        f"{what}: object ends at byte {total}, {p.start + p.length} needed"
-                    )
-                raise GCSStatusError(503, what, "the response ended early (connection dropped)")
+                if not (total.isdigit() and int(total) < last + 1):
+                    raise GCSStatusError(503, what, "the response ended early (connection dropped)")
 
     def read_bytes(self, path: str) -> bytes:
-        bucket, key = self._split(path)
-        what = self.to_uri(path)
-        url = self._object_url(bucket, key, media=True)
-
-        async def get() -> bytes:
-            return (await self._request("GET", url, what))[2]
-
-        return self._retry(what, lambda: self._run(get))
+        bucket, key = self.split(path)
+        return self._sync(self.to_uri(path), self._get, bucket, key)
 
     # -- metadata ---------------------------------------------------------------------------
 
     async def _stat(self, bucket: str, key: str, what: str) -> dict[str, Any] | None:
         try:
             _, _, body = await self._request("GET", self._object_url(bucket, key), what)
-        except FileNotFoundError:
-            return None
+        except GCSStatusError as e:
+            if e.status == 404:
+                return None
+            raise
         return dict(json.loads(body))
 
     async def _list(
@@ -602,7 +504,12 @@ class GCSBackend(Backend):
                 params["delimiter"] = "/"
             if token:
                 params["pageToken"] = token
-            _, _, body = await self._request("GET", url, what, params=params)
+            try:
+                _, _, body = await self._request("GET", url, what, params=params)
+            except GCSStatusError as e:
+                if e.status == 404:  # listing a bucket's objects: only the bucket can be missing
+                    raise GCSStatusError(404, what, e.detail, "NoSuchBucket") from None
+                raise
             page = json.loads(body)
             items.extend(page.get("items", []))
             prefixes.extend(page.get("prefixes", []))
@@ -610,16 +517,16 @@ class GCSBackend(Backend):
             if not token or max_results == 1:  # one answer is enough for exists()
                 return items, prefixes
 
+    def check_location(self, path: str) -> None:
+        bucket, _ = self.split(path)
+        what = self.to_uri(path)
+        self._sync(what, lambda: self._list(bucket, "", what, delimiter=True, max_results=1))
+
     def list_dir(self, path: str) -> list[ObjectInfo]:
-        bucket, key = self._split(path)
+        bucket, key = self.split(path)
         prefix = f"{key.rstrip('/')}/" if key else ""
         what = self.to_uri(path)
-        try:
-            items, prefixes = self._retry(
-                what, lambda: self._run(self._list, bucket, prefix, what, delimiter=True)
-            )
-        except FileNotFoundError:  # no such bucket
-            return []
+        items, prefixes = self._sync(what, lambda: self._list(bucket, prefix, what, delimiter=True))
         out = [
             ObjectInfo(f"{bucket}/{p.rstrip('/')}", p.rstrip("/").rsplit("/", 1)[-1], 0, True)
             for p in prefixes
@@ -640,47 +547,41 @@ class GCSBackend(Backend):
         return sorted(out, key=lambda i: i.name)
 
     def delete(self, path: str, *, recursive: bool = False) -> None:
-        bucket, key = self._split(path)
+        bucket, key = self.split(path)
         what = self.to_uri(path)
         keys = [key] if key else []
         if recursive:
-            items, _ = self._retry(
-                what,
-                lambda: self._run(
-                    self._list, bucket, f"{key.rstrip('/')}/" if key else "", what, delimiter=False
-                ),
-            )
+            prefix = f"{key.rstrip('/')}/" if key else ""
+            items, _ = self._sync(what, lambda: self._list(bucket, prefix, what, delimiter=False))
             keys += [str(it["name"]) for it in items]
         for k in keys:
-            self._retry(what, lambda k=k: self._run(self._delete_one, bucket, k, what))  # type: ignore[misc]
+            self._sync(what, self._delete_one, bucket, k, what)
 
     async def _delete_one(self, bucket: str, key: str, what: str) -> None:
         try:
             await self._request("DELETE", self._object_url(bucket, key), what)
-        except FileNotFoundError:
-            pass
+        except GCSStatusError as e:
+            if e.status != 404:
+                raise
 
     def exists(self, path: str) -> bool:
-        bucket, key = self._split(path)
+        bucket, key = self.split(path)
         what = self.to_uri(path)
 
         async def check() -> bool:
             if key and await self._stat(bucket, key, what) is not None:
                 return True
-            try:
-                items, prefixes = await self._list(
-                    bucket, f"{key}/" if key else "", what, delimiter=True, max_results=1
-                )
-            except FileNotFoundError:
-                return False
+            items, prefixes = await self._list(
+                bucket, f"{key}/" if key else "", what, delimiter=True, max_results=1
+            )
             return bool(items or prefixes)
 
-        return self._retry(what, lambda: self._run(check))
+        return self._sync(what, check)
 
     def size(self, path: str) -> int:
-        bucket, key = self._split(path)
+        bucket, key = self.split(path)
         what = self.to_uri(path)
-        info = self._retry(what, lambda: self._run(self._stat, bucket, key, what))
+        info = self._sync(what, self._stat, bucket, key, what)
         if info is None:
             raise FileNotFoundError(errno.ENOENT, "no such object on GCS", what)
         return int(info["size"])

@@ -1,114 +1,116 @@
-"""The S3 backend: s3fs for credentials, endpoints and its event loop; our own data path.
+"""The S3 backend: s3fs for credentials, endpoint and its event loop; the requests are our own.
 
-- ``write_object``: one ``PutObject`` for a small object; otherwise a multipart upload whose
-  parts are filled from the writer's buffers on the calling thread and uploaded on s3fs's event
-  loop, several at once (bounded across the whole backend, so memory stays at
-  ``max_inflight_parts * part_size``). The part size grows with the object so no upload needs
-  more than 10,000 parts. A failure aborts the upload: nothing half-written is ever completed.
-- ``put_create_only``: ``PutObject`` with ``If-None-Match: *``. A 412 (moto: with a
-  ``<Condition>``; SeaweedFS: without one, which s3fs turns into ``OSError(EINVAL)``) becomes
-  ``FileExistsError``.
-- ``read_into``: ranged ``GetObject`` pieces in parallel, each streamed into its slice of the
-  caller's buffers. Sizes come from the caller (the index), never from extra HEADs.
-- Retries: s3fs's and botocore's own retries are turned off; :mod:`cloudckpt.retry` retries
-  500, 502, 503 SlowDown, 504, 429, resets and timeouts with jittered backoff until the operation
-  makes no progress for ``retry_stall_timeout`` seconds. Other 4xx fail at once.
+On :class:`cloudckpt.objectstore.ObjectStoreBackend`, which owns options, retries, error
+mapping and parallel ranged reads. What is S3's own:
+
+- ``write_object``: one ``PutObject`` for a small object; otherwise a multipart upload. Parts are
+  views of the writer's chunks (tensor memory), cut so that a large tensor goes as whole parts of
+  its own with nothing copied; only parts that gather small chunks are joined. Parts go out on
+  s3fs's event loop, at most ``max_inflight_parts`` across the backend. A failure aborts the
+  upload: nothing half-written is ever completed.
+- ``put_create_only``: ``PutObject`` with ``If-None-Match: *``; the store's 412 becomes
+  ``FileExistsError`` (by status, on moto and SeaweedFS alike).
+- ``read_version`` / ``put_replace``: the object with its ETag, and ``PutObject`` with
+  ``If-Match: <that ETag>``; a 412 (replaced meanwhile) is ``FileExistsError``. A store that
+  answers ``If-Match`` with 501 gets a plain ``PutObject`` from then on, with one warning.
+- Multipart hygiene: a ``CreateMultipartUpload`` that needed a retry may have created an upload
+  whose answer was lost; once the object is done (or failed), every other upload open on its key
+  is aborted. ``abort_uploads(prefix)`` aborts every upload open under a prefix.
+- Retries: botocore's and s3fs's are off; the base's policy retries 500, 502, 503 SlowDown, 504,
+  429, resets and timeouts. Other 4xx fail at once; an endpoint nobody answers at fails at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable
 from concurrent.futures import Future
 from typing import Any
 
-from cloudckpt.backends import Buffer, FsspecBackend
-from cloudckpt.retry import (
-    Deadline,
-    Retrier,
-    RetryCounter,
-    RetryPolicy,
-    classify_network_error,
-    is_retryable_status,
-)
+from aiohttp import payload
+
+from cloudckpt import buffers
+from cloudckpt.backends import Buffer, Capabilities, ObjectInfo, VersionedObject
+from cloudckpt.errors import BackendError
+from cloudckpt.objectstore import ObjectStoreBackend, OptionSpec, StoreAnswer
+from cloudckpt.retry import Deadline
 
 logger = logging.getLogger(__name__)
 
 MIN_PART = 5 << 20  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000
 DEFAULT_PART = 8 << 20
-OWN_OPTIONS = ("part_size", "max_inflight_parts", "read_part_size")
+NO_RETRIES = {"total_max_attempts": 1, "mode": "standard"}
 
 
-def _status(exc: BaseException) -> int | None:
-    """The HTTP status behind an exception (s3fs translates botocore errors; look through)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        resp = getattr(seen, "response", None)
-        if isinstance(resp, dict):
-            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status:
-                return int(status)
-            code = resp.get("Error", {}).get("Code")
-            if code and str(code).isdigit():
-                return int(code)
-        seen = seen.__cause__ or seen.__context__
-    return None
+_SLICE = 256 << 10
 
 
-def _error_code(exc: BaseException) -> str:
-    seen: BaseException | None = exc
-    while seen is not None:
-        resp = getattr(seen, "response", None)
-        if isinstance(resp, dict):
-            return str(resp.get("Error", {}).get("Code", ""))
-        seen = seen.__cause__ or seen.__context__
-    return ""
+class PartBody(payload.Payload):
+    """An object's or a part's bytes, views of tensor memory, as a request body (no copy).
+
+    aiohttp hands a whole ``bytes``/``memoryview`` body to the socket layer at once, which
+    copies every byte the socket does not take right away: a part's worth of memory per part in
+    flight. This body is written in slices of about 256 KiB (large views cut, small ones
+    gathered), each after the previous one drained. It is also seekable and readable, which is
+    what botocore needs to sign it and to rewind it.
+    """
+
+    def __init__(self, views: list[memoryview]) -> None:
+        super().__init__(views, content_type="application/octet-stream")
+        self.views = [v for v in views if v.nbytes]
+        self._size = buffers.total(self.views)
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return self._size or 0
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else len(self) + pos)
+        return self.pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = len(self) if n is None or n < 0 else min(len(self), self.pos + n)
+        out = b"".join(buffers.window(self.views, self.pos, end - self.pos))
+        self.pos = end
+        return out
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a checkpoint part is binary")
+
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        views = self.views
+        if content_length is not None and content_length < len(self):
+            views = buffers.window(views, 0, content_length)
+        batch: list[memoryview] = []
+        held = 0
+        for v in views:
+            for i in range(0, v.nbytes, _SLICE):
+                piece = v[i : i + _SLICE]
+                if not batch and piece.nbytes == _SLICE:
+                    await writer.write(piece)  # a whole slice of one tensor: as it is
+                    continue
+                batch.append(piece)
+                held += piece.nbytes
+                if held >= _SLICE:
+                    await writer.write(b"".join(batch))
+                    batch, held = [], 0
+        if batch:
+            await writer.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
 
-def classify(exc: BaseException) -> str | None:
-    """Why ``exc`` is worth a retry (``"503"``, ``"connection"``, ...), or ``None`` if fatal."""
-    status = _status(exc)
-    if status is not None:
-        if is_retryable_status(status) or status == 409:  # 409: a conditional write in flight
-            return str(status)
-        return None
-    code = _error_code(exc)
-    if code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"):
-        return code
-    text = str(exc)
-    if "SlowDown" in text or "reduce your request rate" in text:
-        return "SlowDown"
-    return classify_network_error(exc)
-
-
-def _is_precondition_failed(exc: BaseException) -> bool:
-    if _status(exc) == 412 or _error_code(exc) in ("PreconditionFailed", "412"):
-        return True
-    text = str(exc)
-    return isinstance(exc, OSError) and (
-        "PreconditionFailed" in text or "412" in text or "Precondition" in text
-    )
-
-
-def _slices(buffers: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
-    """The parts of ``buffers`` (concatenated) covering ``[start, start + length)``."""
-    out, pos, end = [], 0, start + length
-    for b in buffers:
-        b_end = pos + b.nbytes
-        if b_end > start and pos < end:
-            out.append(b[max(start, pos) - pos : min(end, b_end) - pos])
-        pos = b_end
-        if pos >= end:
-            break
-    return out
-
-
-class S3Backend(FsspecBackend):
-    """``s3://`` and ``s3a://`` on s3fs, with create-only commits and our own retry policy.
+class S3Backend(ObjectStoreBackend):
+    """``s3://`` and ``s3a://`` on s3fs, with create-only commits and cloudckpt's retry policy.
 
     Storage options are s3fs's (``endpoint_url``, ``profile``, ``client_kwargs``,
     ``config_kwargs``, ...), plus ``part_size``, ``max_inflight_parts``, ``read_part_size`` and
@@ -117,130 +119,160 @@ class S3Backend(FsspecBackend):
 
     name = "s3"
     protocols = ("s3", "s3a")
-    create_only_commit = True
+    scheme = "s3"
+    capabilities = Capabilities(create_only_commit=True, conditional_replace=True)
+    option_specs = (
+        OptionSpec("part_size", "size", DEFAULT_PART, "S3's smallest part is 5 MiB", MIN_PART),
+        OptionSpec("read_part_size", "size", DEFAULT_PART, "bytes per ranged GET"),
+        OptionSpec("max_inflight_parts", "int", 8, "requests in flight"),
+    )
+    retryable_codes = frozenset(
+        {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
+         "ConditionalRequestConflict", "OperationAborted"}
+    )  # fmt: skip
 
-    def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
+    @classmethod
+    def fsspec_class(cls, protocol: str) -> type | None:
         import s3fs
 
-        options = dict(storage_options or {})
-        self.storage_options = dict(options)
-        self.protocol = "s3"
-        self.policy = RetryPolicy.from_options(options)
-        self.part_size = int(options.pop("part_size", DEFAULT_PART))
-        self.read_part_size = int(options.pop("read_part_size", DEFAULT_PART))
-        self.max_inflight = int(options.pop("max_inflight_parts", 8))
-        if self.part_size < MIN_PART:
-            raise ValueError(f"part_size must be at least {MIN_PART} bytes (S3's minimum part)")
+        return s3fs.S3FileSystem
+
+    def open_client(self, options: dict[str, Any]) -> None:
+        import s3fs
+
         config = dict(options.pop("config_kwargs", None) or {})
         # Our policy decides about retries; botocore's and s3fs's would multiply them.
-        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        # ("max_attempts" counts retries, not attempts: 1 would mean one botocore retry.)
+        if config.get("retries", NO_RETRIES) != NO_RETRIES:
+            logger.warning(
+                "s3: config_kwargs 'retries' is ignored; cloudckpt retries itself (storage "
+                "options retry_stall_timeout, retry_request_timeout, ...)"
+            )
+        config["retries"] = dict(NO_RETRIES)
         config.setdefault("connect_timeout", self.policy.request_timeout)
         config.setdefault("read_timeout", self.policy.request_timeout)
         # Our own CRC32C covers every tensor; botocore's request checksums cost ~25% per PUT.
         config.setdefault("request_checksum_calculation", "when_required")
         config.setdefault("response_checksum_validation", "when_required")
+        # Parts are memoryviews of tensor memory, which botocore's validator does not know.
+        config.setdefault("parameter_validation", False)
         self.fs = s3fs.S3FileSystem(
             config_kwargs=config, skip_instance_cache=True, use_listings_cache=False, **options
         )
         self.fs.retries = 1
-        self.counter = RetryCounter()
-        self.retrier = Retrier(self.policy, classify, self.counter)
-        self._inflight = threading.BoundedSemaphore(self.max_inflight)
+        self._inflight = threading.BoundedSemaphore(self.max_inflight_parts)
+        self._if_match = True  # until the store answers If-Match with 501
 
-    def retry_total(self) -> int:
-        return self.counter.total
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.fs.loop
 
-    def to_uri(self, path: str) -> str:
-        return f"s3://{path.lstrip('/')}"
+    def answer_of(self, exc: BaseException) -> StoreAnswer | None:
+        seen: BaseException | None = exc
+        while seen is not None:
+            resp = getattr(seen, "response", None)
+            if isinstance(resp, dict):
+                err = resp.get("Error", {})
+                status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                code = str(err.get("Code", ""))
+                if not status and code.isdigit():
+                    status = int(code)
+                return StoreAnswer(
+                    int(status) if status else None, code, str(err.get("Message", ""))
+                )
+            seen = seen.__cause__ or seen.__context__
+        return None
 
-    def _split(self, path: str) -> tuple[str, str]:
-        bucket, _, key = path.partition("/")
-        return bucket, key
+    def classify(self, exc: BaseException) -> str | None:
+        answer = self.answer_of(exc)
+        if answer is not None and answer.status == 409:  # a conditional write in flight
+            return "409"
+        return super().classify(exc)
 
-    def _run(self, coro: Any) -> Any:
-        """Run ``coro`` on s3fs's event loop from this (non-loop) thread."""
-        from fsspec.asyn import sync
+    async def _client(self) -> Any:
+        return await self.fs.set_session()
 
-        return sync(self.fs.loop, lambda: coro)
+    async def _req(self, method: str, **kwargs: Any) -> Any:
+        client = await self._client()
+        return await getattr(client, method)(**kwargs)
 
-    def _submit(self, coro: Any) -> Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
-
-    async def _call(self, method: str, what: str, deadline: Deadline, **kwargs: Any) -> Any:
-        return await self.retrier.acall(
-            lambda: self.fs._call_s3(method, **kwargs), what=what, deadline=deadline
-        )
+    def _do(self, method: str, what: str, deadline: Deadline | None = None, /, **kw: Any) -> Any:
+        return self.run(self.call(lambda: self._req(method, **kw), what, deadline))
 
     def _part_size_for(self, size: int) -> int:
-        need = -(-size // MAX_PARTS)
+        # Parts may come out as small as half this (see buffers.iter_parts): keep 2x headroom.
+        need = -(-size // (MAX_PARTS // 2))
         return max(self.part_size, -(-need // (1 << 20)) * (1 << 20))
 
     # -- writes -------------------------------------------------------------------------------
 
     def write_object(self, path: str, chunks: Iterable[Buffer], size: int) -> None:
-        bucket, key = self._split(path)
+        bucket, key = self.split(path)
         what = self.to_uri(path)
         deadline = self.retrier.deadline()
         part_size = self._part_size_for(size)
         if size <= part_size:
-            body = bytearray(size)
-            pos = 0
-            for chunk in chunks:
-                n = memoryview(chunk).nbytes
-                body[pos : pos + n] = chunk
-                pos += n
-            if pos != size:
-                raise ValueError(f"{what}: expected {size} bytes, the writer produced {pos}")
-            self._run(self._call("put_object", what, deadline, Bucket=bucket, Key=key, Body=body))
+            views = [buffers.byte_view(c) for c in chunks]
+            got = buffers.total(views)
+            if got != size:
+                raise ValueError(f"{what}: expected {size} bytes, the writer produced {got}")
+            self._do("put_object", what, deadline, Bucket=bucket, Key=key, Body=PartBody(views))
             return
-        upload = self._run(
-            self._call("create_multipart_upload", what, deadline, Bucket=bucket, Key=key)
-        )
+        tries = [0]
+
+        async def create() -> Any:
+            tries[0] += 1
+            return await self._req("create_multipart_upload", Bucket=bucket, Key=key)
+
+        upload = self.run(self.call(create, what, deadline))
         upload_id = upload["UploadId"]
+        try:
+            self._upload_parts(bucket, key, upload_id, chunks, size, part_size, what, deadline)
+        finally:
+            if tries[0] > 1:  # an earlier try may have created an upload whose answer was lost
+                self._abort_others(bucket, key, upload_id, what)
+
+    def _upload_parts(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        chunks: Iterable[Buffer],
+        size: int,
+        part_size: int,
+        what: str,
+        deadline: Deadline,
+    ) -> None:
         futures: list[Future[Any]] = []
         try:
-            number = 0
-            part = bytearray(part_size)
-            fill = 0
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B")
-                while view.nbytes:
-                    n = min(view.nbytes, part_size - fill)
-                    part[fill : fill + n] = view[:n]
-                    fill += n
-                    view = view[n:]
-                    if fill == part_size:
-                        number += 1
-                        futures.append(
-                            self._send_part(bucket, key, upload_id, number, part, what, deadline)
-                        )
-                        part, fill = bytearray(part_size), 0
-                self._raise_failed(futures)
-            if fill:
-                number += 1
+            sent = 0
+            min_part = max(MIN_PART, part_size // 2)
+            for number, views in enumerate(
+                buffers.iter_parts(chunks, part_size, min_part=min_part), 1
+            ):
+                sent += buffers.total(views)
                 futures.append(
-                    self._send_part(bucket, key, upload_id, number, part[:fill], what, deadline)
+                    self._send_part(bucket, key, upload_id, number, views, what, deadline)
                 )
+                self._raise_failed(futures)
+            if sent != size:
+                raise ValueError(f"{what}: expected {size} bytes, the writer produced {sent}")
             parts = [f.result() for f in futures]
-            self._run(
-                self._call(
-                    "complete_multipart_upload",
-                    what,
-                    deadline,
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
+            self._do(
+                "complete_multipart_upload",
+                what,
+                deadline,
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
             )
         except BaseException:
             for f in futures:
                 f.cancel()
             for f in futures:
-                try:
+                with contextlib.suppress(BaseException):
                     f.exception()
-                except BaseException:
-                    pass
             self._abort(bucket, key, upload_id, what)
             raise
 
@@ -256,7 +288,7 @@ class S3Backend(FsspecBackend):
         key: str,
         upload_id: str,
         number: int,
-        body: bytearray,
+        body: list[memoryview],
         what: str,
         deadline: Deadline,
     ) -> Future[Any]:
@@ -265,160 +297,249 @@ class S3Backend(FsspecBackend):
 
         async def send() -> dict[str, Any]:
             try:
-                resp = await self._call(
-                    "upload_part",
+                resp = await self.call(
+                    lambda: self._req(
+                        "upload_part",
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=PartBody(body),
+                    ),
                     f"{what} part {number}",
                     deadline,
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=body,
                 )
                 return {"PartNumber": number, "ETag": resp["ETag"]}
             finally:
                 self._inflight.release()
 
-        return self._submit(send())
+        return asyncio.run_coroutine_threadsafe(send(), self.loop)
 
     def _abort(self, bucket: str, key: str, upload_id: str, what: str) -> None:
         try:
-            self._run(
-                self._call(
-                    "abort_multipart_upload",
-                    f"{what} (abort)",
-                    Deadline(min(30.0, self.policy.stall_timeout)),
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                )
+            self._do(
+                "abort_multipart_upload",
+                f"{what} (abort)",
+                Deadline(min(30.0, self.policy.stall_timeout)),
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
             )
         except Exception as e:  # the bucket's abort lifecycle rule is the backstop
             logger.warning("%s: could not abort multipart upload %s: %s", what, upload_id, e)
 
-    def put_create_only(self, path: str, data: bytes) -> None:
-        bucket, key = self._split(path)
-        what = self.to_uri(path)
+    def _list_uploads(self, bucket: str, prefix: str, what: str) -> list[tuple[str, str]]:
+        """``(key, upload id)`` of every multipart upload open under ``prefix``."""
+        out: list[tuple[str, str]] = []
+        markers: dict[str, str] = {}
+        while True:
+            page = self._do(
+                "list_multipart_uploads", f"{what} (uploads)", Bucket=bucket, Prefix=prefix,
+                **markers,
+            )  # fmt: skip
+            out += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+            if not page.get("IsTruncated"):
+                return out
+            markers = {
+                "KeyMarker": page["NextKeyMarker"],
+                "UploadIdMarker": page["NextUploadIdMarker"],
+            }
+
+    def _abort_others(self, bucket: str, key: str, keep: str, what: str) -> None:
         try:
-            self._run(
-                self._call(
-                    "put_object",
-                    what,
-                    self.retrier.deadline(),
-                    Bucket=bucket,
-                    Key=key,
-                    Body=data,
-                    IfNoneMatch="*",
-                )
-            )
+            found = self._list_uploads(bucket, key, what)
         except Exception as e:
-            if _is_precondition_failed(e):
-                raise FileExistsError(errno.EEXIST, "object exists", what) from None
-            raise
+            logger.warning("%s: could not list multipart uploads: %s", what, e)
+            return
+        for k, upload_id in found:
+            if k == key and upload_id != keep:
+                logger.info("%s: aborting upload %s (its create answer was lost)", what, upload_id)
+                self._abort(bucket, k, upload_id, what)
+
+    def abort_uploads(self, path: str) -> int:
+        bucket, key = self.split(path)
+        found = self._list_uploads(bucket, key.rstrip("/") + "/", self.to_uri(path))
+        for k, upload_id in found:
+            self._abort(bucket, k, upload_id, self.to_uri(f"{bucket}/{k}"))
+        return len(found)
+
+    def read_version(self, path: str) -> VersionedObject | None:
+        """The object and its ETag (one ``GetObject``)."""
+        bucket, key = self.split(path)
+
+        async def get() -> VersionedObject:
+            resp = await self._req("get_object", Bucket=bucket, Key=key)
+            try:
+                return VersionedObject(bytes(await resp["Body"].read()), str(resp.get("ETag", "")))
+            finally:
+                resp["Body"].close()
+
+        try:
+            return self.run(self.call(get, self.to_uri(path)))
+        except FileNotFoundError:
+            return None
+
+    def put_replace(self, path: str, data: bytes, expected_version: str) -> None:
+        bucket, key = self.split(path)
+        what = self.to_uri(path)
+        cond = {"IfMatch": expected_version} if expected_version and self._if_match else {}
+        try:
+            self._do("put_object", what, Bucket=bucket, Key=key, Body=data, **cond)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "object was replaced meanwhile", what) from None
+        except BackendError as e:
+            answer = self.answer_of(e.__cause__) if e.__cause__ is not None else None
+            if not cond or answer is None or answer.status != 501:
+                raise
+            self._if_match = False
+            logger.warning(
+                "%s: this S3 store does not implement If-Match on PUT; the manifest is replaced "
+                "by a plain PUT (atomic for readers, not against a concurrent overwrite)",
+                what,
+            )
+            self.put_replace(path, data, expected_version)
+
+    def put_create_only(self, path: str, data: bytes) -> None:
+        bucket, key = self.split(path)
+        self._do(
+            "put_object", self.to_uri(path), Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"
+        )
 
     # -- reads --------------------------------------------------------------------------------
 
-    def read_into(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
-        bucket, key = self._split(path)
-        what = self.to_uri(path)
-        total = sum(b.nbytes for b in buffers)
-        if total == 0:
-            return
-        deadline = self.retrier.deadline()
-        step = self.read_part_size
-        pieces = [(s, min(step, total - s)) for s in range(0, total, step)]
-
-        async def fetch(start: int, length: int, sem: asyncio.Semaphore) -> None:
-            views = _slices(buffers, start, length)
-            first, last = offset + start, offset + start + length - 1
-
-            async def attempt() -> None:
-                resp = await self.fs._call_s3(
-                    "get_object", Bucket=bucket, Key=key, Range=f"bytes={first}-{last}"
-                )
-                body = resp["Body"]
-                got = 0
-                try:
-                    for v in views:
-                        filled = 0
-                        while filled < v.nbytes:
-                            data = await body.read(min(v.nbytes - filled, 1 << 20))
-                            if not data:
-                                raise EOFError(
-                                    f"{what}: object ends at byte {first + got}, "
-                                    f"{length - got} more expected"
-                                )
-                            v[filled : filled + len(data)] = data
-                            filled += len(data)
-                            got += len(data)
-                finally:
-                    body.close()
-
-            async with sem:
-                await self.retrier.acall(attempt, what=what, deadline=deadline)
-
-        async def fetch_all() -> None:
-            sem = asyncio.Semaphore(self.max_inflight)
-            await asyncio.gather(*(fetch(s, n, sem) for s, n in pieces))
-
+    async def open_range(
+        self, bucket: str, key: str, first: int, last: int
+    ) -> AsyncGenerator[bytes, None]:
+        resp = await self._req("get_object", Bucket=bucket, Key=key, Range=f"bytes={first}-{last}")
+        body = resp["Body"]
         try:
-            self._run(fetch_all())
-        except Exception as e:
-            status = _status(e)
-            if status == 404 or isinstance(e, FileNotFoundError):
-                raise FileNotFoundError(errno.ENOENT, "no such object", what) from None
-            if status == 416:
-                raise EOFError(f"{what}: range from byte {offset} is past the end") from None
-            raise
+            while data := await body.read(1 << 20):
+                yield data
+        finally:
+            body.close()
 
     def read_bytes(self, path: str) -> bytes:
-        bucket, key = self._split(path)
-        what = self.to_uri(path)
+        bucket, key = self.split(path)
 
         async def get() -> bytes:
-            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            resp = await self._req("get_object", Bucket=bucket, Key=key)
             try:
                 return bytes(await resp["Body"].read())
             finally:
                 resp["Body"].close()
 
-        try:
-            return bytes(self._run(self.retrier.acall(get, what=what)))
-        except Exception as e:
-            if _status(e) == 404 or isinstance(e, FileNotFoundError):
-                raise FileNotFoundError(errno.ENOENT, "no such object", what) from None
-            raise
+        return self.run(self.call(get, self.to_uri(path)))
 
-    # -- metadata (s3fs calls under our retry policy) -----------------------------------------
+    # -- metadata -----------------------------------------------------------------------------
 
-    def list_dir(self, path: str) -> list[Any]:
-        return self.retrier.call(
-            lambda: super(S3Backend, self).list_dir(path), what=self.to_uri(path)
+    async def _list(self, bucket: str, prefix: str, *, delimiter: bool, limit: int = 0) -> Any:
+        """``(objects, prefixes)`` under ``prefix``: every page, or the first ``limit`` keys."""
+        objects: list[dict[str, Any]] = []
+        prefixes: list[str] = []
+        kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        if delimiter:
+            kw["Delimiter"] = "/"
+        if limit:
+            kw["MaxKeys"] = limit
+        while True:
+            page = await self._req("list_objects_v2", **kw)
+            objects += page.get("Contents", [])
+            prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+            token = page.get("NextContinuationToken")
+            if limit or not page.get("IsTruncated") or not token:
+                return objects, prefixes
+            kw["ContinuationToken"] = token
+
+    def _prefix(self, key: str) -> str:
+        return f"{key.rstrip('/')}/" if key else ""
+
+    def list_dir(self, path: str) -> list[ObjectInfo]:
+        bucket, key = self.split(path)
+        prefix = self._prefix(key)
+        objects, prefixes = self.run(
+            self.call(lambda: self._list(bucket, prefix, delimiter=True), self.to_uri(path))
         )
+        out = [
+            ObjectInfo(f"{bucket}/{p.rstrip('/')}", p.rstrip("/").rsplit("/", 1)[-1], 0, True)
+            for p in prefixes
+        ]
+        for o in objects:
+            name = str(o["Key"])
+            if name == prefix or name.endswith("/"):  # directory markers
+                continue
+            mtime = o.get("LastModified")
+            out.append(
+                ObjectInfo(
+                    f"{bucket}/{name}",
+                    name.rsplit("/", 1)[-1],
+                    int(o.get("Size", 0)),
+                    False,
+                    mtime.timestamp() if hasattr(mtime, "timestamp") else None,
+                )
+            )
+        return sorted(out, key=lambda i: i.name)
 
     def delete(self, path: str, *, recursive: bool = False) -> None:
-        self.retrier.call(
-            lambda: super(S3Backend, self).delete(path, recursive=recursive),
-            what=self.to_uri(path),
-        )
+        bucket, key = self.split(path)
+        what = self.to_uri(path)
+        keys = [key] if key else []
         if recursive:
-            self._remove_dir_markers(path)
+            objects, _ = self.run(
+                self.call(lambda: self._list(bucket, self._prefix(key), delimiter=False), what)
+            )
+            keys += [str(o["Key"]) for o in objects]
+        for i in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+            self._do("delete_objects", what, Bucket=bucket, Delete=batch)
+        if recursive and key:
+            self._remove_dir_markers(bucket, key, what)
 
-    def _remove_dir_markers(self, path: str) -> None:
+    def _remove_dir_markers(self, bucket: str, key: str, what: str) -> None:
         """Stores with real directories (SeaweedFS) keep empty ``dir/`` entries listed after
         their objects are gone: remove them, deepest first."""
-        for info in super().list_dir(path):
-            if info.is_dir:
-                self._remove_dir_markers(info.path)
-        bucket, key = self._split(path)
-        if key:
-            try:
-                self.fs.call_s3("delete_object", Bucket=bucket, Key=key.rstrip("/") + "/")
-            except OSError:
-                pass
+        _, prefixes = self.run(
+            self.call(lambda: self._list(bucket, self._prefix(key), delimiter=True), what)
+        )
+        for p in prefixes:
+            self._remove_dir_markers(bucket, p.rstrip("/"), what)
+        with contextlib.suppress(OSError):
+            self._do("delete_object", what, Bucket=bucket, Key=self._prefix(key))
 
     def exists(self, path: str) -> bool:
-        return bool(self.retrier.call(lambda: self.fs.exists(path), what=self.to_uri(path)))
+        bucket, key = self.split(path)
+
+        async def check() -> bool:
+            if key:
+                try:
+                    await self._req("head_object", Bucket=bucket, Key=key)
+                    return True
+                except Exception as e:
+                    answer = self.answer_of(e)
+                    if answer is None or answer.status != 404:
+                        raise
+            objects, prefixes = await self._list(bucket, self._prefix(key), delimiter=True, limit=1)
+            return bool(objects or prefixes)
+
+        return self.run(self.call(check, self.to_uri(path)))
+
+    def check_location(self, path: str) -> None:
+        bucket, _ = self.split(path)
+        what = self.to_uri(path)
+        try:
+            self._do("head_bucket", what, Bucket=bucket)
+        except FileNotFoundError:  # HEAD has no body: a bare 404 is the bucket
+            raise self.missing_bucket(what, bucket, "HTTP 404 on HeadBucket") from None
 
     def size(self, path: str) -> int:
-        return int(self.retrier.call(lambda: self.fs.size(path), what=self.to_uri(path)))
+        bucket, key = self.split(path)
+        head = self._do("head_object", self.to_uri(path), Bucket=bucket, Key=key)
+        return int(head["ContentLength"])
+
+    def close(self) -> None:
+        """Close the client's connections (the backend is unusable afterwards)."""
+        creator = getattr(self.fs, "_s3creator", None)
+        if creator is not None:
+            self.fs._s3 = None
+            self.fs._s3creator = None
+            with contextlib.suppress(Exception):
+                self.run(creator.__aexit__(None, None, None))

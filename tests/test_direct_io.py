@@ -1,0 +1,187 @@
+"""The local backend's O_DIRECT write path: aligned and unaligned sizes, the page-cache fallback
+where a filesystem refuses O_DIRECT (ramfs; tmpfs too before Linux 6.6), full disks, and the
+``direct_io`` option."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import cloudckpt
+from cloudckpt import backends
+from cloudckpt.backends import DIRECT_ALIGN, DIRECT_BLOCK, LocalBackend
+
+SIZES = [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN, DIRECT_ALIGN + 1, DIRECT_BLOCK - 1, DIRECT_BLOCK,
+         3 * DIRECT_BLOCK + 12345]  # fmt: skip
+
+
+def _pattern(size: int) -> bytes:
+    return (bytes(range(251)) * (size // 251 + 1))[:size]
+
+
+def _chunks(data: bytes, sizes: tuple[int, ...] = (7, 4096, 100_003, 1 << 20)) -> Iterator[bytes]:
+    """``data`` cut into pieces of uneven sizes, as a writer hands over header + tensors."""
+    pos, i = 0, 0
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        yield data[pos : pos + n]
+        pos, i = pos + n, i + 1
+
+
+@pytest.fixture
+def tiny_ext4(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB ext4 filesystem on a loop device: it accepts O_DIRECT, and fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a loop device needs root (CI runs as root)")
+    image, mnt = tmp_path / "ext4.img", tmp_path / "ext4"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(4 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def ramfs(tmp_path: Path) -> Iterator[Path]:
+    """A real ramfs: it refuses O_DIRECT at open with EINVAL."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a ramfs needs root (CI runs as root)")
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _direct_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "with O_DIRECT" in r.getMessage()]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_direct_write_round_trips_every_size(
+    tmp_path: Path, size: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = LocalBackend({"direct_io": True})
+    data = _pattern(size)
+    path = str(tmp_path / "obj")
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+        backend.write_object(path, _chunks(data), size)
+    backend.close()
+    assert os.path.getsize(path) == size  # the padded tail is cut off
+    assert Path(path).read_bytes() == data
+    assert _direct_log(caplog) == [f"{path}: {size} bytes written with O_DIRECT"]
+    assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
+
+
+def test_auto_uses_direct_only_for_large_objects(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = LocalBackend()  # direct_io = "auto"
+    small, large = _pattern(100_000), _pattern(backends.DIRECT_AUTO_MIN + 5)
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+        backend.write_object(str(tmp_path / "small"), [small], len(small))
+        backend.write_object(str(tmp_path / "large"), _chunks(large), len(large))
+    assert (tmp_path / "small").read_bytes() == small
+    assert (tmp_path / "large").read_bytes() == large
+    assert _direct_log(caplog) == [
+        f"{tmp_path / 'large'}: {len(large)} bytes written with O_DIRECT"
+    ]
+
+
+def test_direct_io_false_never_uses_direct(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = LocalBackend({"direct_io": False})
+    data = _pattern(backends.DIRECT_AUTO_MIN + 1)
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+        backend.write_object(str(tmp_path / "obj"), _chunks(data), len(data))
+    assert (tmp_path / "obj").read_bytes() == data
+    assert _direct_log(caplog) == []
+
+
+def test_refused_direct_falls_back_to_the_page_cache(
+    ramfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = LocalBackend({"direct_io": True})
+    data = _pattern(300_001)
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+        backend.write_object(str(ramfs / "a"), _chunks(data), len(data))
+        backend.write_object(str(ramfs / "b"), _chunks(data), len(data))
+    assert (ramfs / "a").read_bytes() == data == (ramfs / "b").read_bytes()
+    assert _direct_log(caplog) == []
+    refusals = [r for r in caplog.records if "refuses O_DIRECT" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelno == logging.WARNING  # once per filesystem
+    assert str(ramfs) in refusals[0].getMessage()
+    assert [n for n in os.listdir(ramfs) if ".tmp-" in n] == []
+
+
+def test_full_tmpfs_with_direct_io(tiny_disk: Path) -> None:
+    """tmpfs takes O_DIRECT on recent kernels and refuses it on older ones: full either way."""
+    opts = {"direct_io": True}
+    with pytest.raises(cloudckpt.BackendError, match=r"the disk is full"):
+        cloudckpt.save(str(tiny_disk / "b"), {"big": torch.zeros(1 << 19)}, storage_options=opts)
+    leftovers = [n for _, _, files in os.walk(tiny_disk) for n in files if ".tmp-" in n]
+    assert leftovers == []
+
+
+def test_checkpoint_round_trips_on_disk_tmpfs_and_ramfs(
+    tmp_path: Path, tiny_disk: Path, ramfs: Path
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    state = {
+        "w": torch.randn(1000, 1001, generator=g),  # ~4 MB, an unaligned size
+        "b": torch.randn(17, generator=g).to(torch.bfloat16),
+        "step": 5,
+    }
+    small = {"x": torch.arange(1000, dtype=torch.int32), "n": "tmpfs"}
+    opts = {"direct_io": True}
+    for uri, sd in (
+        (str(tmp_path / "c"), state),
+        (str(tiny_disk / "c"), small),
+        (str(ramfs / "c"), state),
+    ):
+        cloudckpt.save(uri, sd, storage_options=opts)
+        out = cloudckpt.load(uri, storage_options=opts)
+        assert out.keys() == sd.keys()
+        for k, v in sd.items():
+            assert torch.equal(out[k], v) if isinstance(v, torch.Tensor) else out[k] == v
+
+
+def test_full_disk_on_the_direct_path(tiny_ext4: Path) -> None:
+    opts = {"direct_io": True}
+    cloudckpt.save(str(tiny_ext4 / "a"), {"x": torch.ones(1000)}, storage_options=opts)
+    with pytest.raises(cloudckpt.BackendError, match=r"the disk is full") as info:
+        big = {"big": torch.zeros(1 << 21)}  # 8 MiB on a 4 MiB filesystem
+        cloudckpt.save(str(tiny_ext4 / "b"), big, storage_options=opts)
+    assert str(tiny_ext4 / "b") in str(info.value)
+    assert torch.equal(cloudckpt.load(str(tiny_ext4 / "a"))["x"], torch.ones(1000))
+    with pytest.raises(cloudckpt.CheckpointNotCommittedError):
+        cloudckpt.load(str(tiny_ext4 / "b"))
+    leftovers = [n for _, _, files in os.walk(tiny_ext4) for n in files if ".tmp-" in n]
+    assert leftovers == []
+    # The space came back: a save that fits succeeds after the failed one.
+    cloudckpt.save(str(tiny_ext4 / "c"), {"y": torch.ones(1 << 18)}, storage_options=opts)
+    assert torch.equal(cloudckpt.load(str(tiny_ext4 / "c"))["y"], torch.ones(1 << 18))
+
+
+@pytest.mark.parametrize("value", ["sometimes", 2, 1.0])
+def test_bad_direct_io_option_is_a_config_error(tmp_path: Path, value: object) -> None:
+    with pytest.raises(cloudckpt.ConfigError, match=r"direct_io = .* is not valid .* \"auto\""):
+        cloudckpt.save(str(tmp_path / "c"), {"x": 1}, storage_options={"direct_io": value})
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("auto", None), (True, True), ("false", False)])
+def test_direct_io_values(value: object, parsed: bool | None) -> None:
+    assert LocalBackend({"direct_io": value}).direct_io is parsed
