@@ -38,7 +38,9 @@ from .errors import (
     StagingError,
     StateDictMismatchError,
     UnsupportedValueError,
+    UnverifiedCheckpointWarning,
     WriterProcessError,
+    WriterProcessTimeoutError,
 )
 from .manager import CheckpointManager
 from .protocol import CopyReport, VerifyReport, copy, verify
@@ -129,9 +131,11 @@ __all__ = [
     "SyncCheckpointer",
     "TCPStoreBarrier",
     "UnsupportedValueError",
+    "UnverifiedCheckpointWarning",
     "VerifyReport",
     "WriterHook",
     "WriterProcessError",
+    "WriterProcessTimeoutError",
     "__version__",
     "copy",
     "create_barrier_from_config",

@@ -89,6 +89,7 @@ def make_sync_checkpointer(
     return SyncCheckpointer(
         writer=writer_from_config(rank_info, cfg, commit_hook),
         reader=make_checkpoint_reader(cfg, rank_info),
+        owns_components=True,
     )
 
 
@@ -149,4 +150,5 @@ def make_async_checkpointer(
         checkpoint_stager=DefaultStager(cfg.staging_config, for_process=kind == "process"),
         checkpoint_process=background,
         reader=make_checkpoint_reader(cfg, rank_info),
+        owns_components=True,
     )

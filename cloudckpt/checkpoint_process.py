@@ -16,7 +16,6 @@ import contextlib
 import functools
 import logging
 import logging.handlers
-import os
 import pickle
 import queue
 import signal
@@ -25,8 +24,10 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ import torch
 from .backends import resolve
 from .chunks import LayoutSpec
 from .config_types import WRITER_KINDS, CheckpointProcessConfig  # noqa: F401 - re-exported
-from .errors import ConfigError, WriterProcessError
+from .errors import ConfigError, WriterProcessError, WriterProcessTimeoutError
 from .global_tensors import GlobalShard
 from .storage import StorageConfig
 from .tree import LeafMakers, Node, TensorLeaf, flatten, unflatten
@@ -80,7 +81,7 @@ class WriterThread(BackgroundWriter):
         self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any
     ) -> Future[None]:
         def run() -> None:
-            self._writer.write(path, _resolved(state_dict), **kwargs)
+            self._writer.write(path=path, state_dict=_resolved(state_dict), **kwargs)
 
         future = self._executor.submit(run)
         self._pending.add(future)
@@ -171,14 +172,71 @@ def _portable(error: BaseException) -> BaseException:
         return WriterProcessError(f"{type(error).__name__}: {error}")
 
 
+class RequestType(Enum):
+    """What a message on the writer process's pipe is about."""
+
+    PING = "ping"
+    WRITE_CHECKPOINT = "write_checkpoint"
+    TERMINATE_PROCESS = "exit"
+    LOG = "log"  # the writer process forwards a log record; never sent as a request
+
+
+@dataclass(frozen=True)
+class WritePayload:
+    """A flattened state dict to write: its tree, and each tensor as a place in a storage."""
+
+    path: str
+    tree: Node
+    refs: list[_TensorRef | torch.Tensor]
+    layouts: list[tuple[LayoutSpec, str] | None]  # per ref: how a global leaf is laid out
+    new_storages: dict[int, torch.UntypedStorage]  # storages the process does not hold yet
+    keep: frozenset[int]  # every storage this write uses; the process drops the others
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class WorkerRequest:
+    """A request to the writer process (``payload`` is a :class:`WritePayload` for a write)."""
+
+    request_type: RequestType
+    payload: WritePayload | dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerResponse:
+    """The writer process's answer to a request (or a forwarded log record, ``RequestType.LOG``).
+
+    ``error`` carries the failure itself when it pickles, so the caller re-raises its type.
+    """
+
+    request_type: RequestType
+    success: bool
+    error_msg: str | None = None
+    payload: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class _Death:
+    """The reader thread's note that the writer process is gone (never crosses the pipe)."""
+
+    how: str
+
+
+def _failure(request_type: RequestType, error: BaseException) -> WorkerResponse:
+    return WorkerResponse(
+        request_type, False, error_msg=f"{type(error).__name__}: {error}", error=_portable(error)
+    )
+
+
 class _PipeLogQueue:
     """Lets a ``QueueHandler`` send log records over the pipe, through ``send``."""
 
-    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+    def __init__(self, send: Callable[[WorkerResponse], None]) -> None:
         self._send = send
 
     def put_nowait(self, record: logging.LogRecord) -> None:
-        self._send(("log", record))
+        self._send(WorkerResponse(RequestType.LOG, True, payload=record))
 
 
 def writer_process_main(
@@ -190,10 +248,11 @@ def writer_process_main(
     checkpoint_writer_init_fn: Callable[..., Any],
     checkpoint_writer_init_args: dict[str, Any],
 ) -> None:
-    """The writer process: build the writer, then write what arrives until told to exit."""
+    """The writer process: build the writer, answer the start-up ``PING``, then write what
+    arrives until told to exit."""
     lock = threading.Lock()
 
-    def send(message: tuple[Any, ...]) -> None:
+    def send(message: WorkerResponse) -> None:
         with lock:
             conn.send(message)
 
@@ -209,32 +268,40 @@ def writer_process_main(
         args.setdefault("rank_info", rank_info)
         writer = checkpoint_writer_init_fn(**args)
     except BaseException as e:
-        send(("init_failed", _portable(e)))
+        send(_failure(RequestType.PING, e))
         return
-    send(("ready", os.getpid()))
+    send(WorkerResponse(RequestType.PING, True))
     held: dict[int, torch.UntypedStorage] = {}
     while True:
         try:
-            message = conn.recv()
+            request: WorkerRequest = conn.recv()
         except EOFError:  # the training process is gone
             break
-        if message[0] == "exit":
+        kind = request.request_type
+        if kind is RequestType.TERMINATE_PROCESS:
             break
-        _, path, tree, refs, layouts, new_storages, keep, kwargs = message
-        held.update(new_storages)
-        for key in [k for k in held if k not in keep]:
+        if kind is RequestType.PING:
+            send(WorkerResponse(RequestType.PING, True))
+            continue
+        payload = request.payload
+        if kind is not RequestType.WRITE_CHECKPOINT or not isinstance(payload, WritePayload):
+            send(_failure(kind, WriterProcessError(f"the writer process cannot serve {request!r}")))
+            continue
+        held.update(payload.new_storages)
+        for key in [k for k in held if k not in payload.keep]:
             del held[key]
         try:
-            state_dict = unflatten(tree, _makers(refs, layouts, held), path)
-            writer.write(path, state_dict, **kwargs)
-            send(("done",))
+            makers = _makers(payload.refs, payload.layouts, held)
+            state_dict = unflatten(payload.tree, makers, payload.path)
+            writer.write(path=payload.path, state_dict=state_dict, **payload.kwargs)
+            send(WorkerResponse(RequestType.WRITE_CHECKPOINT, True))
         except BaseException as e:
-            logger.debug("write of %s failed in the writer process", path, exc_info=True)
-            send(("failed", _portable(e)))
+            logger.debug("write of %s failed in the writer process", payload.path, exc_info=True)
+            send(_failure(RequestType.WRITE_CHECKPOINT, e))
     try:
         writer.close()
     finally:
-        send(("closed",))
+        send(WorkerResponse(RequestType.TERMINATE_PROCESS, True))
 
 
 def _how_it_died(exitcode: int | None) -> str:
@@ -247,6 +314,23 @@ def _how_it_died(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
+class WriterProcessContext:
+    """The writer process, shaped like what ``torch.multiprocessing.spawn(join=False)`` returns:
+    ``processes[0]`` is the writer, ``join(timeout)`` says whether it has exited."""
+
+    def __init__(self, process: BaseProcess) -> None:
+        self.processes = [process]
+
+    def pids(self) -> list[int | None]:
+        return [p.pid for p in self.processes]
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds; ``True`` once every process has exited."""
+        for p in self.processes:
+            p.join(timeout)
+        return not any(p.is_alive() for p in self.processes)
+
+
 class _Worker:
     """One spawned writer process, its pipe and the thread that reads its answers."""
 
@@ -255,7 +339,7 @@ class _Worker:
 
         ctx = mp.get_context("spawn")
         self._conn, child_end = ctx.Pipe()
-        self._answers: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._answers: queue.Queue[WorkerResponse | _Death] = queue.Queue()
         self._sent: dict[int, torch.UntypedStorage] = {}  # storages the process holds
         self.process = ctx.Process(
             target=writer_process_main,
@@ -271,6 +355,7 @@ class _Worker:
             name=f"cloudckpt-writer-{owner.rank_info.global_rank}",
             daemon=True,
         )
+        self.context = WriterProcessContext(self.process)
         self.process.start()
         child_end.close()  # recv here fails fast when the process dies
         self.dead: str | None = None
@@ -283,22 +368,23 @@ class _Worker:
             answer = self._answers.get(timeout=timeout)
         except queue.Empty:
             self.kill()
-            raise WriterProcessError(
-                f"the checkpoint writer process did not start within {timeout} s "
+            raise WriterProcessTimeoutError(
+                f"Timed out after {timeout} s waiting for the checkpoint writer process to start "
                 "([process] subprocess_init_timeout_secs); raise it, or check "
                 "subprocess_init_fn"
             ) from None
-        if answer[0] == "init_failed":
-            self.process.join(5)
+        if isinstance(answer, _Death):
             raise WriterProcessError(
-                f"the checkpoint writer process failed to start: {answer[1]}"
-            ) from answer[1]
-        if answer[0] == "dead":
-            raise WriterProcessError(
-                f"the checkpoint writer process {answer[1]} while starting (its stderr says "
+                f"the checkpoint writer process {answer.how} while starting (its stderr says "
                 "why); the process is spawned, so it imports your main module again: a script "
                 'must keep its top level under `if __name__ == "__main__":`'
             )
+        if not answer.success:
+            self.process.join(5)
+            why = answer.error if answer.error is not None else answer.error_msg
+            raise WriterProcessError(
+                f"the checkpoint writer process failed to start: {why}"
+            ) from answer.error
         logger.info("checkpoint writer process started (pid %d)", self.process.pid)
 
     @property
@@ -311,23 +397,25 @@ class _Worker:
             try:
                 ready = wait([self._conn, self.process.sentinel])
                 if self._conn in ready:
-                    message = self._conn.recv()
+                    message: WorkerResponse = self._conn.recv()
                 elif self.process.sentinel in ready:
                     raise EOFError
             except (EOFError, OSError):
                 self.process.join(5)
                 self.dead = _how_it_died(self.process.exitcode)
-                self._answers.put(("dead", self.dead))
+                self._answers.put(_Death(self.dead))
                 return
-            if message[0] == "log":
-                record: logging.LogRecord = message[1]
+            if message.request_type is RequestType.LOG:
+                record: logging.LogRecord = message.payload
                 target = logging.getLogger(record.name)
                 if target.isEnabledFor(record.levelno):
                     target.handle(record)
-            else:
-                self._answers.put(message)
-                if message[0] in ("closed", "init_failed"):
-                    return
+                continue
+            self._answers.put(message)
+            if message.request_type is RequestType.TERMINATE_PROCESS or (
+                message.request_type is RequestType.PING and not message.success
+            ):
+                return
 
     def write(
         self, path: str, tree: Node, leaves: list[TensorLeaf], kwargs: dict[str, Any]
@@ -339,17 +427,18 @@ class _Worker:
         new = {k: s for k, s in storages.items() if k not in self._sent}
         # hold what the process holds, so no address is reused by another storage meanwhile
         self._sent = storages
+        payload = WritePayload(path, tree, refs, layouts, new, frozenset(storages), kwargs)
         try:
-            self._conn.send(("write", path, tree, refs, layouts, new, set(storages), kwargs))
+            self._conn.send(WorkerRequest(RequestType.WRITE_CHECKPOINT, payload))
         except (OSError, ValueError):
             pass  # the reader thread reports the death
         answer = self._answers.get()
-        if answer[0] == "done":
-            return
-        if answer[0] == "failed":
-            raise answer[1]
+        if isinstance(answer, WorkerResponse):
+            if answer.success:
+                return
+            raise answer.error or WriterProcessError(str(answer.error_msg))
         raise WriterProcessError(
-            f"the checkpoint writer process (pid {self.pid}) {answer[1]} while saving {path}; "
+            f"the checkpoint writer process (pid {self.pid}) {answer.how} while saving {path}; "
             "the save did not finish (a checkpoint is committed only if its manifest was "
             f"written: `cloudckpt info {path}` tells)"
         )
@@ -357,11 +446,10 @@ class _Worker:
     def stop(self, timeout: float) -> None:
         if self.dead is None:
             try:
-                self._conn.send(("exit",))
+                self._conn.send(WorkerRequest(RequestType.TERMINATE_PROCESS))
             except (OSError, ValueError):
                 pass
-            self.process.join(timeout)
-            if self.process.is_alive():
+            if not self.context.join(timeout):
                 logger.warning(
                     "the checkpoint writer process (pid %s) did not stop within %s s "
                     "([process] subprocess_shutdown_timeout_secs); killing it",
@@ -421,6 +509,7 @@ class CheckpointProcess(BackgroundWriter):
                 'them at module level, or use [process] writer = "thread"'
             ) from e
         self._worker: _Worker | None = None
+        self._context: WriterProcessContext | None = None
         self._death: str | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-writer")
         self.process_creation_future = self._executor.submit(self._ensure_worker)
@@ -429,6 +518,12 @@ class CheckpointProcess(BackgroundWriter):
     def pid(self) -> int | None:
         """The writer process's pid (``None`` before it started)."""
         return None if self._worker is None else self._worker.pid
+
+    @property
+    def process(self) -> WriterProcessContext | None:
+        """The latest writer process (``processes[0]``), kept after ``close`` so its exit can be
+        checked; ``None`` until one has started."""
+        return self._context
 
     def _ensure_worker(self) -> _Worker:
         if self._worker is not None and self._worker.dead is None:
@@ -446,6 +541,7 @@ class CheckpointProcess(BackgroundWriter):
             )
         started = time.monotonic()
         self._worker = _Worker(self)
+        self._context = self._worker.context
         logger.debug("writer process up in %.2f s", time.monotonic() - started)
         return self._worker
 

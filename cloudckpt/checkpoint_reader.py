@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import legacy
+from .backends import resolve
 from .errors import (
     BackendError,
     CheckpointError,
+    CheckpointNotCommittedError,
+    ConfigError,
     CorruptCheckpointError,
     StateDictMismatchError,
 )
@@ -104,14 +108,35 @@ class CheckpointReader:
         storage_options: Mapping[str, Any] | None,
     ) -> tuple[STATE_DICT, list[str]]:
         started = time.monotonic()
-        ckpt = self.open(path, storage_options)
+        try:
+            ckpt = self.open(path, storage_options)
+        except CheckpointNotCommittedError:
+            uri = self._storage.resolve_uri(path)
+            backend, root = resolve(
+                uri,
+                backend=self._storage.backend,
+                storage_options=self._storage.options_with(dict(storage_options or {})),
+            )
+            if not legacy.legacy_ranks(backend, root):
+                raise
+            loaded = legacy.load_rank(
+                backend,
+                root,
+                uri,
+                self._rank_info.global_rank if rank is None else rank,
+                map_location,
+            )
+            if state_dict is None:
+                return loaded, []
+            missing_keys: list[str] = []
+            return legacy.fill(state_dict, loaded, missing_keys), missing_keys
         saved_world = ckpt.manifest.world_size
         # at another world size, global leaves reshard; per-rank leaves need an explicit rank
         other_world = rank is None and saved_world != self._rank_info.global_world_size
         if rank is None:
             rank = 0 if other_world else self._rank_info.global_rank
         index = ckpt.read_index(rank)
-        device = torch.device(map_location) if map_location is not None else None
+        relocate = relocation(map_location)
         requests: list[_Request] = []
         global_requests: list[GlobalRequest] = []
         missing: list[str] = []
@@ -176,8 +201,8 @@ class CheckpointReader:
         for req in requests:
             if req.copy_to is not None:
                 req.copy_to.copy_(req.dest)
-        if device is not None and device.type != "cpu":
-            result = _to_device(result, device)
+        if relocate is not None:
+            result = _relocated(result, relocate)
         elapsed = time.monotonic() - started
         logger.info(
             "loaded %s rank %d: %d tensors, %s in %.2f s (%.2f GB/s)",
@@ -329,16 +354,53 @@ def _merge(
     return unflatten(node, makers, where, key)
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+LOCATION = "cpu"
+"""Where the bytes of every stored tensor are read to: the location tag ``map_location`` sees."""
+
+
+def relocation(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What loading does to each tensor for ``map_location``, in every form ``torch.load``
+    takes: ``None``, a device (string, ``torch.device`` or index), a dict of location tags
+    (``{"cuda:0": "cpu"}``) or a callable ``(storage, location) -> storage | None``.
+
+    Tensors are read to host memory, so their location tag is ``"cpu"``. ``None`` when
+    nothing is to be done."""
+    if map_location is None:
+        return None
+    if isinstance(map_location, Mapping):
+        target = map_location.get(LOCATION, LOCATION)
+        return None if target == LOCATION else relocation(target)
+    if callable(map_location) and not isinstance(map_location, (str, torch.device)):
+        fn = map_location
+
+        def call(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t.untyped_storage(), LOCATION)
+            return t if out is None else t.to(out.device)
+
+        return call
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(
+            f"default_map_location={map_location!r} is not a device, a dict of locations or a "
+            f"callable ({e}); pass what torch.load's map_location takes, e.g. 'cpu' or "
+            "{'cuda:0': 'cpu'}"
+        ) from None
+    if device.type == "cpu":
+        return None
+    return lambda t: t.to(device)
+
+
+def _relocated(value: Any, relocate: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return relocate(value)
     if isinstance(value, dict):
         for k in value:
-            value[k] = _to_device(value[k], device)
+            value[k] = _relocated(value[k], relocate)
         return value
     if isinstance(value, list):
-        value[:] = [_to_device(v, device) for v in value]
+        value[:] = [_relocated(v, relocate) for v in value]
         return value
     if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
+        return tuple(_relocated(v, relocate) for v in value)
     return value

@@ -41,6 +41,7 @@ from .chunks import (
 )
 from .config_types import CheckpointWriterConfig
 from .errors import (
+    BackendError,
     BarrierError,
     CheckpointError,
     CheckpointExistsError,
@@ -56,6 +57,7 @@ from .format import (
 from .protocol.commit import commit, store_call
 from .protocol.records import (
     DATA_DIR,
+    INDEX_DIR,
     MANIFEST_NAME,
     CommitResult,
     FileRecord,
@@ -67,7 +69,7 @@ from .protocol.records import (
     index_name,
     new_attempt_id,
 )
-from .storage import StorageConfig
+from .storage import StorageConfig, describe_store_error
 from .tree import TensorLeaf, flatten
 from .types import STATE_DICT, RankInfo
 from .utils import format_size, paused_gc
@@ -269,13 +271,18 @@ class CheckpointWriter:
         )
         rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
         multi = world > 1
-        barrier_world = self._barrier.world_size if self._barrier is not None else None
+        barrier_world = self._barrier.world_size if isinstance(self._barrier, Barrier) else None
         if barrier_world is not None and barrier_world != world:
             raise ConfigError(
                 f"{uri}: rank {rank} thinks the job has {world} rank(s) but its barrier waits "
                 f"for {barrier_world}; nothing was written. Make rank_info (or the process "
                 "group) agree with [barrier.barrier_args] global_world_size."
             )
+        if self._barrier is not None and not carries_outcomes(self._barrier):
+            self._write_wait_only(
+                backend, root, uri, state_dict, overwrite, metadata, replicated, kwargs
+            )
+            return
         if multi and self._barrier is None:
             raise ConfigError(
                 f"rank {rank} of {world} has no barrier, so no rank could commit {uri} for all: "
@@ -329,11 +336,17 @@ class CheckpointWriter:
                     pass
             raise
         outcomes: list[RankOutcome] | None = [outcome]
-        if multi:
+        synced = self._barrier is not None  # with one rank too: the barrier sees every save
+        if synced:
             assert self._barrier is not None
             outcomes = self._barrier.exchange(outcome, timeout)
         if rank == 0:
-            assert outcomes is not None, "the barrier returned no outcomes on rank 0"
+            if outcomes is None:
+                raise BarrierError(
+                    f"the barrier {type(self._barrier).__name__} returned no outcomes on rank 0, "
+                    f"so {uri} cannot be committed; its exchange() must return every rank's "
+                    "outcome on rank 0 (or implement only execute_barrier())"
+                )
             manifest = Manifest(
                 world_size=world,
                 ranks=[o.entry() for o in outcomes],
@@ -344,7 +357,7 @@ class CheckpointWriter:
             try:
                 report = commit(backend, root, uri, manifest, overwrite=overwrite)
             except BaseException as e:
-                if multi:
+                if synced:
                     assert self._barrier is not None
                     self._barrier.publish_commit(
                         CommitResult(ok=False, error=f"{type(e).__name__}: {e}")
@@ -352,7 +365,7 @@ class CheckpointWriter:
                 raise
             if report.readback:
                 logger.info("%s: committed (confirmed by reading the manifest back)", uri)
-            if multi:
+            if synced:
                 assert self._barrier is not None
                 self._barrier.publish_commit(CommitResult(ok=True))
         elif multi:
@@ -376,6 +389,109 @@ class CheckpointWriter:
             nbytes / max(elapsed, 1e-9) / 1e9,
             backend.retry_total() - retries_before,
         )
+
+    def _write_wait_only(
+        self,
+        backend: Backend,
+        root: str,
+        uri: str,
+        state_dict: STATE_DICT,
+        overwrite: bool,
+        metadata: dict[str, Any] | None,
+        replicated: Sequence[str],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """A save through a barrier that can only wait (``execute_barrier``). Each rank writes
+        its files and index, then its outcome as a small object (``pending_outcome_name``);
+        all meet at the barrier; rank 0 reads every rank's outcome from the store and commits.
+        No failure travels: a rank that fails raises alone and never reaches the barrier, and
+        the other ranks do not learn how rank 0's commit went."""
+        barrier = self._barrier
+        assert barrier is not None
+        rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
+        started = time.monotonic()
+        attempt = new_attempt_id()
+        tree, leaves = flatten(state_dict, replicated, world)
+        if not overwrite and store_call(backend.exists, backend.join(root, MANIFEST_NAME), uri):
+            raise CheckpointExistsError(
+                f"a committed checkpoint is already at {uri}; pass overwrite=True to replace "
+                "it, or save under a new name"
+            )
+        try:
+            files, records, globals_ = self._write_data(backend, root, uri, leaves, rank, attempt)
+        except BaseException:
+            self._abort_uploads(backend, root, uri, attempt)
+            raise
+        raw_index = RankIndex(rank, world, tree, files, records, attempt, globals_).to_json()
+        name = index_name(rank, attempt)
+        store_call(backend.write_object, backend.join(root, name), uri, [raw_index], len(raw_index))
+        outcome = RankOutcome(
+            rank,
+            index=name,
+            size=len(raw_index),
+            crc32c=crc32c(raw_index),
+            files=[f.path for f in files],
+            bytes=sum(f.size for f in files),
+        )
+        raw_outcome = outcome.to_json().encode()
+        pending = backend.join(root, pending_outcome_name(rank))
+        store_call(backend.write_object, pending, uri, [raw_outcome], len(raw_outcome))
+        if self._commit_hook is not None:
+            self._commit_hook.pre_commit(uri, **kwargs)
+        barrier.execute_barrier()
+        if rank == 0:
+            outcomes = [self._pending_outcome(backend, root, uri, r) for r in range(world)]
+            manifest = Manifest(
+                world_size=world,
+                ranks=[o.entry() for o in outcomes],
+                library_version=__version__,
+                metadata=metadata or {},
+                attempt=attempt,
+            )
+            commit(backend, root, uri, manifest, overwrite=overwrite)
+            for r in range(world):
+                try:
+                    backend.delete(backend.join(root, pending_outcome_name(r)))
+                except OSError:  # only a leftover: the checkpoint is committed
+                    logger.debug("%s: could not remove rank %d's pending outcome", uri, r)
+        if self._commit_hook is not None:
+            self._commit_hook.post_commit(uri, **kwargs)
+        logger.info(
+            "saved %s rank %d/%d through a wait-only barrier: %d tensors, %s, %.2f s",
+            uri,
+            rank,
+            world,
+            len(leaves),
+            format_size(outcome.bytes),
+            time.monotonic() - started,
+        )
+
+    @staticmethod
+    def _pending_outcome(backend: Backend, root: str, uri: str, rank: int) -> RankOutcome:
+        """Rank ``rank``'s outcome of this save, as it stored it before the rendezvous."""
+        path = backend.join(root, pending_outcome_name(rank))
+        try:
+            raw = backend.read_bytes(path)
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{backend.to_uri(path)}: rank {rank} passed the barrier but left no outcome; "
+                "nothing was committed. Save again."
+            ) from None
+        except OSError as e:
+            raise BackendError(describe_store_error(uri, path, e)) from e
+        try:
+            outcome = RankOutcome.from_json(raw)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{backend.to_uri(path)}: rank {rank}'s outcome is unreadable ({e}); nothing "
+                "was committed. Save again."
+            ) from None
+        if outcome.rank != rank or not outcome.ok:
+            raise CheckpointError(
+                f"{backend.to_uri(path)}: not rank {rank}'s outcome of a finished write; "
+                "nothing was committed. Save again."
+            )
+        return outcome
 
     @staticmethod
     def _abort_uploads(backend: Backend, root: str, uri: str, attempt: str) -> None:
@@ -485,6 +601,17 @@ class CheckpointWriter:
         self._pool.shutdown(wait=True)
         if self._barrier is not None:
             self._barrier.close()
+
+
+def pending_outcome_name(rank: int) -> str:
+    """Where a rank leaves its outcome for rank 0 when the barrier can only wait."""
+    return f"{INDEX_DIR}/pending/rank-{rank:05d}.json"
+
+
+def carries_outcomes(barrier: Any) -> bool:
+    """Whether ``barrier`` exchanges outcomes (a :class:`Barrier` overriding ``exchange``);
+    else it can only wait, through ``execute_barrier()``."""
+    return isinstance(barrier, Barrier) and type(barrier).exchange is not Barrier.exchange
 
 
 class _Stopped(Exception):

@@ -95,52 +95,101 @@ class _ReaderCheckpointer(Checkpointer):
 
 
 class SyncCheckpointer(_ReaderCheckpointer):
-    """Saves in the caller's thread; returns when the checkpoint is committed."""
+    """Saves in the caller's thread; returns when the checkpoint is committed.
 
-    def __init__(self, writer: CheckpointWriter, reader: CheckpointReader) -> None:
+    ``close`` closes the writer and reader only with ``owns_components=True`` (the factories
+    set it): a writer or reader you passed in may be shared, so you close it.
+    """
+
+    def __init__(
+        self,
+        writer: CheckpointWriter,
+        reader: CheckpointReader,
+        *,
+        owns_components: bool = False,
+    ) -> None:
         self._writer = writer
         self._reader = reader
+        self._owns_components = owns_components
 
     def save(
         self, path: str, state_dict: STATE_DICT, **kwargs: Any
     ) -> tuple[Future[Any], Future[Any]] | None:
+        """Save and commit; a committed checkpoint at ``path`` is replaced unless
+        ``overwrite=False`` (as upstream; ``cloudckpt.save`` refuses by default)."""
+        kwargs.setdefault("overwrite", True)
         self._writer.write(path, state_dict, **kwargs)
         return None
 
     def close(self) -> None:
-        self._writer.close()
-        self._reader.close()
+        if self._owns_components:
+            try:
+                self._writer.close()
+            finally:
+                self._reader.close()
 
 
 class AsyncCheckpointer(_ReaderCheckpointer):
-    """Blocks only for staging; the write and commit run behind the caller."""
+    """Blocks only for staging; the write and commit run behind the caller.
+
+    ``close`` waits for the write in flight and closes the stager and the background writer;
+    the reader only with ``owns_components=True`` (the factories set it), since a reader you
+    passed in may be shared.
+    """
 
     def __init__(
         self,
         checkpoint_stager: CheckpointStager,
         checkpoint_process: BackgroundWriter,
         reader: CheckpointReader,
+        *,
+        owns_components: bool = False,
     ) -> None:
         self._stager = checkpoint_stager
         self._process = checkpoint_process
         self._reader = reader
+        self._owns_components = owns_components
         self._write_future: Future[Any] | None = None
+        self._staged: STATE_DICT | Future[STATE_DICT] | None = None  # the write in flight's
 
     def save(
         self, path: str, state_dict: STATE_DICT, **kwargs: Any
     ) -> tuple[Future[Any], Future[Any]] | None:
+        """Stage now, write and commit behind the caller; a committed checkpoint at ``path``
+        is replaced unless ``overwrite=False`` (as upstream)."""
+        kwargs.setdefault("overwrite", True)
         previous, self._write_future = self._write_future, None
-        if previous is not None:
-            previous.result()  # one save in flight; the previous error surfaces here, once
-        staged = self._stager.stage(state_dict)
+        done, self._staged = self._staged, None
+        try:
+            if previous is not None:
+                previous.result()  # one save in flight; the previous error surfaces here, once
+        finally:
+            if done is not None and (previous is None or previous.done()):
+                self._recycle(done)  # only once nothing reads it any more
+            del done  # a slab of other shapes is freed before the stager allocates a new one
+        staged = self._stager.stage(state_dict=state_dict, **kwargs)
+        self._staged = staged
         self._write_future = self._process.write(staged, path, **kwargs)
         return wrap_future(staged), self._write_future
+
+    def _recycle(self, staged: STATE_DICT | Future[STATE_DICT]) -> None:
+        """The previous save's write is over: its staging slab goes back to the stager, which
+        reuses it for this save (the staging future given to the caller resolved to ``None``,
+        so no one else holds it)."""
+        if isinstance(staged, Future):
+            if staged.exception() is not None:
+                return
+            staged = staged.result()
+        self._stager.recycle(staged)
 
     def close(self) -> None:
         try:
             if self._write_future is not None:
                 self._write_future.exception()
         finally:
-            self._stager.close()
-            self._process.close()
-            self._reader.close()
+            try:
+                self._stager.close()
+                self._process.close()
+            finally:
+                if self._owns_components:
+                    self._reader.close()

@@ -32,6 +32,7 @@ from .backends import (
 from .config import CheckpointerConfig, config_reference, resolve_config
 from .errors import (
     CheckpointError,
+    CheckpointNotCommittedError,
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
@@ -42,6 +43,7 @@ from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.copy import copy
 from .protocol.records import DATA_DIR, INDEX_DIR, MANIFEST_NAME
 from .protocol.verify import verify_checkpoint
+from .storage import StorageConfig
 from .utils import format_size, parse_duration, parse_size
 
 logger = logging.getLogger(__name__)
@@ -339,7 +341,10 @@ def cmd_cp(ctx: Context, args: argparse.Namespace) -> int:
     if args.src.rstrip("/") == args.dst.rstrip("/"):
         raise CommandError("SRC and DST are the same checkpoint")
     ctx.span = (args.src, args.dst)
-    total = ctx.open(args.src).manifest.total_bytes
+    try:
+        total = ctx.open(args.src).manifest.total_bytes
+    except CheckpointNotCommittedError:
+        return _convert_upstream(ctx, args)
     bar = _Progress(total, "cp", ctx.progress)
     try:
         report = copy(
@@ -395,6 +400,35 @@ def cmd_export(ctx: Context, args: argparse.Namespace) -> int:
             f"exported {report.tensors} tensors ({format_size(report.bytes)}) from {report.src} "
             f"to {report.dst}: {len(report.files)} safetensors file(s) + "
             "model.safetensors.index.json\n"
+        )
+    return EXIT_OK
+
+
+def _convert_upstream(ctx: Context, args: argparse.Namespace) -> int:
+    """``cp`` of a directory in the upstream layout (``checkpoint_{rank}.pt``, no manifest):
+    load each rank's file (``weights_only``) and save it as a committed checkpoint."""
+    from . import legacy  # imports torch, which only this case needs
+
+    backend, root = ctx.resolve(args.src)
+    if not legacy.legacy_ranks(backend, root):
+        ctx.open(args.src)  # not upstream either: the not-committed error, as before
+    doc = legacy.convert(
+        backend,
+        root,
+        args.src,
+        args.dst,
+        overwrite=args.overwrite,
+        writer_config=ctx.cfg.writer_config,
+        storage=StorageConfig(
+            backend=ctx.backend_name(args.dst), options=ctx.options_for(args.dst)
+        ),
+    )
+    if ctx.json:
+        _print_json(doc)
+    else:
+        sys.stdout.write(
+            f"converted {doc['src']} -> {doc['dst']} ({doc['ranks']} rank file(s) in the "
+            "upstream layout, now committed)\n"
         )
     return EXIT_OK
 

@@ -54,3 +54,12 @@ class StagingError(CheckpointError, MemoryError):
 
 class WriterProcessError(CheckpointError, RuntimeError):
     """The background writer process died or could not start; the save was not committed."""
+
+
+class WriterProcessTimeoutError(WriterProcessError, TimeoutError):
+    """The background writer process did not start within ``subprocess_init_timeout_secs``."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint was loaded without checksums: one written by
+    ``torch.distributed.checkpoint._experimental`` (``checkpoint_{rank}.pt`` files)."""

@@ -275,6 +275,7 @@ class CheckpointManager:
         ``kwargs`` go to the checkpointer (``metadata=``, ``overwrite=``).
         """
         uri = self._dir.uri_of(step_name(step))
+        kwargs.setdefault("overwrite", False)  # a committed step is never replaced silently
         if not self.async_save:
             self._ckpt.save(uri, state_dict, storage_options=self._options, **kwargs)
             self._after_commit(step)

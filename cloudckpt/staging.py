@@ -1,7 +1,10 @@
 """Staging: copy a state dict's tensors off the training path into reusable CPU buffers.
 
-``DefaultStager`` copies every tensor into one CPU slab laid out for the state dict's shapes and
-keeps it for the next save of the same shapes: the second save allocates nothing. The slab is in
+``DefaultStager`` copies every tensor into one CPU slab laid out for the state dict's shapes.
+Each staged result owns its slab for as long as its holder keeps it; a holder that is done with
+one hands it back with ``recycle`` (the async checkpointer does, once the write finished), and
+the next stage of the same shapes reuses it: a training run's later saves allocate nothing. The
+slab is in
 shared memory when a writer process reads it (passed once by handle, never pickled), pinned when
 an accelerator is present and the writer is a thread. CUDA-only options fall back with a warning
 on a machine without an accelerator, so the defaults work everywhere.
@@ -41,9 +44,19 @@ class CheckpointStager(abc.ABC):
     def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
         """The staged copy, or a future of it."""
 
+    def recycle(self, staged: STATE_DICT) -> None:  # noqa: B027 - optional
+        """Hand back a result of :meth:`stage` its holder no longer reads; a later stage may
+        reuse (overwrite) its buffers. The default keeps nothing."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release buffers and threads."""
+
+    def __enter__(self) -> CheckpointStager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _accelerator_available() -> bool:
@@ -81,8 +94,10 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None
 
 
 class DefaultStager(CheckpointStager):
-    """Copies every tensor into a CPU slab kept for the next save of the same shapes.
+    """Copies every tensor into a CPU slab of its own per result.
 
+    A result stays valid and unchanged for as long as it is held. ``recycle(result)`` hands
+    its slab back: the next ``stage`` of the same shapes copies into it instead of allocating.
     ``for_process=True`` (set by the builder when the writer is a process) puts the slab in
     shared memory. ``max_staging_bytes`` makes a save that would need more fail at once.
     """
@@ -106,9 +121,10 @@ class DefaultStager(CheckpointStager):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self._slab: torch.Tensor | None = None
-        self._layout: tuple[tuple[tuple[int, ...], torch.dtype], ...] | None = None
-        self._views: list[torch.Tensor] = []  # one per tensor, into the slab; kept with it
+        # a slab handed back by ``recycle``, as its layout and one view per tensor
+        self._free: tuple[_Layout, list[torch.Tensor]] | None = None
+        self._largest = 0  # bytes of the largest slab this stager made
+        self._slab_bytes = 0
         self._executor = (
             ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-stage")
             if self._config.use_async_staging
@@ -117,8 +133,8 @@ class DefaultStager(CheckpointStager):
 
     @property
     def staged_bytes(self) -> int:
-        """Host bytes held by the staging slab (0 before the first save)."""
-        return 0 if self._slab is None else self._slab.numel()
+        """Host bytes of the slab the last ``stage`` copied into (0 before the first)."""
+        return self._slab_bytes
 
     @property
     def shared_memory(self) -> bool:
@@ -145,31 +161,43 @@ class DefaultStager(CheckpointStager):
         return self._stage(state_dict, tensors, shards, total)
 
     def _views_for(self, tensors: list[torch.Tensor], total: int) -> list[torch.Tensor]:
-        """The slab's tensor views for this layout: kept from the last save if shapes match."""
-        layout = tuple((tuple(t.shape), t.dtype) for t in tensors)
-        if self._slab is not None and layout == self._layout:
-            return self._views
-        self._slab = self._layout = None  # the old slab goes before the new one is allocated
-        self._views = []
+        """Tensor views into a slab for this layout: the recycled one if shapes match, else new."""
+        layout = _layout_of(tensors)
+        free, self._free = self._free, None
+        if free is not None and free[0] == layout:
+            self._slab_bytes = int(free[1][0].untyped_storage().nbytes())
+            return free[1]
+        del free  # a recycled slab of other shapes goes before the new one is allocated
         slab = _new_shared(total) if self._share else None
         if slab is None:
             slab = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=self._pin)
             if self._share:
                 slab.share_memory_()
         kind = "shared" if self._share else "pinned" if self._pin else "plain"
-        logger.info(
-            "staging buffers: %s of %s host memory for %d tensors, reused by every save of "
+        log = logger.info if total > self._largest else logger.debug
+        self._largest = max(self._largest, total)
+        log(
+            "staging buffers: %s of %s host memory for %d tensors, reused by the next save of "
             "the same shapes",
             format_size(total),
             kind,
             len(tensors),
         )
-        storage, offset = slab.untyped_storage(), 0
+        self._slab_bytes = slab.numel()
+        storage, offset, views = slab.untyped_storage(), 0, []
         for t in tensors:
-            self._views.append(_view(storage, offset, t))
+            views.append(_view(storage, offset, t))
             offset += _align(tensor_nbytes(t))
-        self._slab, self._layout = slab, layout
-        return self._views
+        return views
+
+    def recycle(self, staged: STATE_DICT) -> None:
+        """Keep ``staged``'s slab for the next stage of the same shapes (the holder of
+        ``staged`` must not read it after this). A result not made by this stager is ignored."""
+        views: list[torch.Tensor] = []
+        _collect(staged, "", views, {})
+        if not views or not _one_slab(views):
+            return
+        self._free = (_layout_of(views), views)
 
     def _stage(
         self,
@@ -192,8 +220,31 @@ class DefaultStager(CheckpointStager):
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        self._slab = self._layout = None
-        self._views = []
+        self._free = None
+
+
+_Layout = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+def _layout_of(tensors: list[torch.Tensor]) -> _Layout:
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+
+def _one_slab(views: list[torch.Tensor]) -> bool:
+    """Whether ``views`` are laid out in one storage exactly as :class:`DefaultStager` lays
+    out a slab (so reusing it cannot overwrite anything else)."""
+    storage = views[0].untyped_storage()
+    base, offset = storage.data_ptr(), 0
+    for t in views:
+        if (
+            t.device.type != "cpu"
+            or t.untyped_storage().data_ptr() != base
+            or t.storage_offset() * t.element_size() != offset
+            or not t.is_contiguous()
+        ):
+            return False
+        offset += _align(tensor_nbytes(t))
+    return offset <= max(int(storage.nbytes()), 1)
 
 
 def _collect(value: Any, key: str, out: list[torch.Tensor], shards: dict[int, GlobalShard]) -> None:

@@ -31,3 +31,26 @@ def failing_init(message: str) -> None:
 
 def mark_init(path: str) -> None:
     Path(path).write_text(str(os.getpid()))
+
+
+def slow_init(*args: Any) -> None:
+    """A ``subprocess_init_fn`` that takes longer than a short start-up timeout."""
+    time.sleep(30)
+
+
+class SwappedOrderWriter:
+    """A user's writer declared ``write(state_dict, path)``, as upstream calls it by keyword:
+    records what it received under ``out``."""
+
+    def __init__(self, out: str, rank_info: Any = None) -> None:
+        self.out = out
+
+    def write(self, state_dict: dict[str, Any], path: str, **kwargs: Any) -> None:
+        Path(self.out).write_text(f"{path}|{sorted(state_dict)}|{sorted(kwargs)}")
+
+    def close(self) -> None:
+        pass
+
+
+def swapped_order_writer(out: str, rank_info: Any = None) -> SwappedOrderWriter:
+    return SwappedOrderWriter(out, rank_info)

@@ -189,12 +189,57 @@ def scenario_save_per_call(rank: int, world: int, args: dict[str, Any]) -> dict[
     return {"ok": True}
 
 
+class UserWaitOnlyBarrier(cloudckpt.Barrier):
+    """A user's own barrier in the upstream style: only ``execute_barrier()``, on the group."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.calls = 0
+
+    def execute_barrier(self) -> None:
+        import torch.distributed as dist
+
+        self.calls += 1
+        dist.barrier()
+
+
+def scenario_wait_only_barrier(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Saves through a user's wait-only barrier: rank 0 commits after the rendezvous."""
+    import torch.distributed as dist
+
+    _init_group(args, rank, world)
+    info = cloudckpt.RankInfo(rank, world)
+    barrier = UserWaitOnlyBarrier()
+    writer = cloudckpt.CheckpointWriter(
+        cloudckpt.CheckpointWriterConfig(file_size="64KiB"), info, barrier=barrier
+    )
+    reader = cloudckpt.CheckpointReader(info)
+    ckpt = cloudckpt.SyncCheckpointer(writer, reader)
+    calls = []
+    for step in range(2):
+        before = barrier.calls
+        ckpt.save(f"{args['root']}/step-{step}", rank_state(rank, step), overwrite=False)
+        calls.append(barrier.calls - before)
+    before = barrier.calls
+    ckpt.save(f"{args['root']}/step-1", rank_state(rank, 5), overwrite=True)
+    calls.append(barrier.calls - before)
+    dist.barrier()  # rank 0 has committed: the others may read
+    for step, state_step in ((0, 0), (1, 5)):
+        out = ckpt.load(f"{args['root']}/step-{step}")
+        assert _same(out, rank_state(rank, state_step)), f"rank {rank} step {step} differs"
+    ckpt.close()
+    reader.close()
+    writer.close()
+    dist.destroy_process_group()
+    return {"ok": True, "calls": calls}
+
+
 SCENARIOS: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]] = {
     "save_load": scenario_save_load,
     "one_rank_raises": scenario_one_rank_raises,
     "one_rank_killed": scenario_one_rank_killed,
     "async_process": scenario_async_process,
     "save_per_call": scenario_save_per_call,
+    "wait_only_barrier": scenario_wait_only_barrier,
 }
 
 
