@@ -294,37 +294,11 @@ class CheckpointWriter:
         retries_before = backend.retry_total()
         attempt = new_attempt_id()
         try:
-            tree, leaves = flatten(state_dict, replicated, world)
-            manifest_path = backend.join(root, MANIFEST_NAME)
-            if not overwrite and store_call(backend.exists, manifest_path, uri):
-                raise CheckpointExistsError(
-                    f"a committed checkpoint is already at {uri}; pass overwrite=True to replace "
-                    "it, or save under a new name"
-                )
-            try:
-                files, records, globals_ = self._write_data(
-                    backend, root, uri, leaves, rank, attempt
-                )
-            except BaseException:
-                # a failed write aborts its own upload; this catches any other left open
-                self._abort_uploads(backend, root, uri, attempt)
-                raise
-            index = RankIndex(rank, world, tree, files, records, attempt, globals_)
-            raw_index = index.to_json()
-            name = index_name(rank, attempt)
-            store_call(
-                backend.write_object, backend.join(root, name), uri, [raw_index], len(raw_index)
+            outcome, n_leaves = self._write_rank_objects(
+                backend, root, uri, state_dict, overwrite, replicated, attempt
             )
             if self._commit_hook is not None:
                 self._commit_hook.pre_commit(uri, **kwargs)
-            outcome = RankOutcome(
-                rank,
-                index=name,
-                size=len(raw_index),
-                crc32c=crc32c(raw_index),
-                files=[f.path for f in files],
-                bytes=sum(f.size for f in files),
-            )
         except BaseException as e:
             if multi and not isinstance(e, BarrierError):
                 assert self._barrier is not None
@@ -382,13 +356,52 @@ class CheckpointWriter:
             uri,
             rank,
             world,
-            len(leaves),
+            n_leaves,
             format_size(nbytes),
             len(outcome.files),
             elapsed,
             nbytes / max(elapsed, 1e-9) / 1e9,
             backend.retry_total() - retries_before,
         )
+
+    def _write_rank_objects(
+        self,
+        backend: Backend,
+        root: str,
+        uri: str,
+        state_dict: STATE_DICT,
+        overwrite: bool,
+        replicated: Sequence[str],
+        attempt: str,
+    ) -> tuple[RankOutcome, int]:
+        """This rank's part of a save: check the state dict, refuse a committed ``uri`` unless
+        ``overwrite``, write the attempt's data files and index. Returns the rank's outcome and
+        how many tensors it wrote."""
+        rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
+        tree, leaves = flatten(state_dict, replicated, world)
+        if not overwrite and store_call(backend.exists, backend.join(root, MANIFEST_NAME), uri):
+            raise CheckpointExistsError(
+                f"a committed checkpoint is already at {uri}; pass overwrite=True to replace "
+                "it, or save under a new name"
+            )
+        try:
+            files, records, globals_ = self._write_data(backend, root, uri, leaves, rank, attempt)
+        except BaseException:
+            # a failed write aborts its own upload; this catches any other left open
+            self._abort_uploads(backend, root, uri, attempt)
+            raise
+        raw_index = RankIndex(rank, world, tree, files, records, attempt, globals_).to_json()
+        name = index_name(rank, attempt)
+        store_call(backend.write_object, backend.join(root, name), uri, [raw_index], len(raw_index))
+        outcome = RankOutcome(
+            rank,
+            index=name,
+            size=len(raw_index),
+            crc32c=crc32c(raw_index),
+            files=[f.path for f in files],
+            bytes=sum(f.size for f in files),
+        )
+        return outcome, len(leaves)
 
     def _write_wait_only(
         self,
@@ -411,27 +424,8 @@ class CheckpointWriter:
         rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
         started = time.monotonic()
         attempt = new_attempt_id()
-        tree, leaves = flatten(state_dict, replicated, world)
-        if not overwrite and store_call(backend.exists, backend.join(root, MANIFEST_NAME), uri):
-            raise CheckpointExistsError(
-                f"a committed checkpoint is already at {uri}; pass overwrite=True to replace "
-                "it, or save under a new name"
-            )
-        try:
-            files, records, globals_ = self._write_data(backend, root, uri, leaves, rank, attempt)
-        except BaseException:
-            self._abort_uploads(backend, root, uri, attempt)
-            raise
-        raw_index = RankIndex(rank, world, tree, files, records, attempt, globals_).to_json()
-        name = index_name(rank, attempt)
-        store_call(backend.write_object, backend.join(root, name), uri, [raw_index], len(raw_index))
-        outcome = RankOutcome(
-            rank,
-            index=name,
-            size=len(raw_index),
-            crc32c=crc32c(raw_index),
-            files=[f.path for f in files],
-            bytes=sum(f.size for f in files),
+        outcome, n_leaves = self._write_rank_objects(
+            backend, root, uri, state_dict, overwrite, replicated, attempt
         )
         raw_outcome = outcome.to_json().encode()
         pending = backend.join(root, pending_outcome_name(rank))
@@ -461,7 +455,7 @@ class CheckpointWriter:
             uri,
             rank,
             world,
-            len(leaves),
+            n_leaves,
             format_size(outcome.bytes),
             time.monotonic() - started,
         )
