@@ -4,12 +4,12 @@ real ranks: the launcher of multirank_harness forks them; gloo and TCPStores on 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from typing import Any
 
+import multirank_harness
 import torch
-from multirank_harness import SCENARIOS, _config, _init_group, free_port, launch
+from multirank_harness import SCENARIOS, _config, _init_group, launch
 
 import cloudckpt
 
@@ -304,17 +304,7 @@ SCENARIOS.update(
 
 def run_ranks(name: str, world: int, args: dict[str, Any], timeout: float = 180) -> dict[int, Any]:
     """From a test: run scenario ``name`` of this file on ``world`` forked ranks."""
-    args = {"store_port": free_port(), "pg_port": free_port(), **args}
-    proc = subprocess.run(
-        [sys.executable, __file__, name, str(world), json.dumps(args), str(timeout)],
-        capture_output=True,
-        text=True,
-        timeout=timeout + 60,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"launcher failed: {proc.stderr[-3000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {int(r): {"code": out["codes"][r], "result": out["results"][r]} for r in out["results"]}
+    return multirank_harness.run_ranks(name, world, args, timeout, script=__file__)
 
 
 if __name__ == "__main__":

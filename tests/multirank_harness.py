@@ -279,11 +279,14 @@ def launch(name: str, world: int, args: dict[str, Any], timeout: float) -> dict[
     return {"codes": codes, "results": results}
 
 
-def run_ranks(name: str, world: int, args: dict[str, Any], timeout: float = 120) -> dict[int, Any]:
-    """From a test: run scenario ``name`` on ``world`` forked ranks; per-rank results + codes."""
+def run_ranks(
+    name: str, world: int, args: dict[str, Any], timeout: float = 120, script: str = __file__
+) -> dict[int, Any]:
+    """From a test: run scenario ``name`` of ``script`` (a harness whose ``__main__`` calls
+    :func:`launch`) on ``world`` forked ranks; per-rank results + codes."""
     args = {"store_port": free_port(), "pg_port": free_port(), **args}
     proc = subprocess.run(
-        [sys.executable, __file__, name, str(world), json.dumps(args), str(timeout)],
+        [sys.executable, script, name, str(world), json.dumps(args), str(timeout)],
         capture_output=True,
         text=True,
         timeout=timeout + 60,
