@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,8 +150,10 @@ class CheckpointReader:
             rec = index.tensors[i]
             dtype = dtype_from_name(rec.dtype, ckpt.uri)
             if target is None:
-                dest = _empty(rec, dtype, ckpt.uri)
-                requests.append(_Request(rec, dest))
+                dest = early.pop(i, None)  # already on its way
+                if dest is None:
+                    dest = _empty(rec, dtype, ckpt.uri)
+                    requests.append(_Request(rec, dest))
                 return dest
             if is_dtensor(target):
                 raise StateDictMismatchError(
@@ -180,22 +182,42 @@ class CheckpointReader:
             return value
 
         makers = LeafMakers(take, take_global, per_rank.append if other_world else None)
-        if state_dict is None:
-            result = unflatten(index.tree, makers, ckpt.uri)
-        else:
-            result = _merge(state_dict, index.tree, makers, missing, ckpt.uri)
-        if per_rank:
-            shown = ", ".join(per_rank[:5]) + (" ..." if len(per_rank) > 5 else "")
-            raise CheckpointError(
-                f"{ckpt.uri} was saved by {saved_world} rank(s) but this job has "
-                f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's "
-                f"per-rank leaves ({shown}) (rank=0 for replicated state such as a DDP model), "
-                "or save such leaves with replicated=[...] patterns; DTensors and replicated "
-                "leaves load at any world size"
-            )
+        # A whole load of plain tensors reads every tensor the index lists: those reads start
+        # now, so the store sends bytes while this thread builds the tree (per-tensor work).
+        early: dict[int, torch.Tensor] = {}
+        started_reads: list[Future[int]] = []
+        if state_dict is None and not other_world and not index.globals:
+            ahead = [
+                _Request(rec, _empty(rec, dtype_from_name(rec.dtype, ckpt.uri), ckpt.uri))
+                for rec in index.tensors
+            ]
+            early = {i: r.dest for i, r in enumerate(ahead)}
+            started_reads = self._submit(ckpt, index, ahead)
+        try:
+            if state_dict is None:
+                result = unflatten(index.tree, makers, ckpt.uri)
+            else:
+                result = _merge(state_dict, index.tree, makers, missing, ckpt.uri)
+            if per_rank:
+                shown = ", ".join(per_rank[:5]) + (" ..." if len(per_rank) > 5 else "")
+                raise CheckpointError(
+                    f"{ckpt.uri} was saved by {saved_world} rank(s) but this job has "
+                    f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's "
+                    f"per-rank leaves ({shown}) (rank=0 for replicated state such as a DDP "
+                    "model), or save such leaves with replicated=[...] patterns; DTensors and "
+                    "replicated leaves load at any world size"
+                )
+        except BaseException:
+            _settle(started_reads)  # nothing of this load still runs when it raises
+            raise
         if global_requests:
             catalog: Catalog = load_catalog(ckpt, {rank: index}, self._pool)
-        nbytes = self._fetch(ckpt, index, requests)
+        try:
+            nbytes = self._fetch(ckpt, index, requests)
+            nbytes += sum(f.result() for f in started_reads)
+        except BaseException:
+            _settle(started_reads)
+            raise
         if global_requests:
             nbytes += fetch_globals(ckpt, global_requests, catalog, self._pool)
         for req in requests:
@@ -217,6 +239,16 @@ class CheckpointReader:
 
     def _fetch(self, ckpt: CommittedCheckpoint, index: RankIndex, requests: list[_Request]) -> int:
         """Read every request, coalescing per file; returns bytes read."""
+        futures = self._submit(ckpt, index, requests)
+        try:
+            return sum(f.result() for f in futures)
+        finally:
+            _settle(futures)
+
+    def _submit(
+        self, ckpt: CommittedCheckpoint, index: RankIndex, requests: list[_Request]
+    ) -> list[Future[int]]:
+        """Start reading every request, coalesced per file; each future gives bytes read."""
         by_file: dict[int, list[_Request]] = {}
         for r in requests:
             by_file.setdefault(r.record.file, []).append(r)
@@ -234,8 +266,7 @@ class CheckpointReader:
                 group.append(r)
             if group:
                 jobs.append((file_no, group))
-        futures = [self._pool.submit(self._read_group, ckpt, index, f, g) for f, g in jobs]
-        return sum(f.result() for f in futures)
+        return [self._pool.submit(self._read_group, ckpt, index, f, g) for f, g in jobs]
 
     def _read_group(
         self, ckpt: CommittedCheckpoint, index: RankIndex, file_no: int, group: list[_Request]
@@ -284,6 +315,14 @@ class CheckpointReader:
     def close(self) -> None:
         """Stop the reader's threads."""
         self._pool.shutdown(wait=True)
+
+
+def _settle(futures: list[Future[int]]) -> None:
+    """Cancel the reads not started yet and wait for the others (their errors are the
+    caller's to raise, or are superseded by the one it raises)."""
+    for f in futures:
+        f.cancel()
+    wait(futures)
 
 
 def _empty(rec: TensorRecord, dtype: torch.dtype, where: str) -> torch.Tensor:
