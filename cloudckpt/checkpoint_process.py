@@ -406,7 +406,8 @@ class _Worker:
 
 
 class CheckpointProcess(BackgroundWriter):
-    """A persistent writer process (seed signature), fed through shared memory.
+    """A persistent writer process (the signature of upstream's ``CheckpointProcess``), fed through
+    shared memory.
 
     Spawned in the background at construction. The writer inside it comes from
     ``checkpoint_writer_init_fn(rank_info=..., **checkpoint_writer_init_args)`` after
