@@ -1,7 +1,8 @@
 """The layer table at the top of docs/architecture.md matches the imports of the code.
 
 The table lists, per layer (top to bottom), the modules of ``cloudckpt/`` and the backend
-plugins; a line under it names the leaves every layer may import. Read with ``ast``: every
+plugins (a package entry may list its modules in parentheses: then the list is complete and
+exact); a line under it names the leaves every layer may import. Read with ``ast``: every
 ``import`` of a cloudckpt module, at module level or inside a function (but not under
 ``if TYPE_CHECKING:``), goes to the same layer, a layer below, or a leaf; leaves import only
 leaves; the core never imports a plugin; backends never import torch (DESIGN.md: backends know
@@ -49,6 +50,7 @@ class Table:
 
     rows: list[tuple[str, list[str]]]
     leaves: list[str]
+    contents: dict[str, list[str]]  # a package entry's parenthesized list of its modules
 
 
 def _modules() -> dict[str, Module]:
@@ -88,9 +90,12 @@ def _table(modules: dict[str, Module]) -> Table:
     text = ARCHITECTURE.read_text()
     rows: list[tuple[str, list[str]]] = []
     leaves: list[str] = []
+    contents: dict[str, list[str]] = {}
     for line in text.splitlines():
         if line.startswith("## "):
             break
+        for package, listed in re.findall(r"`([^`]+/)`\s*\(([^)]*)\)", line):
+            contents[package] = re.findall(r"`([^`]+\.py)`", listed)
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("|") and len(cells) == 3 and cells[0] not in ("layer", "---"):
             tokens = re.findall(r"`([^`]+)`", re.sub(r"\([^)]*\)", "", cells[1]))
@@ -99,7 +104,7 @@ def _table(modules: dict[str, Module]) -> Table:
             leaves = re.findall(r"`([^`]+)`", re.sub(r"\([^)]*\)", "", line))
     assert rows, f"{ARCHITECTURE}: no layer table before the first '## ' heading"
     assert leaves, f"{ARCHITECTURE}: no line saying which modules are '{LEAF_LINE}'"
-    return Table(rows, leaves)
+    return Table(rows, leaves, contents)
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -172,6 +177,14 @@ def _placement() -> tuple[dict[str, int], set[str], list[str]]:
         if not names:
             problems.append(f"the leaves line lists `{token}`, which is no module")
         leaves.update(names)
+    for package, listed in TABLE.contents.items():
+        base = "cloudckpt." + package.strip("/").replace("/", ".")
+        present = {m.rpartition(".")[2] + ".py" for m in MODULES if m.rpartition(".")[0] == base}
+        present -= {"__init__.py"}
+        for name in sorted(set(listed) - present):
+            problems.append(f"`{package}` lists `{name}`, which is not in it")
+        for name in sorted(present - set(listed)):
+            problems.append(f"`{package}` does not list its module `{name}`")
     placed: dict[str, int] = {}
     for name in MODULES:
         rows = sorted(set(row_of.get(name, [])))
