@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 _registry: dict[str, type[Backend]] = {}
 _by_protocol: dict[str, type[Backend]] = {}
-_entry_points_loaded = False
+_entry_points_loaded = False  # every entry point loaded
+_tried_entry_points: set[str] = set()  # entry points loaded (or found broken) one by one
+_core_registered = False  # LocalBackend and FsspecBackend registered
 _registry_lock = threading.RLock()
 
 #: Backends shared by ``resolve`` per (backend, scheme, options), least recently used first.
@@ -66,17 +68,35 @@ def register_backend(
             _by_protocol[proto] = cls
 
 
-def _load_entry_points() -> None:
+def _register_core() -> None:
+    """Register ``local`` and ``fsspec`` (once; before any plugin)."""
+    global _core_registered
+    with _registry_lock:
+        if not _core_registered:
+            _core_registered = True
+            register_backend(LocalBackend, clobber=True)
+            register_backend(FsspecBackend, clobber=True)
+
+
+def _load_entry_points(name: str | None = None) -> None:
+    """Register the core backends, then the plugins of the ``cloudckpt.backends`` entry points:
+    only the one called ``name`` when given (a local path needs none, ``s3://`` only the
+    ``s3`` one), else all of them. Each entry point is loaded once."""
     global _entry_points_loaded
     with _registry_lock:
+        _register_core()
         if _entry_points_loaded:
             return
-        _entry_points_loaded = True
-        register_backend(LocalBackend, clobber=True)
-        register_backend(FsspecBackend, clobber=True)
+        if name is not None and name in _tried_entry_points:
+            return
+        if name is None:
+            _entry_points_loaded = True
         for ep in entry_points(group="cloudckpt.backends"):
-            if ep.name in ("local", "fsspec"):
+            if ep.name in ("local", "fsspec") or ep.name in _tried_entry_points:
                 continue
+            if name is not None and ep.name != name:
+                continue
+            _tried_entry_points.add(ep.name)
             try:
                 cls = ep.load()
             except Exception as e:  # a broken plugin must not break the others
@@ -91,6 +111,8 @@ def _load_entry_points() -> None:
                     register_backend(cls)
                 except ConfigError as e:
                     logger.warning("cloudckpt backend plugin %r ignored: %s", ep.name, e)
+        if name is not None:
+            _tried_entry_points.add(name)  # a name no entry point has: not looked up again
 
 
 def available_backends() -> Mapping[str, type[Backend]]:
@@ -108,8 +130,12 @@ def split_scheme(uri: str) -> str:
 
 def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
     """The backend class for ``uri``: the one named ``backend``, or the one for its scheme."""
-    _load_entry_points()
+    _register_core()
     if backend:
+        if backend not in _registry:
+            _load_entry_points(backend)
+        if backend not in _registry:
+            _load_entry_points()
         try:
             return _registry[backend]
         except KeyError:
@@ -118,6 +144,13 @@ def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
                 f"Install {plugin_install_hint(backend)}, or fix the name."
             ) from None
     scheme = split_scheme(uri)
+    # Plugins load on demand: the one named like the scheme first (s3:// needs only "s3"),
+    # every one only for a scheme still unclaimed (gs://, memory://). Plain paths and
+    # file:// belong to the core, which no entry point can take over.
+    if scheme not in _by_protocol:
+        _load_entry_points(scheme)
+    if scheme not in _by_protocol:
+        _load_entry_points()
     return _by_protocol.get(scheme, FsspecBackend)
 
 
