@@ -13,7 +13,7 @@ import importlib
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -312,19 +312,40 @@ def safetensors_entry(dtype: str, shape: tuple[int, ...], nbytes: int) -> tuple[
     return known[0], list(shape)
 
 
+class SafetensorsHeader:
+    """A safetensors header written as text, one tensor at a time (stored back to back, in
+    the order added): no per-tensor dicts and lists for the collector to scan."""
+
+    def __init__(self) -> None:
+        self._parts = ['{"__metadata__":{"format":"pt","producer":"cloudckpt"}']
+        self._pos = 0
+
+    def add(self, name: str, st_dtype: str, shape: Sequence[int], nbytes: int) -> None:
+        """The next tensor: its name, safetensors dtype and shape (see
+        :func:`safetensors_entry`) and its size in bytes."""
+        pos = self._pos
+        self._pos = pos + nbytes
+        self._parts.append(
+            f'{json.dumps(name)}:{{"dtype":{json.dumps(st_dtype)},'
+            f'"shape":[{",".join(map(str, shape))}],"data_offsets":[{pos},{self._pos}]}}'
+        )
+
+    def to_bytes(self) -> bytes:
+        """The 8-byte length and the space-padded JSON."""
+        raw = (",".join(self._parts) + "}").encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw
+
+
 def build_safetensors_header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
     """The 8-byte length and padded JSON header for tensors stored back to back.
 
     ``entries`` are ``(name, st_dtype, shape, nbytes)`` in storage order.
     """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "cloudckpt"}}
-    pos = 0
+    header = SafetensorsHeader()
     for name, st_dtype, shape, nbytes in entries:
-        header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [pos, pos + nbytes]}
-        pos += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+        header.add(name, st_dtype, shape, nbytes)
+    return header.to_bytes()
 
 
 @dataclass

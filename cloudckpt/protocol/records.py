@@ -210,19 +210,33 @@ class RankIndex:
     globals: list[GlobalRecord] = field(default_factory=list)  # DTensor and replicated leaves
 
     def to_json(self) -> bytes:
-        doc = {
+        """The index as compact JSON. The ``tensors`` rows are encoded a slice at a time, so a
+        large index never holds a row list per tensor at once."""
+        encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+        head = {
             "format": "cloudckpt-index",
             "format_version": FORMAT_VERSION,
             "attempt": self.attempt,
             "rank": self.rank,
             "world_size": self.world_size,
             "files": [[f.path, f.size] for f in self.files],
-            "tensors": [t.to_row() for t in self.tensors],
-            "tree": self.tree,
         }
+        rows = self.tensors
+        step = 1024
+        parts = [
+            encode(head)[:-1],
+            ',"tensors":[',
+            ",".join(
+                encode([t.to_row() for t in rows[i : i + step]])[1:-1]
+                for i in range(0, len(rows), step)
+            ),
+            '],"tree":',
+            encode(self.tree),
+        ]
         if self.globals:
-            doc["globals"] = [g.to_row() for g in self.globals]
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+            parts += [',"globals":', encode([g.to_row() for g in self.globals])]
+        parts.append("}")
+        return "".join(parts).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> RankIndex:
