@@ -32,7 +32,16 @@ from .global_tensors import is_dtensor
 from .protocol.committed import CommittedCheckpoint, open_checkpoint, unreadable_name
 from .protocol.records import RankIndex, TensorRecord
 from .storage import StorageConfig, describe_store_error
-from .tree import LeafMakers, Node, child_key, node_kind, unflatten
+from .tree import (
+    LeafMakers,
+    Node,
+    child_key,
+    container_kind,
+    node_kind,
+    rebuild_in_place,
+    unflatten,
+    walk,
+)
 from .types import STATE_DICT, RankInfo
 from .utils import format_size, paused_gc
 
@@ -320,7 +329,8 @@ def _merge(
                 f"{key or '<root>'}: the target holds a tensor but {where} holds a {kind} there"
             )
         return makers.tensor(int(payload), key, target)
-    if isinstance(target, Mapping):
+    target_kind = container_kind(target, key, StateDictMismatchError)
+    if target_kind == "dict" or target_kind == "odict":
         if kind not in ("dict", "odict"):
             raise StateDictMismatchError(
                 f"{key or '<root>'}: the target holds a dict but {where} holds a {kind} there"
@@ -329,11 +339,11 @@ def _merge(
         for k in list(target):
             ck = child_key(key, k, False)
             if k in source:
-                target[k] = _merge(target[k], source[k], makers, missing, where, ck)  # type: ignore[index]
+                target[k] = _merge(target[k], source[k], makers, missing, where, ck)
             else:
                 missing.append(ck)
         return target
-    if isinstance(target, (list, tuple)):
+    if target_kind is not None:
         if kind not in ("list", "tuple"):
             raise StateDictMismatchError(
                 f"{key or '<root>'}: the target holds a {type(target).__name__} but {where} "
@@ -347,10 +357,7 @@ def _merge(
             else:
                 missing.append(ck)
                 items.append(item)
-        if isinstance(target, list):
-            target[:] = items
-            return target
-        return tuple(items)
+        return rebuild_in_place(target_kind, target, items)
     return unflatten(node, makers, where, key)
 
 
@@ -392,15 +399,9 @@ def relocation(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor] | No
 
 
 def _relocated(value: Any, relocate: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return relocate(value)
-    if isinstance(value, dict):
-        for k in value:
-            value[k] = _relocated(value[k], relocate)
-        return value
-    if isinstance(value, list):
-        value[:] = [_relocated(v, relocate) for v in value]
-        return value
-    if isinstance(value, tuple):
-        return tuple(_relocated(v, relocate) for v in value)
-    return value
+    """``value`` with every tensor relocated, its dicts and lists kept (filled in place)."""
+
+    def leaf(value: Any, key: str) -> Any:
+        return relocate(value) if isinstance(value, torch.Tensor) else value
+
+    return walk(value, leaf, rebuild_in_place, keys=False)

@@ -14,7 +14,6 @@ import pickle
 import re
 import threading
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 from .backends import Backend
@@ -97,11 +96,17 @@ def fill(target: Any, loaded: Any, missing: list[str], key: str = "") -> Any:
     keys ``loaded`` lacks go to ``missing``."""
     import torch
 
-    if isinstance(target, Mapping) and isinstance(loaded, Mapping):
+    from .tree import CONTAINER_KINDS, child_key, container_kind
+
+    dicts = ("dict", "odict")
+    if (
+        container_kind(target, key, StateDictMismatchError) in dicts
+        and CONTAINER_KINDS.get(type(loaded)) in dicts
+    ):
         for k in list(target):
-            child = f"{key}.{k}" if key else str(k)
+            child = child_key(key, k, False)
             if k in loaded:
-                target[k] = fill(target[k], loaded[k], missing, child)  # type: ignore[index]
+                target[k] = fill(target[k], loaded[k], missing, child)
             else:
                 missing.append(child)
         return target

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import OrderedDict, defaultdict
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,30 @@ def test_unsaveable_value_is_refused_by_key_path(writer: str, tmp_path: Path) ->
             cloudckpt.UnsupportedValueError, match=r"opt\.fn: cannot save a function"
         ):
             write_f.result()
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_staging_walks_the_containers_save_walks(writer: str, tmp_path: Path) -> None:
+    """The stager and the writer follow one set of tree rules: the containers that save keeps
+    (OrderedDict, tuple, nesting) come back as they were; a look-alike is refused by the
+    stager, before the save returns, with the message a synchronous save gives."""
+    sd = {
+        "model": OrderedDict([("b", torch.ones(2)), ("a", torch.zeros(3))]),
+        "pairs": [(torch.arange(3), {"k": (1, [torch.ones(1, 2)])})],
+        "t": (),
+    }
+    with cloudckpt.make_async_checkpointer(_config(writer)) as ckpt:
+        ckpt.save(str(tmp_path / "c"), sd)[1].result()
+        same(ckpt.load(str(tmp_path / "c")), sd)
+        with pytest.raises(cloudckpt.UnsupportedValueError) as info:
+            ckpt.save(str(tmp_path / "d"), {"opt": defaultdict(list, w=[torch.ones(1)])})
+    assert str(info.value).startswith(
+        "opt: collections.defaultdict is not a container cloudckpt walks"
+    )
+    with pytest.raises(cloudckpt.UnsupportedValueError) as sync_info:
+        cloudckpt.save(str(tmp_path / "d"), {"opt": defaultdict(list, w=[torch.ones(1)])})
+    assert str(sync_info.value) == str(info.value)
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("writer", WRITERS)
