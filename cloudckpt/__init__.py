@@ -42,7 +42,7 @@ from .errors import (
     WriterProcessError,
     WriterProcessTimeoutError,
 )
-from .manager import CheckpointManager
+from .manager import AsyncCheckpointManager, AsyncSave, CheckpointManager
 from .protocol import CopyReport, VerifyReport, copy, verify
 from .storage import StorageConfig
 from .types import STATE_DICT, RankInfo
@@ -96,7 +96,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "STATE_DICT",
+    "AsyncCheckpointManager",
     "AsyncCheckpointer",
+    "AsyncSave",
     "Backend",
     "BackendError",
     "Barrier",
