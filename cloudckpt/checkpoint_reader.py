@@ -19,7 +19,6 @@ import torch
 from . import legacy
 from .backends import resolve
 from .errors import (
-    BackendError,
     CheckpointError,
     CheckpointNotCommittedError,
     ConfigError,
@@ -29,9 +28,9 @@ from .errors import (
 from .format import crc32c, dtype_from_name, tensor_bytes
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import is_dtensor
-from .protocol.committed import CommittedCheckpoint, open_checkpoint, unreadable_name
+from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import RankIndex, TensorRecord
-from .storage import StorageConfig, describe_store_error
+from .storage import StorageConfig
 from .tree import (
     LeafMakers,
     Node,
@@ -261,26 +260,13 @@ class CheckpointReader:
             views.append(tensor_bytes(r.dest))
             buffers.append(views[-1])
             pos = r.record.offset + r.record.length
-        try:
-            ckpt.backend.read_into(
-                ckpt.backend.join(ckpt.root, rel), group[0].record.offset, buffers
-            )
-        except FileNotFoundError:
-            raise CorruptCheckpointError(
-                f"{where} is missing but the index lists it (key {group[0].record.key}); the "
-                "checkpoint is damaged. Load an earlier checkpoint."
-            ) from None
-        except EOFError as e:
-            raise CorruptCheckpointError(
-                f"{where} is truncated ({e}); key {group[0].record.key} and later cannot be read. "
-                "Load an earlier checkpoint."
-            ) from None
-        except BackendError:  # from the backend: names the object and what to do
-            raise
-        except OSError as e:
-            raise BackendError(describe_store_error(ckpt.uri, where, e, reading=True)) from e
-        except (ValueError, TypeError) as e:
-            raise unreadable_name(where, e) from e
+        offset = group[0].record.offset
+        ckpt.read_object(
+            rel,
+            lambda path: ckpt.backend.read_into(path, offset, buffers),
+            "the index",
+            group[0].record.key,
+        )
         for r, view in zip(group, views):
             if crc32c(view) != r.record.crc32c:
                 raise CorruptCheckpointError(
