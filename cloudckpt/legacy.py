@@ -14,6 +14,7 @@ import pickle
 import re
 import threading
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 from .backends import Backend
@@ -123,6 +124,16 @@ def fill(target: Any, loaded: Any, missing: list[str], key: str = "") -> Any:
     return loaded
 
 
+@dataclass(frozen=True)
+class ConvertReport:
+    """What :func:`convert` did: the upstream-layout source, the committed destination and
+    how many rank files it converted."""
+
+    src: str
+    dst: str
+    ranks: int
+
+
 class _ThreadGroup:
     """What the ranks of one in-process conversion share."""
 
@@ -179,7 +190,7 @@ def convert(
     overwrite: bool,
     writer_config: Any,
     storage: Any,
-) -> dict[str, Any]:
+) -> ConvertReport:
     """Write the upstream-layout checkpoint at ``src_uri`` as a committed one at ``dst_uri``:
     every rank's file loaded (``weights_only``) and saved by its own writer, in threads."""
     from concurrent.futures import ThreadPoolExecutor
@@ -218,4 +229,4 @@ def convert(
             for f in [pool.submit(one, r) for r in ranks]:
                 f.result()
     logger.info("converted %s (%d rank files) into %s", src_uri, world, dst_uri)
-    return {"src": src_uri, "dst": dst_uri, "ranks": world}
+    return ConvertReport(src_uri, dst_uri, world)
