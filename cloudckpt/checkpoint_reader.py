@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from . import legacy
-from .backends import resolve
 from .errors import (
     CheckpointError,
     CheckpointNotCommittedError,
@@ -25,12 +24,14 @@ from .errors import (
     CorruptCheckpointError,
     StateDictMismatchError,
 )
-from .format import crc32c, dtype_from_name, tensor_bytes
+from .format.encoding import crc32c, dtype_from_name, tensor_bytes
+from .gc_pause import paused_gc
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import is_dtensor
 from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import RankIndex, TensorRecord
-from .storage import StorageConfig
+from .storage.config import StorageConfig
+from .storage.registry import resolve
 from .tree import (
     LeafMakers,
     Node,
@@ -42,7 +43,7 @@ from .tree import (
     walk,
 )
 from .types import STATE_DICT, RankInfo
-from .utils import format_size, paused_gc
+from .units import format_size
 
 logger = logging.getLogger(__name__)
 

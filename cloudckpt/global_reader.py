@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .chunks import Box, ChunkRecord, GlobalRecord, ReadPiece, read_pieces
 from .errors import CorruptCheckpointError, StateDictMismatchError
-from .format import crc32c, dtype_from_name, tensor_bytes
+from .format.chunks import Box, ChunkRecord, GlobalRecord, ReadPiece, read_pieces
+from .format.encoding import crc32c, dtype_from_name, tensor_bytes
 from .global_tensors import is_dtensor, layout_of
 from .protocol.committed import CommittedCheckpoint
 from .protocol.records import RankIndex

@@ -135,7 +135,7 @@ def test_process_writer_refuses_a_relative_name_under_a_memory_root() -> None:
     ):
         _, write_f = ckpt.save("step-1", {"w": torch.ones(2)})
         write_f.result()
-    from cloudckpt.backends import resolve
+    from cloudckpt.storage import resolve
 
     backend, path = resolve("memory://async-root/step-1")
     assert not backend.exists(path)  # refused before anything was written

@@ -10,7 +10,6 @@ from config_files import write_store_config
 from stores import StoreTarget
 
 import cloudckpt
-from cloudckpt.backends import resolve
 from cloudckpt.manager import (
     AsyncCheckpointManager,
     AsyncSave,
@@ -18,6 +17,7 @@ from cloudckpt.manager import (
     retained,
     step_name,
 )
+from cloudckpt.storage import resolve
 
 
 def _mgr(store: StoreTarget, **kw: object) -> CheckpointManager:
