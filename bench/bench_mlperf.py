@@ -484,7 +484,7 @@ def main() -> None:
         tool, op, wd, target, endpoint = json.loads(a.child)
         print(json.dumps(child(tool, op, Workload(**wd), target, endpoint)))
         return
-    from cloudckpt.utils import parse_size
+    from cloudckpt.units import parse_size
 
     w = fit(a.model, a.tp, parse_size(a.size))
     server = None

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from . import legacy
-from .backends import resolve
 from .errors import (
     BackendError,
     CheckpointError,
@@ -26,15 +25,18 @@ from .errors import (
     CorruptCheckpointError,
     StateDictMismatchError,
 )
-from .format import crc32c, dtype_from_name, tensor_bytes
+from .format.encoding import crc32c, dtype_from_name, tensor_bytes
+from .gc_pause import paused_gc
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import is_dtensor
 from .protocol.committed import CommittedCheckpoint, open_checkpoint, unreadable_name
 from .protocol.records import RankIndex, TensorRecord
-from .storage import StorageConfig, describe_store_error
+from .storage.config import StorageConfig
+from .storage.messages import describe_store_error
+from .storage.registry import resolve
 from .tree import LeafMakers, Node, child_key, node_kind, unflatten
 from .types import STATE_DICT, RankInfo
-from .utils import format_size, paused_gc
+from .units import format_size
 
 logger = logging.getLogger(__name__)
 

@@ -28,17 +28,7 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .backends import Backend, resolve
 from .barriers import Barrier
-from .chunks import (
-    Box,
-    ChunkItem,
-    ChunkRecord,
-    GlobalRecord,
-    assign_writers,
-    block_rows,
-    check_patterns,
-)
 from .config_types import CheckpointWriterConfig
 from .errors import (
     BackendError,
@@ -47,13 +37,23 @@ from .errors import (
     CheckpointExistsError,
     ConfigError,
 )
-from .format import (
+from .format.chunks import (
+    Box,
+    ChunkItem,
+    ChunkRecord,
+    GlobalRecord,
+    assign_writers,
+    block_rows,
+    check_patterns,
+)
+from .format.encoding import (
     build_safetensors_header,
     crc32c,
     dtype_name,
     safetensors_entry,
     tensor_bytes,
 )
+from .gc_pause import paused_gc
 from .protocol.commit import commit, store_call
 from .protocol.records import (
     DATA_DIR,
@@ -69,10 +69,13 @@ from .protocol.records import (
     index_name,
     new_attempt_id,
 )
-from .storage import StorageConfig, describe_store_error
+from .storage.config import StorageConfig
+from .storage.interface import Backend
+from .storage.messages import describe_store_error
+from .storage.registry import resolve
 from .tree import TensorLeaf, flatten
 from .types import STATE_DICT, RankInfo
-from .utils import format_size, paused_gc
+from .units import format_size
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloudckpt.chunks import (
+from cloudckpt.format.chunks import (
     REPLICATE,
     Box,
     ChunkItem,

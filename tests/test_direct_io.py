@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import cloudckpt
-from cloudckpt import backends
-from cloudckpt.backends import DIRECT_ALIGN, DIRECT_BLOCK, LocalBackend
+from cloudckpt.storage import LocalBackend
+from cloudckpt.storage.filesystems import DIRECT_ALIGN, DIRECT_AUTO_MIN, DIRECT_BLOCK
 
 SIZES = [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN, DIRECT_ALIGN + 1, DIRECT_BLOCK - 1, DIRECT_BLOCK,
          3 * DIRECT_BLOCK + 12345]  # fmt: skip
@@ -78,7 +78,7 @@ def test_direct_write_round_trips_every_size(
     backend = LocalBackend({"direct_io": True})
     data = _pattern(size)
     path = str(tmp_path / "obj")
-    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
         backend.write_object(path, _chunks(data), size)
     backend.close()
     assert os.path.getsize(path) == size  # the padded tail is cut off
@@ -91,8 +91,8 @@ def test_auto_uses_direct_only_for_large_objects(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     backend = LocalBackend()  # direct_io = "auto"
-    small, large = _pattern(100_000), _pattern(backends.DIRECT_AUTO_MIN + 5)
-    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+    small, large = _pattern(100_000), _pattern(DIRECT_AUTO_MIN + 5)
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
         backend.write_object(str(tmp_path / "small"), [small], len(small))
         backend.write_object(str(tmp_path / "large"), _chunks(large), len(large))
     assert (tmp_path / "small").read_bytes() == small
@@ -106,8 +106,8 @@ def test_direct_io_false_never_uses_direct(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     backend = LocalBackend({"direct_io": False})
-    data = _pattern(backends.DIRECT_AUTO_MIN + 1)
-    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+    data = _pattern(DIRECT_AUTO_MIN + 1)
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
         backend.write_object(str(tmp_path / "obj"), _chunks(data), len(data))
     assert (tmp_path / "obj").read_bytes() == data
     assert _direct_log(caplog) == []
@@ -118,7 +118,7 @@ def test_refused_direct_falls_back_to_the_page_cache(
 ) -> None:
     backend = LocalBackend({"direct_io": True})
     data = _pattern(300_001)
-    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
         backend.write_object(str(ramfs / "a"), _chunks(data), len(data))
         backend.write_object(str(ramfs / "b"), _chunks(data), len(data))
     assert (ramfs / "a").read_bytes() == data == (ramfs / "b").read_bytes()

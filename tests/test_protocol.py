@@ -22,8 +22,7 @@ from layout_helpers import (
 from state_asserts import same
 
 import cloudckpt
-from cloudckpt.backends import resolve
-from cloudckpt.format import crc32c
+from cloudckpt.format.encoding import crc32c
 from cloudckpt.protocol import (
     CommitResult,
     RankOutcome,
@@ -31,6 +30,7 @@ from cloudckpt.protocol import (
     list_orphans,
     open_checkpoint,
 )
+from cloudckpt.storage import resolve
 
 V1_FIXTURE = Path(__file__).parent / "fixtures" / "v1-checkpoint"
 

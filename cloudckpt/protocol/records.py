@@ -20,9 +20,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..chunks import GlobalRecord
 from ..errors import CorruptCheckpointError
-from ..format import check_no_overlap, check_tree, crc32c, dtype_itemsize, parse_json
+from ..format.chunks import GlobalRecord
+from ..format.encoding import check_no_overlap, check_tree, crc32c, dtype_itemsize, parse_json
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"

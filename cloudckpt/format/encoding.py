@@ -1,7 +1,8 @@
-"""The data format: CRC32C, dtype tables and safetensors headers.
+"""How values are encoded on storage: CRC32C, checked JSON and tree nodes, dtype tables and
+safetensors headers.
 
 The checkpoint's own records (object names, index, manifest) live in
-:mod:`cloudckpt.protocol.records`; their names are still importable from here.
+:mod:`cloudckpt.protocol.records`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import importlib
 import json
 import math
 import struct
@@ -21,7 +21,7 @@ import crc32c as _crc32c
 if TYPE_CHECKING:  # torch is imported where tensors are handled, so the command starts fast
     import torch
 
-from .errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 MAX_TREE_DEPTH = 100
@@ -129,21 +129,6 @@ def check_tree(tree: Any, n_tensors: int, where: str, n_globals: int = 0) -> Non
                 stack.extend((child, f"{key}[{i}]", depth + 1) for i, child in enumerate(payload))
         if not ok:
             raise CorruptCheckpointError(f"{where}: bad {kind} value at {at}")
-
-
-_RECORDS = frozenset(
-    {
-        "FORMAT_VERSION", "MANIFEST_NAME", "DATA_DIR", "INDEX_DIR", "data_file_name", "index_name",
-        "TensorRecord", "FileRecord", "RankIndex", "RankEntry", "Manifest",
-    }
-)  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    """The records that moved to :mod:`cloudckpt.protocol.records`, by their old names."""
-    if name in _RECORDS:
-        return getattr(importlib.import_module("cloudckpt.protocol.records"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.cache
