@@ -19,7 +19,6 @@ import torch
 
 from . import legacy
 from .errors import (
-    BackendError,
     CheckpointError,
     CheckpointNotCommittedError,
     ConfigError,
@@ -30,12 +29,20 @@ from .format.encoding import crc32c, dtype_from_name, tensor_bytes
 from .gc_pause import paused_gc
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import is_dtensor
-from .protocol.committed import CommittedCheckpoint, open_checkpoint, unreadable_name
+from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import RankIndex, TensorRecord
 from .storage.config import StorageConfig
-from .storage.messages import describe_store_error
 from .storage.registry import resolve
-from .tree import LeafMakers, Node, child_key, node_kind, unflatten
+from .tree import (
+    LeafMakers,
+    Node,
+    child_key,
+    container_kind,
+    node_kind,
+    rebuild_in_place,
+    unflatten,
+    walk,
+)
 from .types import STATE_DICT, RankInfo
 from .units import format_size
 
@@ -309,24 +316,13 @@ class CheckpointReader:
             views.append(tensor_bytes(reads.dests[p]))
             buffers.append(views[-1])
             pos = rec.offset + rec.length
-        try:
-            ckpt.backend.read_into(ckpt.backend.join(ckpt.root, rel), first.offset, buffers)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(
-                f"{where} is missing but the index lists it (key {first.key}); the "
-                "checkpoint is damaged. Load an earlier checkpoint."
-            ) from None
-        except EOFError as e:
-            raise CorruptCheckpointError(
-                f"{where} is truncated ({e}); key {first.key} and later cannot be read. "
-                "Load an earlier checkpoint."
-            ) from None
-        except BackendError:  # from the backend: names the object and what to do
-            raise
-        except OSError as e:
-            raise BackendError(describe_store_error(ckpt.uri, where, e, reading=True)) from e
-        except (ValueError, TypeError) as e:
-            raise unreadable_name(where, e) from e
+        offset = first.offset
+        ckpt.read_object(
+            rel,
+            lambda path: ckpt.backend.read_into(path, offset, buffers),
+            "the index",
+            first.key,
+        )
         for rec, view in zip(records, views):
             if crc32c(view) != rec.crc32c:
                 raise CorruptCheckpointError(
@@ -383,7 +379,8 @@ def _merge(
                 f"{key or '<root>'}: the target holds a tensor but {where} holds a {kind} there"
             )
         return makers.tensor(int(payload), key, target)
-    if isinstance(target, Mapping):
+    target_kind = container_kind(target, key, StateDictMismatchError)
+    if target_kind == "dict" or target_kind == "odict":
         if kind not in ("dict", "odict"):
             raise StateDictMismatchError(
                 f"{key or '<root>'}: the target holds a dict but {where} holds a {kind} there"
@@ -392,11 +389,11 @@ def _merge(
         for k in list(target):
             ck = child_key(key, k, False)
             if k in source:
-                target[k] = _merge(target[k], source[k], makers, missing, where, ck)  # type: ignore[index]
+                target[k] = _merge(target[k], source[k], makers, missing, where, ck)
             else:
                 missing.append(ck)
         return target
-    if isinstance(target, (list, tuple)):
+    if target_kind is not None:
         if kind not in ("list", "tuple"):
             raise StateDictMismatchError(
                 f"{key or '<root>'}: the target holds a {type(target).__name__} but {where} "
@@ -410,10 +407,7 @@ def _merge(
             else:
                 missing.append(ck)
                 items.append(item)
-        if isinstance(target, list):
-            target[:] = items
-            return target
-        return tuple(items)
+        return rebuild_in_place(target_kind, target, items)
     return unflatten(node, makers, where, key)
 
 
@@ -455,15 +449,9 @@ def relocation(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor] | No
 
 
 def _relocated(value: Any, relocate: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return relocate(value)
-    if isinstance(value, dict):
-        for k in value:
-            value[k] = _relocated(value[k], relocate)
-        return value
-    if isinstance(value, list):
-        value[:] = [_relocated(v, relocate) for v in value]
-        return value
-    if isinstance(value, tuple):
-        return tuple(_relocated(v, relocate) for v in value)
-    return value
+    """``value`` with every tensor relocated, its dicts and lists kept (filled in place)."""
+
+    def leaf(value: Any, key: str) -> Any:
+        return relocate(value) if isinstance(value, torch.Tensor) else value
+
+    return walk(value, leaf, rebuild_in_place, keys=False)

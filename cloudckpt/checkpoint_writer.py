@@ -334,13 +334,7 @@ class CheckpointWriter:
                     f"so {uri} cannot be committed; its exchange() must return every rank's "
                     "outcome on rank 0 (or implement only execute_barrier())"
                 )
-            manifest = Manifest(
-                world_size=world,
-                ranks=[o.entry() for o in outcomes],
-                library_version=__version__,
-                metadata=metadata or {},
-                attempt=attempt,
-            )
+            manifest = _manifest_for(world, outcomes, metadata, attempt)
             try:
                 report = commit(backend, root, uri, manifest, overwrite=overwrite)
             except BaseException as e:
@@ -448,13 +442,7 @@ class CheckpointWriter:
         barrier.execute_barrier()
         if rank == 0:
             outcomes = [self._pending_outcome(backend, root, uri, r) for r in range(world)]
-            manifest = Manifest(
-                world_size=world,
-                ranks=[o.entry() for o in outcomes],
-                library_version=__version__,
-                metadata=metadata or {},
-                attempt=attempt,
-            )
+            manifest = _manifest_for(world, outcomes, metadata, attempt)
             commit(backend, root, uri, manifest, overwrite=overwrite)
             for r in range(world):
                 try:
@@ -618,6 +606,19 @@ class CheckpointWriter:
         self._pool.shutdown(wait=True)
         if self._barrier is not None:
             self._barrier.close()
+
+
+def _manifest_for(
+    world: int, outcomes: list[RankOutcome], metadata: dict[str, Any] | None, attempt: str
+) -> Manifest:
+    """The manifest rank 0 commits: one entry per rank's outcome, in rank order."""
+    return Manifest(
+        world_size=world,
+        ranks=[o.entry() for o in outcomes],
+        library_version=__version__,
+        metadata=metadata or {},
+        attempt=attempt,
+    )
 
 
 def pending_outcome_name(rank: int) -> str:
