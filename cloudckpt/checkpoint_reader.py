@@ -27,7 +27,7 @@ from .errors import (
     StateDictMismatchError,
 )
 from .format.encoding import crc32c, dtype_from_name, tensor_bytes
-from .gc_pause import paused_gc
+from .gc_pause import freeze_survivors, paused_gc
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import is_dtensor
 from .protocol.committed import CommittedCheckpoint, open_checkpoint, unreadable_name
@@ -145,6 +145,7 @@ class CheckpointReader:
         if rank is None:
             rank = 0 if other_world else self._rank_info.global_rank
         index = ckpt.read_index(rank)
+        freeze_survivors()
         relocate = relocation(map_location)
         reads = _Reads()
         dtypes: dict[str, torch.dtype] = {}
@@ -209,6 +210,7 @@ class CheckpointReader:
             )
         if global_requests:
             catalog: Catalog = load_catalog(ckpt, {rank: index}, self._pool)
+        freeze_survivors()
         nbytes = self._fetch(ckpt, index, reads)
         if global_requests:
             nbytes += fetch_globals(ckpt, global_requests, catalog, self._pool)
