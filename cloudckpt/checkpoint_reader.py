@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,6 @@ import torch
 
 from . import legacy
 from .errors import (
-    BackendError,
     CheckpointError,
     CheckpointNotCommittedError,
     ConfigError,
@@ -30,12 +29,20 @@ from .format.encoding import crc32c, dtype_from_name, tensor_bytes
 from .gc_pause import freeze_survivors, paused_gc
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import is_dtensor
-from .protocol.committed import CommittedCheckpoint, open_checkpoint, unreadable_name
+from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import RankIndex, TensorRecord
 from .storage.config import StorageConfig
-from .storage.messages import describe_store_error
 from .storage.registry import resolve
-from .tree import LeafMakers, Node, child_key, node_kind, unflatten
+from .tree import (
+    LeafMakers,
+    Node,
+    child_key,
+    container_kind,
+    node_kind,
+    rebuild_in_place,
+    unflatten,
+    walk,
+)
 from .types import STATE_DICT, RankInfo
 from .units import format_size
 
@@ -163,8 +170,10 @@ class CheckpointReader:
             if dtype is None:
                 dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
             if target is None:
-                dest = _empty(rec, dtype, ckpt.uri)
-                reads.add(rec, dest)
+                dest = early.pop(i, None)  # already on its way
+                if dest is None:
+                    dest = _empty(rec, dtype, ckpt.uri)
+                    reads.add(rec, dest)
                 return dest
             if is_dtensor(target):
                 raise StateDictMismatchError(
@@ -195,23 +204,46 @@ class CheckpointReader:
             return value
 
         makers = LeafMakers(take, take_global, per_rank.append if other_world else None)
-        if state_dict is None:
-            result = unflatten(index.tree, makers, ckpt.uri)
-        else:
-            result = _merge(state_dict, index.tree, makers, missing, ckpt.uri)
-        if per_rank:
-            shown = ", ".join(per_rank[:5]) + (" ..." if len(per_rank) > 5 else "")
-            raise CheckpointError(
-                f"{ckpt.uri} was saved by {saved_world} rank(s) but this job has "
-                f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's "
-                f"per-rank leaves ({shown}) (rank=0 for replicated state such as a DDP model), "
-                "or save such leaves with replicated=[...] patterns; DTensors and replicated "
-                "leaves load at any world size"
-            )
+        # A whole load of plain tensors reads every tensor the index lists: those reads start
+        # now, so the store sends bytes while this thread builds the tree (per-tensor work).
+        early: dict[int, torch.Tensor] = {}
+        ahead = _Reads()
+        early_reads: list[Future[int]] = []
+        if state_dict is None and not other_world and not index.globals:
+            for i, rec in enumerate(index.tensors):
+                dtype = dtypes.get(rec.dtype)
+                if dtype is None:
+                    dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
+                early[i] = _empty(rec, dtype, ckpt.uri)
+                ahead.add(rec, early[i])
+            freeze_survivors()
+            early_reads = self._submit(ckpt, index, ahead)
+        try:
+            if state_dict is None:
+                result = unflatten(index.tree, makers, ckpt.uri)
+            else:
+                result = _merge(state_dict, index.tree, makers, missing, ckpt.uri)
+            if per_rank:
+                shown = ", ".join(per_rank[:5]) + (" ..." if len(per_rank) > 5 else "")
+                raise CheckpointError(
+                    f"{ckpt.uri} was saved by {saved_world} rank(s) but this job has "
+                    f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's "
+                    f"per-rank leaves ({shown}) (rank=0 for replicated state such as a DDP "
+                    "model), or save such leaves with replicated=[...] patterns; DTensors and "
+                    "replicated leaves load at any world size"
+                )
+        except BaseException:
+            _settle(early_reads)  # nothing of this load still runs when it raises
+            raise
         if global_requests:
             catalog: Catalog = load_catalog(ckpt, {rank: index}, self._pool)
         freeze_survivors()
-        nbytes = self._fetch(ckpt, index, reads)
+        try:
+            nbytes = self._fetch(ckpt, index, reads)
+            nbytes += sum(f.result() for f in early_reads)
+        except BaseException:
+            _settle(early_reads)
+            raise
         if global_requests:
             nbytes += fetch_globals(ckpt, global_requests, catalog, self._pool)
         for dest, target in reads.copies:
@@ -223,7 +255,7 @@ class CheckpointReader:
             "loaded %s rank %d: %d tensors, %s in %.2f s (%.2f GB/s)",
             ckpt.uri,
             rank,
-            len(reads.records) + len(global_requests),
+            len(ahead.records) + len(reads.records) + len(global_requests),
             format_size(nbytes),
             elapsed,
             nbytes / max(elapsed, 1e-9) / 1e9,
@@ -232,6 +264,17 @@ class CheckpointReader:
 
     def _fetch(self, ckpt: CommittedCheckpoint, index: RankIndex, reads: _Reads) -> int:
         """Read every tensor, coalescing per file; returns bytes read."""
+        futures = self._submit(ckpt, index, reads)
+        try:
+            return sum(f.result() for f in futures)
+        finally:
+            _settle(futures)
+
+    def _submit(
+        self, ckpt: CommittedCheckpoint, index: RankIndex, reads: _Reads
+    ) -> list[Future[int]]:
+        """Start reading every tensor of ``reads``, coalesced per file; each future gives the
+        bytes its group read."""
         records = reads.records
         by_file: dict[int, list[int]] = {}  # positions in ``reads``, per file
         for pos, rec in enumerate(records):
@@ -252,8 +295,7 @@ class CheckpointReader:
                     start, cut = rec.offset, n
                 end = rec.offset + rec.length
             jobs.append((file_no, positions[cut:]))
-        futures = [self._pool.submit(self._read_group, ckpt, index, f, reads, g) for f, g in jobs]
-        return sum(f.result() for f in futures)
+        return [self._pool.submit(self._read_group, ckpt, index, f, reads, g) for f, g in jobs]
 
     def _read_group(
         self,
@@ -277,24 +319,13 @@ class CheckpointReader:
             views.append(tensor_bytes(reads.dests[p]))
             buffers.append(views[-1])
             pos = rec.offset + rec.length
-        try:
-            ckpt.backend.read_into(ckpt.backend.join(ckpt.root, rel), first.offset, buffers)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(
-                f"{where} is missing but the index lists it (key {first.key}); the "
-                "checkpoint is damaged. Load an earlier checkpoint."
-            ) from None
-        except EOFError as e:
-            raise CorruptCheckpointError(
-                f"{where} is truncated ({e}); key {first.key} and later cannot be read. "
-                "Load an earlier checkpoint."
-            ) from None
-        except BackendError:  # from the backend: names the object and what to do
-            raise
-        except OSError as e:
-            raise BackendError(describe_store_error(ckpt.uri, where, e, reading=True)) from e
-        except (ValueError, TypeError) as e:
-            raise unreadable_name(where, e) from e
+        offset = first.offset
+        ckpt.read_object(
+            rel,
+            lambda path: ckpt.backend.read_into(path, offset, buffers),
+            "the index",
+            first.key,
+        )
         for rec, view in zip(records, views):
             if crc32c(view) != rec.crc32c:
                 raise CorruptCheckpointError(
@@ -307,6 +338,14 @@ class CheckpointReader:
     def close(self) -> None:
         """Stop the reader's threads."""
         self._pool.shutdown(wait=True)
+
+
+def _settle(futures: list[Future[int]]) -> None:
+    """Cancel the reads not started yet and wait for the others (their errors are the
+    caller's to raise, or are superseded by the one it raises)."""
+    for f in futures:
+        f.cancel()
+    wait(futures)
 
 
 def _empty(rec: TensorRecord, dtype: torch.dtype, where: str) -> torch.Tensor:
@@ -343,7 +382,8 @@ def _merge(
                 f"{key or '<root>'}: the target holds a tensor but {where} holds a {kind} there"
             )
         return makers.tensor(int(payload), key, target)
-    if isinstance(target, Mapping):
+    target_kind = container_kind(target, key, StateDictMismatchError)
+    if target_kind == "dict" or target_kind == "odict":
         if kind not in ("dict", "odict"):
             raise StateDictMismatchError(
                 f"{key or '<root>'}: the target holds a dict but {where} holds a {kind} there"
@@ -352,11 +392,11 @@ def _merge(
         for k in list(target):
             ck = child_key(key, k, False)
             if k in source:
-                target[k] = _merge(target[k], source[k], makers, missing, where, ck)  # type: ignore[index]
+                target[k] = _merge(target[k], source[k], makers, missing, where, ck)
             else:
                 missing.append(ck)
         return target
-    if isinstance(target, (list, tuple)):
+    if target_kind is not None:
         if kind not in ("list", "tuple"):
             raise StateDictMismatchError(
                 f"{key or '<root>'}: the target holds a {type(target).__name__} but {where} "
@@ -370,10 +410,7 @@ def _merge(
             else:
                 missing.append(ck)
                 items.append(item)
-        if isinstance(target, list):
-            target[:] = items
-            return target
-        return tuple(items)
+        return rebuild_in_place(target_kind, target, items)
     return unflatten(node, makers, where, key)
 
 
@@ -415,15 +452,9 @@ def relocation(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor] | No
 
 
 def _relocated(value: Any, relocate: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return relocate(value)
-    if isinstance(value, dict):
-        for k in value:
-            value[k] = _relocated(value[k], relocate)
-        return value
-    if isinstance(value, list):
-        value[:] = [_relocated(v, relocate) for v in value]
-        return value
-    if isinstance(value, tuple):
-        return tuple(_relocated(v, relocate) for v in value)
-    return value
+    """``value`` with every tensor relocated, its dicts and lists kept (filled in place)."""
+
+    def leaf(value: Any, key: str) -> Any:
+        return relocate(value) if isinstance(value, torch.Tensor) else value
+
+    return walk(value, leaf, rebuild_in_place, keys=False)

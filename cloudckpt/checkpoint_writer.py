@@ -118,9 +118,15 @@ class PlannedFile:
 MIN_SPREAD_FILE = 16 << 20
 
 
-def target_file_size(total: int, file_size: int, concurrency: int) -> int:
+def target_file_size(
+    total: int, file_size: int, concurrency: int, *, parallel_parts: bool = False
+) -> int:
     """The size to pack files to: ``file_size``, or less so that ``concurrency`` files share the
-    work when there is enough data (never below 16 MiB, so small saves stay one file)."""
+    work when there is enough data (never below 16 MiB, so small saves stay one file). A store
+    that uploads one object's parts in parallel (``parallel_parts``) gets ``file_size``: more
+    objects would only add round trips."""
+    if parallel_parts:
+        return max(1, file_size)
     spread = -(-total // max(1, concurrency))
     return max(1, min(file_size, max(spread, MIN_SPREAD_FILE)))
 
@@ -328,13 +334,7 @@ class CheckpointWriter:
                     f"so {uri} cannot be committed; its exchange() must return every rank's "
                     "outcome on rank 0 (or implement only execute_barrier())"
                 )
-            manifest = Manifest(
-                world_size=world,
-                ranks=[o.entry() for o in outcomes],
-                library_version=__version__,
-                metadata=metadata or {},
-                attempt=attempt,
-            )
+            manifest = _manifest_for(world, outcomes, metadata, attempt)
             try:
                 report = commit(backend, root, uri, manifest, overwrite=overwrite)
             except BaseException as e:
@@ -442,13 +442,7 @@ class CheckpointWriter:
         barrier.execute_barrier()
         if rank == 0:
             outcomes = [self._pending_outcome(backend, root, uri, r) for r in range(world)]
-            manifest = Manifest(
-                world_size=world,
-                ranks=[o.entry() for o in outcomes],
-                library_version=__version__,
-                metadata=metadata or {},
-                attempt=attempt,
-            )
+            manifest = _manifest_for(world, outcomes, metadata, attempt)
             commit(backend, root, uri, manifest, overwrite=overwrite)
             for r in range(world):
                 try:
@@ -521,7 +515,12 @@ class CheckpointWriter:
     ) -> tuple[list[FileRecord], list[TensorRecord], list[GlobalRecord]]:
         to_write, chunk_of, globals_ = plan_global_leaves(leaves, rank)
         total = sum(leaf.tensor.numel() * leaf.tensor.element_size() for leaf in to_write)
-        size = target_file_size(total, self._config.file_size_bytes, self._config.concurrency)
+        size = target_file_size(
+            total,
+            self._config.file_size_bytes,
+            self._config.concurrency,
+            parallel_parts=backend.capabilities.parallel_parts,
+        )
         plan = plan_files(to_write, rank, size, attempt)
         records: list[TensorRecord | None] = [None] * len(to_write)
         blocks: dict[int, tuple[int, list[int]]] = {}
@@ -607,6 +606,19 @@ class CheckpointWriter:
         self._pool.shutdown(wait=True)
         if self._barrier is not None:
             self._barrier.close()
+
+
+def _manifest_for(
+    world: int, outcomes: list[RankOutcome], metadata: dict[str, Any] | None, attempt: str
+) -> Manifest:
+    """The manifest rank 0 commits: one entry per rank's outcome, in rank order."""
+    return Manifest(
+        world_size=world,
+        ranks=[o.entry() for o in outcomes],
+        library_version=__version__,
+        metadata=metadata or {},
+        attempt=attempt,
+    )
 
 
 def pending_outcome_name(rank: int) -> str:

@@ -9,9 +9,10 @@ import struct
 import subprocess
 import sys
 import textwrap
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from state_asserts import same
 import cloudckpt
 from cloudckpt.format.encoding import parse_safetensors_header
 from cloudckpt.protocol.records import MANIFEST_NAME
+from cloudckpt.tree import MAX_DEPTH
 
 
 def _plain_dtypes() -> list[torch.dtype]:
@@ -259,6 +261,80 @@ def test_unsupported_values_are_refused_before_writing(
     assert str(info.value).startswith(message)
     assert isinstance(info.value, TypeError)
     assert not (tmp_path / "c").exists()
+
+
+class _Point(NamedTuple):
+    x: int
+    y: int
+
+
+class _Params(dict):  # type: ignore[type-arg]
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            {"opt": defaultdict(list)},
+            "opt: collections.defaultdict is not a container cloudckpt walks (dict, OrderedDict, "
+            "list and tuple, exactly, so every value comes back as the type it was saved as); "
+            "convert it with dict(value)",
+        ),
+        (
+            {"m": [_Params(w=torch.ones(1))]},
+            "m[0]: test_core._Params is not a container cloudckpt walks",
+        ),
+        (
+            {"p": _Point(1, 2)},
+            "p: test_core._Point is not a container cloudckpt walks (dict, OrderedDict, list and "
+            "tuple, exactly, so every value comes back as the type it was saved as); convert it "
+            "with tuple(value), or value._asdict() for a dict",
+        ),
+        ({"shape": torch.Size([2, 3])}, "shape: torch.Size is not a container cloudckpt walks"),
+        (
+            {"frozen": MappingProxyType({"a": 1})},
+            "frozen: builtins.mappingproxy is not a container cloudckpt walks",
+        ),
+    ],
+)
+def test_container_look_alikes_are_refused_with_advice(
+    tmp_path: Path, value: Any, message: str
+) -> None:
+    with pytest.raises(cloudckpt.UnsupportedValueError) as info:
+        cloudckpt.save(str(tmp_path / "c"), value)
+    assert str(info.value).startswith(message)
+    assert not (tmp_path / "c").exists()
+
+
+def test_nesting_deeper_than_the_limit_is_refused(tmp_path: Path) -> None:
+    deep: Any = torch.ones(1)
+    for _ in range(MAX_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(cloudckpt.UnsupportedValueError) as info:
+        cloudckpt.save(str(tmp_path / "c"), {"d": deep})
+    assert str(info.value).startswith(f"d{'[0]' * (MAX_DEPTH - 1)}: containers nested more than")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_look_alike_load_target_is_a_mismatch(tmp_path: Path) -> None:
+    cloudckpt.save(str(tmp_path / "c"), {"opt": {"lr": 0.1}})
+    target = {"opt": defaultdict(float, lr=0.0)}
+    with pytest.raises(cloudckpt.StateDictMismatchError) as info:
+        cloudckpt.load(str(tmp_path / "c"), target)
+    assert str(info.value).startswith(
+        "opt: collections.defaultdict is not a container cloudckpt walks"
+    )
+
+
+def test_map_location_keeps_the_targets_containers(tmp_path: Path) -> None:
+    sd = {"m": OrderedDict(w=torch.ones(2)), "t": (torch.zeros(1), [torch.ones(1)])}
+    cloudckpt.save(str(tmp_path / "c"), sd)
+    target: dict[str, Any] = {"m": OrderedDict(w=torch.empty(2)), "t": None}
+    inner = target["m"]
+    out = cloudckpt.load(str(tmp_path / "c"), target, default_map_location="meta")
+    assert out is target and out["m"] is inner and type(out["t"]) is tuple
+    assert out["m"]["w"].device.type == "meta" and out["t"][1][0].device.type == "meta"
 
 
 def test_reference_cycle_is_refused(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 
 import cloudckpt
 from cloudckpt.storage import LocalBackend
-from cloudckpt.storage.filesystems import DIRECT_ALIGN, DIRECT_AUTO_MIN, DIRECT_BLOCK
+from cloudckpt.storage.filesystems import DIRECT_ALIGN, DIRECT_AUTO_MIN, DIRECT_BLOCK, READ_PIECE
 
 SIZES = [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN, DIRECT_ALIGN + 1, DIRECT_BLOCK - 1, DIRECT_BLOCK,
          3 * DIRECT_BLOCK + 12345]  # fmt: skip
@@ -193,14 +193,14 @@ def test_large_reads_go_in_parallel_pieces(tmp_path: Path) -> None:
     """A range over READ_PIECE bytes is read as pieces on the backend's threads, scattered into
     destination views that pieces cut anywhere (here across uneven views); a file that ends
     early is an EOFError naming it, and no piece is still reading once read_into returns."""
-    size = 3 * backends.READ_PIECE + 12345
+    size = 3 * READ_PIECE + 12345
     data = _pattern(size)
     path = tmp_path / "obj"
     path.write_bytes(data)
     be = LocalBackend()
     try:
         offset = 100
-        cuts = [0, 7, backends.READ_PIECE - 3, 2 * backends.READ_PIECE + 1, size - offset]
+        cuts = [0, 7, READ_PIECE - 3, 2 * READ_PIECE + 1, size - offset]
         dest = [memoryview(bytearray(b - a)) for a, b in itertools.pairwise(cuts)]
         be.read_into(str(path), offset, dest)
         assert b"".join(bytes(d) for d in dest) == data[offset:]
