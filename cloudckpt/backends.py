@@ -910,7 +910,16 @@ def plugin_install_hint(name: str | None = None) -> str:
 
 
 def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
-    """The backend class for ``uri``: the one named ``backend``, or the one for its scheme."""
+    """The backend class for ``uri``: the one named ``backend``, or the one for its scheme.
+
+    A plain path or ``file://`` URI loads no plugin: plugins cannot claim the local backend's
+    schemes (registering a taken scheme is refused), and importing them (aiohttp, TLS setup)
+    would cost a local save seconds on a busy machine.
+    """
+    if not backend and split_scheme(uri) in LocalBackend.protocols:
+        with _registry_lock:
+            if not _entry_points_loaded:
+                return LocalBackend
     _load_entry_points()
     if backend:
         try:
