@@ -249,9 +249,10 @@ def _one_slab(views: list[torch.Tensor]) -> bool:
 
 def _collect(value: Any, key: str, out: list[torch.Tensor], shards: dict[int, GlobalShard]) -> None:
     """Every tensor of the tree in visit order (a DTensor's local tensor, its layout kept in
-    ``shards``); refuses what the writer would refuse."""
-    if is_dtensor(value):
-        shard = global_shard_of(value, key or "<root>")
+    ``shards``; a staged :class:`GlobalShard` the same way, so a staged result hands its slab
+    back whole); refuses what the writer would refuse."""
+    if is_dtensor(value) or isinstance(value, GlobalShard):
+        shard = value if isinstance(value, GlobalShard) else global_shard_of(value, key or "<root>")
         check_tensor(key or "<root>", shard.local)
         shards[id(value)] = shard
         out.append(shard.local)
