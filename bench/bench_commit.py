@@ -26,8 +26,8 @@ import plots
 import torch
 
 import cloudckpt
-from cloudckpt.backends import Backend, FsspecBackend, LocalBackend
 from cloudckpt.checkpoint_writer import CheckpointWriter
+from cloudckpt.storage import Backend, FsspecBackend, LocalBackend
 
 COUNTS: Counter[str] = Counter()
 COUNTING = threading.Event()

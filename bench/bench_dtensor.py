@@ -55,8 +55,8 @@ def _state(mib: int, mesh: Any, save: bool) -> dict[str, Any]:
     import torch
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    from cloudckpt.chunks import LayoutSpec, ShardOn
-    from cloudckpt.chunks import Replicate as Rep
+    from cloudckpt.format.chunks import LayoutSpec, ShardOn
+    from cloudckpt.format.chunks import Replicate as Rep
 
     out = {}
     for i, shape in enumerate(_shapes(mib)):

@@ -291,6 +291,7 @@ def child(tool: str, op: str, w: Workload, target: str, endpoint: str) -> dict[s
 
     import cloudckpt
 
+    cloudckpt.save, cloudckpt.load  # noqa: B018 - lazy names: imported here, like DCP above
     opts = s3_options(endpoint) if remote else {}
     tc = _tc_manager() if tool == "torch_ckpt" else None
     if tool == "boto3" or tool.startswith("s3tc"):
@@ -483,7 +484,7 @@ def main() -> None:
         tool, op, wd, target, endpoint = json.loads(a.child)
         print(json.dumps(child(tool, op, Workload(**wd), target, endpoint)))
         return
-    from cloudckpt.utils import parse_size
+    from cloudckpt.units import parse_size
 
     w = fit(a.model, a.tp, parse_size(a.size))
     server = None

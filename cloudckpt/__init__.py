@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 # Eager: the modules that do not import torch (the command needs only these).
 from ._version import __version__
-from .backends import Backend, FsspecBackend, LocalBackend, ObjectInfo, register_backend
 from .barriers import (
     Barrier,
     BarrierConfig,
@@ -44,7 +43,14 @@ from .errors import (
 )
 from .manager import CheckpointManager
 from .protocol import CopyReport, VerifyReport, copy, verify
-from .storage import StorageConfig
+from .storage import (
+    Backend,
+    FsspecBackend,
+    LocalBackend,
+    ObjectInfo,
+    StorageConfig,
+    register_backend,
+)
 from .types import STATE_DICT, RankInfo
 from .utils import wrap_future
 

@@ -7,12 +7,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from .background import BackgroundWriter, WriterThread
 from .barriers import barrier_config_for_process, default_barrier, rank_info_of
-from .checkpoint_process import (
-    BackgroundWriter,
-    CheckpointProcess,
-    WriterThread,
-)
+from .checkpoint_process import CheckpointProcess
 from .checkpoint_reader import CheckpointReader
 from .checkpoint_writer import CheckpointWriter, WriterHook
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer

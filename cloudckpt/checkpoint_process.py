@@ -1,19 +1,16 @@
-"""The background writer of an async checkpointer: a thread (default) or a persistent process.
+"""The writer process of an async checkpointer (the thread writer and the writer interface are
+in :mod:`cloudckpt.background`).
 
-``WriterThread`` runs the writer in a thread of the training process. ``CheckpointProcess`` (the
-seed's name and signature) spawns one writer process, once, and feeds it staged state dicts
-through shared memory: each CPU storage goes over the pipe once, as a handle, and every save after
-that sends only the tree of key paths, offsets, shapes and dtypes. The writer process builds its
-own ``CheckpointWriter`` (barrier included), so uploads, CRCs and the commit never compete with
-training for the GIL. If the process dies, the save in flight fails with
-:class:`WriterProcessError` instead of hanging.
+``CheckpointProcess`` (name and signature as in ``torch.distributed.checkpoint._experimental``)
+spawns one writer process, once, and feeds it staged state dicts through shared memory: each CPU
+storage goes over the pipe once, as a handle, and every save after that sends only the tree of
+key paths, offsets, shapes and dtypes. The writer process builds its own ``CheckpointWriter``
+(barrier included), so uploads, CRCs and the commit never compete with training for the GIL. If
+the process dies, the save in flight fails with :class:`WriterProcessError` instead of hanging.
 """
 
 from __future__ import annotations
 
-import abc
-import contextlib
-import functools
 import logging
 import logging.handlers
 import pickle
@@ -21,7 +18,6 @@ import queue
 import signal
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,74 +28,18 @@ from typing import Any
 
 import torch
 
-from .backends import resolve
-from .chunks import LayoutSpec
+from .background import BackgroundWriter, _resolved
 from .config_types import WRITER_KINDS, CheckpointProcessConfig  # noqa: F401 - re-exported
 from .errors import ConfigError, WriterProcessError, WriterProcessTimeoutError
+from .format.chunks import LayoutSpec
+from .gc_pause import own_process_gc
 from .global_tensors import GlobalShard
-from .storage import StorageConfig
+from .storage.config import StorageConfig
+from .storage.registry import resolve
 from .tree import LeafMakers, Node, TensorLeaf, flatten, unflatten
 from .types import STATE_DICT, RankInfo
-from .utils import own_process_gc
 
 logger = logging.getLogger(__name__)
-
-
-class BackgroundWriter(abc.ABC):
-    """Runs writes of staged state dicts one at a time, off the caller's thread."""
-
-    @abc.abstractmethod
-    def write(
-        self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any
-    ) -> Future[None]:
-        """Write ``state_dict`` (or the staged result of a future) to ``path``."""
-
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Wait for the write in flight, then stop."""
-
-
-def _resolved(state_dict: STATE_DICT | Future[STATE_DICT]) -> STATE_DICT:
-    return state_dict.result() if isinstance(state_dict, Future) else state_dict
-
-
-class WriterThread(BackgroundWriter):
-    """The default: a writer running in one background thread of this process."""
-
-    def __init__(self, writer: Any, config: CheckpointProcessConfig | None = None) -> None:
-        self._writer = writer
-        self._config = config or CheckpointProcessConfig()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-writer")
-        self._pending: set[Future[None]] = set()
-        # A script may end without close(): let its saves finish before the interpreter stops
-        # thread pools (their callbacks run in reverse order of registration, so this one runs
-        # before concurrent.futures refuses new work to the writer's own pool).
-        with contextlib.suppress(RuntimeError):  # made while the interpreter shuts down
-            threading._register_atexit(functools.partial(_finish_writes, weakref.ref(self)))  # type: ignore[attr-defined]
-
-    def write(
-        self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any
-    ) -> Future[None]:
-        def run() -> None:
-            self._writer.write(path=path, state_dict=_resolved(state_dict), **kwargs)
-
-        future = self._executor.submit(run)
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
-        return future
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        self._writer.close()
-
-
-def _finish_writes(ref: weakref.ref[WriterThread]) -> None:
-    """At interpreter exit: wait for the saves still in flight (their errors stay on their
-    futures)."""
-    writer = ref()
-    if writer is not None:
-        for future in list(writer._pending):
-            future.exception()
 
 
 # -- the wire format between the training process and its writer process -----------------------
@@ -466,7 +406,8 @@ class _Worker:
 
 
 class CheckpointProcess(BackgroundWriter):
-    """A persistent writer process (seed signature), fed through shared memory.
+    """A persistent writer process (the signature of upstream's ``CheckpointProcess``), fed through
+    shared memory.
 
     Spawned in the background at construction. The writer inside it comes from
     ``checkpoint_writer_init_fn(rank_info=..., **checkpoint_writer_init_args)`` after

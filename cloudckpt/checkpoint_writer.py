@@ -28,17 +28,7 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .backends import Backend, resolve
 from .barriers import Barrier
-from .chunks import (
-    Box,
-    ChunkItem,
-    ChunkRecord,
-    GlobalRecord,
-    assign_writers,
-    block_rows,
-    check_patterns,
-)
 from .config_types import CheckpointWriterConfig
 from .errors import (
     BackendError,
@@ -47,14 +37,24 @@ from .errors import (
     CheckpointExistsError,
     ConfigError,
 )
-from .format import (
-    build_safetensors_header,
+from .format.chunks import (
+    Box,
+    ChunkItem,
+    ChunkRecord,
+    GlobalRecord,
+    assign_writers,
+    block_rows,
+    check_patterns,
+)
+from .format.encoding import (
+    SafetensorsHeader,
     crc32c,
     crc32c_concat,
     dtype_name,
     safetensors_entry,
     tensor_bytes,
 )
+from .gc_pause import paused_gc
 from .protocol.commit import commit, store_call
 from .protocol.records import (
     DATA_DIR,
@@ -70,10 +70,13 @@ from .protocol.records import (
     index_name,
     new_attempt_id,
 )
-from .storage import StorageConfig, describe_store_error
+from .storage.config import StorageConfig
+from .storage.interface import Backend
+from .storage.messages import describe_store_error
+from .storage.registry import resolve
 from .tree import TensorLeaf, flatten
 from .types import STATE_DICT, RankInfo
-from .utils import format_size, paused_gc
+from .units import format_size
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +106,13 @@ def host_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PlannedFile:
-    """One data file: its tensors in storage order and their safetensors names."""
+    """One data file: the tensors ``start:stop`` of the save's list (stored in that order) and
+    their safetensors names."""
 
     path: str
-    leaves: list[tuple[int, TensorLeaf, str]] = field(default_factory=list)  # (idx, leaf, name)
+    start: int
+    stop: int = 0
+    names: list[str] = field(default_factory=list)
     nbytes: int = 0
 
 
@@ -129,8 +135,8 @@ def plan_files(
     current: PlannedFile | None = None
     for i, leaf in enumerate(leaves):
         nbytes = leaf.tensor.numel() * leaf.tensor.element_size()
-        if current is None or (current.leaves and current.nbytes + nbytes > file_size):
-            current = PlannedFile(data_file_name(rank, len(files), attempt))
+        if current is None or (current.names and current.nbytes + nbytes > file_size):
+            current = PlannedFile(data_file_name(rank, len(files), attempt), i, i)
             files.append(current)
         name = leaf.key or "<root>"
         n = 2
@@ -138,7 +144,8 @@ def plan_files(
             name = f"{leaf.key}#{n}"
             n += 1
         names.add(name)
-        current.leaves.append((i, leaf, name))
+        current.names.append(name)
+        current.stop = i + 1
         current.nbytes += nbytes
     return files
 
@@ -528,7 +535,7 @@ class CheckpointWriter:
         stop = threading.Event()
         futures = [
             self._pool.submit(
-                self._write_file, backend, root, uri, n, planned, records, blocks, stop
+                self._write_file, backend, root, uri, n, planned, to_write, records, blocks, stop
             )
             for n, planned in enumerate(plan)
         ]
@@ -558,25 +565,30 @@ class CheckpointWriter:
         uri: str,
         file_no: int,
         planned: PlannedFile,
+        leaves: list[TensorLeaf],
         records: list[TensorRecord | None],
         blocks: dict[int, tuple[int, list[int]]],
         stop: threading.Event,
     ) -> FileRecord:
-        entries = []
-        for _, leaf, name in planned.leaves:
-            t = leaf.tensor
+        dtypes: dict[torch.dtype, str] = {}
+        header = SafetensorsHeader()
+        for i, name in enumerate(planned.names, planned.start):
+            t = leaves[i].tensor
+            dtype = dtypes.get(t.dtype)
+            if dtype is None:
+                dtype = dtypes[t.dtype] = dtype_name(t.dtype)
             nbytes = t.numel() * t.element_size()
-            st_dtype, st_shape = safetensors_entry(dtype_name(t.dtype), tuple(t.shape), nbytes)
-            entries.append((name, st_dtype, st_shape, nbytes))
-        header = build_safetensors_header(entries)
-        size = len(header) + planned.nbytes
+            header.add(name, *safetensors_entry(dtype, t.shape, nbytes), nbytes)
+        head = header.to_bytes()
+        size = len(head) + planned.nbytes
 
         def chunks() -> Iterator[memoryview | bytes]:
-            yield header
-            offset = len(header)
-            for i, leaf, _ in planned.leaves:
+            yield head
+            offset = len(head)
+            for i in range(planned.start, planned.stop):
                 if stop.is_set():
                     raise _Stopped(f"{uri}: {planned.path} stopped: another data file failed")
+                leaf = leaves[i]
                 t = host_contiguous(leaf.tensor)  # a host copy only for GPU or strided tensors
                 view = tensor_bytes(t)
                 if leaf.shard is None:
@@ -586,7 +598,7 @@ class CheckpointWriter:
                     blocks[i] = (per_block, crcs)
                 records[i] = TensorRecord(
                     leaf.key,
-                    dtype_name(t.dtype),
+                    dtypes[t.dtype],
                     list(t.shape),
                     file_no,
                     offset,

@@ -7,7 +7,7 @@ import logging
 from concurrent.futures import Future
 from typing import Any
 
-from .checkpoint_process import BackgroundWriter
+from .background import BackgroundWriter
 from .checkpoint_reader import CheckpointReader
 from .checkpoint_writer import CheckpointWriter
 from .errors import StateDictMismatchError

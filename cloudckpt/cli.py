@@ -20,15 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .backends import (
-    Backend,
-    ObjectInfo,
-    available_backends,
-    backend_class_for,
-    known_options,
-    resolve,
-    split_scheme,
-)
 from .config import CheckpointerConfig, config_reference, resolve_config
 from .errors import (
     CheckpointError,
@@ -43,8 +34,16 @@ from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.copy import copy
 from .protocol.records import DATA_DIR, INDEX_DIR, MANIFEST_NAME
 from .protocol.verify import verify_checkpoint
-from .storage import StorageConfig
-from .utils import format_size, parse_duration, parse_size
+from .storage.config import StorageConfig
+from .storage.interface import Backend, ObjectInfo
+from .storage.registry import (
+    available_backends,
+    backend_class_for,
+    known_options,
+    resolve,
+    split_scheme,
+)
+from .units import format_size, parse_duration, parse_size
 
 logger = logging.getLogger(__name__)
 

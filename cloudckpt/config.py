@@ -31,8 +31,8 @@ from .config_types import (
     type_names,
 )
 from .errors import ConfigError
-from .storage import StorageConfig
-from .utils import format_size
+from .storage.config import StorageConfig
+from .units import format_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -197,7 +197,7 @@ def validate(cfg: CheckpointerConfig) -> CheckpointerConfig:
 
 
 def _check_backend(cfg: CheckpointerConfig, source: ConfigSource) -> None:
-    from .backends import (
+    from .storage.registry import (
         available_backends,
         backend_class_for,
         check_uri,

@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .chunks import check_patterns
 from .errors import ConfigError
-from .utils import parse_duration, parse_size
+from .format.chunks import check_patterns
+from .units import parse_duration, parse_size
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
 """A key whose name contains one of these holds a secret: its value is never shown."""

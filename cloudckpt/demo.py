@@ -16,7 +16,7 @@ import torch
 from . import load, save
 from .checkpoint_reader import open_checkpoint
 from .errors import CheckpointExistsError
-from .utils import format_size
+from .units import format_size
 
 
 def _train(steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -1,7 +1,8 @@
 """The exception hierarchy: every error cloudckpt raises is a ``CheckpointError``.
 
-Where the seed API (``torch.distributed.checkpoint._experimental``) raised a built-in exception,
-ours also subclasses that built-in, so ``except FileNotFoundError`` and friends keep working.
+Where the upstream API (``torch.distributed.checkpoint._experimental``) raised a built-in
+exception, ours also subclasses that built-in, so ``except FileNotFoundError`` and friends keep
+working.
 Every message names the object (URI, key path, config file and key) and says what to do next.
 """
 

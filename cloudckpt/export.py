@@ -16,10 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .backends import Backend
-from .chunks import Box
 from .errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError
-from .format import (
+from .format.chunks import Box
+from .format.encoding import (
     build_safetensors_header,
     crc32c,
     dtype_itemsize,
@@ -29,6 +28,7 @@ from .format import (
 from .global_reader import Catalog, load_catalog, read_box, read_range
 from .protocol.committed import CommittedCheckpoint
 from .protocol.records import RankIndex, TensorRecord
+from .storage.interface import Backend
 from .tree import child_key, node_kind
 
 SLAB_BYTES = 64 << 20

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from .chunks import Box, ChunkRecord, GlobalRecord, ReadPiece, read_pieces
 from .errors import BackendError, CorruptCheckpointError, StateDictMismatchError
-from .format import crc32c, dtype_from_name, tensor_bytes
+from .format.chunks import Box, ChunkRecord, GlobalRecord, ReadPiece, read_pieces
+from .format.encoding import crc32c, dtype_from_name, tensor_bytes
 from .global_tensors import is_dtensor, layout_of
 from .protocol.committed import CommittedCheckpoint
 from .protocol.records import RankIndex
-from .storage import describe_store_error
+from .storage.messages import describe_store_error
 
 
 @dataclass(frozen=True)

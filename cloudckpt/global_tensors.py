@@ -1,7 +1,7 @@
 """DTensors and replicated plain tensors as global leaves: their layout as plain data.
 
 A :class:`GlobalShard` is what the writer sees of a global leaf: this rank's local tensor and the
-:class:`~cloudckpt.chunks.LayoutSpec` that places it in the global tensor. A ``DTensor`` becomes
+:class:`~cloudckpt.format.chunks.LayoutSpec` that places it in the global tensor. A ``DTensor`` becomes
 one on the way into the writer (or the stager, which stages its local tensor); a plain tensor
 declared replicated becomes one replicated over every rank.
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .chunks import REPLICATE, Box, LayoutSpec, Placement, ShardOn
 from .errors import UnsupportedValueError
+from .format.chunks import REPLICATE, Box, LayoutSpec, Placement, ShardOn
 
 
 @dataclass

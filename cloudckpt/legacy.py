@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from .backends import Backend
 from .barriers import Barrier
 from .errors import (
     BackendError,
@@ -29,7 +28,8 @@ from .errors import (
     UnverifiedCheckpointWarning,
 )
 from .protocol.records import CommitResult, RankOutcome
-from .storage import describe_store_error
+from .storage.interface import Backend
+from .storage.messages import describe_store_error
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import re
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from .backends import ObjectInfo, resolve
 from .config import CheckpointerConfig, resolve_config
 from .errors import (
     BackendError,
@@ -27,6 +26,8 @@ from .errors import (
 from .protocol.commit import GcReport, collect_orphans, remove_checkpoint
 from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import DATA_DIR, INDEX_DIR
+from .storage.interface import ObjectInfo
+from .storage.registry import resolve
 from .types import STATE_DICT, RankInfo
 
 if TYPE_CHECKING:  # the checkpointer (and torch) load with the first manager, not the command

@@ -27,7 +27,7 @@ from .errors import StagingError
 from .global_tensors import GlobalShard, global_shard_of, is_dtensor
 from .tree import check_tensor, child_key
 from .types import STATE_DICT
-from .utils import format_size
+from .units import format_size
 
 logger = logging.getLogger(__name__)
 

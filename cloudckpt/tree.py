@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from .chunks import LayoutSpec, glob_match
 from .errors import CorruptCheckpointError, UnsupportedValueError
-from .format import MAX_TREE_DEPTH
+from .format.chunks import LayoutSpec, glob_match
+from .format.encoding import MAX_TREE_DEPTH
 from .global_tensors import GlobalShard, global_shard_of, is_dtensor
 
 Node = dict[str, Any]

@@ -128,7 +128,7 @@ def test_process_writer_refuses_a_relative_name_under_a_memory_root() -> None:
             "lives inside this process",
         ):
             write_f.result()
-    from cloudckpt.backends import resolve
+    from cloudckpt.storage import resolve
 
     backend, path = resolve("memory://async-root/step-1")
     assert not backend.exists(path)  # refused before anything was written

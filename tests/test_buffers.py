@@ -1,11 +1,11 @@
-"""cloudckpt.buffers: cutting and filling lists of byte views without copies."""
+"""cloudckpt.storage.buffers: cutting and filling lists of byte views without copies."""
 
 from __future__ import annotations
 
 import random
 from collections import deque
 
-from cloudckpt import buffers
+from cloudckpt.storage import buffers
 
 MiB = 1 << 20
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cloudckpt.checkpoint_writer import block_checksums
-from cloudckpt.chunks import (
+from cloudckpt.format import crc32c, crc32c_concat, tensor_bytes
+from cloudckpt.format.chunks import (
     REPLICATE,
     Box,
     ChunkItem,
@@ -21,7 +22,6 @@ from cloudckpt.chunks import (
     read_pieces,
     shard_range,
 )
-from cloudckpt.format import crc32c, crc32c_concat, tensor_bytes
 
 
 def test_shard_range_follows_torch_chunk_sizes() -> None:

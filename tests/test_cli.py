@@ -17,10 +17,10 @@ from conftest import IN_PROCESS_FIXTURES, STORE_FIXTURES
 from stores import StoreTarget
 
 import cloudckpt
-from cloudckpt.backends import resolve
 from cloudckpt.checkpoint_reader import open_checkpoint
 from cloudckpt.config import config_reference
 from cloudckpt.manager import CheckpointManager, step_name
+from cloudckpt.storage import resolve
 
 # memory:// and memobj:// live inside one process: the command cannot see them
 CROSS_PROCESS = [n for n in STORE_FIXTURES if n not in IN_PROCESS_FIXTURES]

@@ -25,8 +25,8 @@ from stores import StoreTarget
 from stores.s3 import S3Server
 
 import cloudckpt
-from cloudckpt.backends import resolve
 from cloudckpt.protocol import list_orphans, open_checkpoint
+from cloudckpt.storage import resolve
 
 # A child that saves state number N (argv) to URI once GO exists; prints one JSON line.
 _RACER = textwrap.dedent(

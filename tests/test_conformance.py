@@ -9,8 +9,8 @@ import torch
 from stores import StoreTarget
 
 import cloudckpt
-from cloudckpt.backends import resolve
 from cloudckpt.protocol import open_checkpoint
+from cloudckpt.storage import resolve
 
 
 def _backend(store: StoreTarget, *parts: str):  # type: ignore[no-untyped-def]
@@ -193,7 +193,7 @@ def test_unwritable_destination_names_uri(tmp_path) -> None:  # type: ignore[no-
 
 
 def test_capabilities_are_declared(store: StoreTarget) -> None:
-    from cloudckpt.backends import Capabilities
+    from cloudckpt.storage import Capabilities
 
     backend, _ = _backend(store, "x")
     caps = backend.capabilities

@@ -26,7 +26,8 @@ from layout_helpers import (
 from state_asserts import same
 
 import cloudckpt
-from cloudckpt.format import MANIFEST_NAME, parse_safetensors_header
+from cloudckpt.format.encoding import parse_safetensors_header
+from cloudckpt.protocol.records import MANIFEST_NAME
 
 
 def _plain_dtypes() -> list[torch.dtype]:
@@ -93,7 +94,7 @@ def test_every_dtype_round_trips(tmp_path: Path, dtype: torch.dtype) -> None:
 def test_itemsize_table_agrees_with_torch() -> None:
     """Index checks take item sizes from a plain table (so the command needs no torch): each
     entry equals torch's, every torch dtype is still accepted, an unknown name is refused."""
-    from cloudckpt.format import _ITEMSIZE, dtype_itemsize
+    from cloudckpt.format.encoding import _ITEMSIZE, dtype_itemsize
 
     sizes = {
         str(d).removeprefix("torch."): d.itemsize
@@ -422,7 +423,7 @@ def test_lying_index_is_refused_before_allocation(tmp_path: Path) -> None:
     raw = json.dumps(doc, separators=(",", ":")).encode()
     idx_path.write_bytes(raw)
     manifest = read_manifest_doc(root)
-    from cloudckpt.format import crc32c
+    from cloudckpt.format.encoding import crc32c
 
     manifest["ranks"][0]["size"], manifest["ranks"][0]["crc32c"] = len(raw), crc32c(raw)
     write_manifest_doc(root, manifest)
@@ -454,10 +455,10 @@ def test_overwrite_replaces_and_refuses_without_flag(tmp_path: Path) -> None:
 _KILLED_SAVE = textwrap.dedent(
     """
     import os, signal, sys, torch, cloudckpt
-    from cloudckpt import backends
+    from cloudckpt.storage import LocalBackend
 
     uri = sys.argv[1]
-    real = backends.LocalBackend.write_object
+    real = LocalBackend.write_object
     calls = []
 
     def dying_write(self, path, chunks, size):
@@ -468,7 +469,7 @@ _KILLED_SAVE = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, path, chunks, size)
 
-    backends.LocalBackend.write_object = dying_write
+    LocalBackend.write_object = dying_write
     cfg = cloudckpt.CheckpointerConfig(writer_config=cloudckpt.CheckpointWriterConfig(file_size=1024, concurrency=1))
     cloudckpt.save(uri, {f"t{i}": torch.full((256,), float(i)) for i in range(6)}, config=cfg, overwrite=True)
     """

@@ -4,9 +4,11 @@ where a filesystem refuses O_DIRECT (ramfs; tmpfs too before Linux 6.6), full di
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +16,8 @@ import pytest
 import torch
 
 import cloudckpt
-from cloudckpt import backends
-from cloudckpt.backends import DIRECT_ALIGN, DIRECT_BLOCK, LocalBackend
+from cloudckpt.storage import LocalBackend
+from cloudckpt.storage.filesystems import DIRECT_ALIGN, DIRECT_AUTO_MIN, DIRECT_BLOCK, READ_PIECE
 
 SIZES = [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN, DIRECT_ALIGN + 1, DIRECT_BLOCK - 1, DIRECT_BLOCK,
          3 * DIRECT_BLOCK + 12345]  # fmt: skip
@@ -76,7 +78,7 @@ def test_direct_write_round_trips_every_size(
     backend = LocalBackend({"direct_io": True})
     data = _pattern(size)
     path = str(tmp_path / "obj")
-    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
         backend.write_object(path, _chunks(data), size)
     backend.close()
     assert os.path.getsize(path) == size  # the padded tail is cut off
@@ -89,8 +91,8 @@ def test_auto_uses_direct_only_for_large_objects(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     backend = LocalBackend()  # direct_io = "auto"
-    small, large = _pattern(100_000), _pattern(backends.DIRECT_AUTO_MIN + 5)
-    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+    small, large = _pattern(100_000), _pattern(DIRECT_AUTO_MIN + 5)
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
         backend.write_object(str(tmp_path / "small"), [small], len(small))
         backend.write_object(str(tmp_path / "large"), _chunks(large), len(large))
     assert (tmp_path / "small").read_bytes() == small
@@ -104,8 +106,8 @@ def test_direct_io_false_never_uses_direct(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     backend = LocalBackend({"direct_io": False})
-    data = _pattern(backends.DIRECT_AUTO_MIN + 1)
-    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+    data = _pattern(DIRECT_AUTO_MIN + 1)
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
         backend.write_object(str(tmp_path / "obj"), _chunks(data), len(data))
     assert (tmp_path / "obj").read_bytes() == data
     assert _direct_log(caplog) == []
@@ -116,7 +118,7 @@ def test_refused_direct_falls_back_to_the_page_cache(
 ) -> None:
     backend = LocalBackend({"direct_io": True})
     data = _pattern(300_001)
-    with caplog.at_level(logging.DEBUG, logger="cloudckpt.backends"):
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
         backend.write_object(str(ramfs / "a"), _chunks(data), len(data))
         backend.write_object(str(ramfs / "b"), _chunks(data), len(data))
     assert (ramfs / "a").read_bytes() == data == (ramfs / "b").read_bytes()
@@ -185,3 +187,28 @@ def test_bad_direct_io_option_is_a_config_error(tmp_path: Path, value: object) -
 @pytest.mark.parametrize(("value", "parsed"), [("auto", None), (True, True), ("false", False)])
 def test_direct_io_values(value: object, parsed: bool | None) -> None:
     assert LocalBackend({"direct_io": value}).direct_io is parsed
+
+
+def test_large_reads_go_in_parallel_pieces(tmp_path: Path) -> None:
+    """A range over READ_PIECE bytes is read as pieces on the backend's threads, scattered into
+    destination views that pieces cut anywhere (here across uneven views); a file that ends
+    early is an EOFError naming it, and no piece is still reading once read_into returns."""
+    size = 3 * READ_PIECE + 12345
+    data = _pattern(size)
+    path = tmp_path / "obj"
+    path.write_bytes(data)
+    be = LocalBackend()
+    try:
+        offset = 100
+        cuts = [0, 7, READ_PIECE - 3, 2 * READ_PIECE + 1, size - offset]
+        dest = [memoryview(bytearray(b - a)) for a, b in itertools.pairwise(cuts)]
+        be.read_into(str(path), offset, dest)
+        assert b"".join(bytes(d) for d in dest) == data[offset:]
+        assert any(t.name.startswith("cloudckpt-pread") for t in threading.enumerate())
+        too_long = [memoryview(bytearray(size))]
+        with pytest.raises(
+            EOFError, match=rf"{path}: object ends at byte {size}, 100 more expected"
+        ):
+            be.read_into(str(path), 100, too_long)
+    finally:
+        be.close()

@@ -159,7 +159,7 @@ def test_unknown_backend_error_says_how_to_install_the_plugin(tmp_path: Path) ->
         "GCS ones, from a clone of cloudckpt: pip install -e backends/s3 / -e backends/gcs, "
         "published as cloudckpt-s3 / cloudckpt-gcs), or remove the key to pick by URI scheme."
     )
-    from cloudckpt.backends import plugin_install_hint
+    from cloudckpt.storage import plugin_install_hint
 
     assert plugin_install_hint("gs") == (
         "its plugin: from a clone of cloudckpt, pip install -e backends/gcs "

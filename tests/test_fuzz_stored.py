@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import cloudckpt
-from cloudckpt.format import crc32c
+from cloudckpt.format.encoding import crc32c
 from cloudckpt.manager import CheckpointRoot
 from cloudckpt.protocol.records import manifest_crc
 

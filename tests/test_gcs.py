@@ -17,7 +17,7 @@ from faults import FaultProxy
 from stores.gcs import GCSServer
 
 import cloudckpt
-from cloudckpt.backends import resolve
+from cloudckpt.storage import resolve
 
 pytestmark = pytest.mark.gcs
 

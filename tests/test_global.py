@@ -12,8 +12,8 @@ import torch
 from global_harness import GLOBAL_SHAPES, global_tensor, plain_state, run_ranks, tp_model
 
 import cloudckpt
-from cloudckpt.backends import resolve
 from cloudckpt.committed import open_checkpoint
+from cloudckpt.storage import resolve
 
 pytestmark = pytest.mark.multirank
 

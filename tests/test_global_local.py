@@ -12,8 +12,8 @@ import torch
 from stores import StoreTarget
 
 import cloudckpt
-from cloudckpt.chunks import Box
 from cloudckpt.committed import open_checkpoint
+from cloudckpt.format.chunks import Box
 from cloudckpt.global_reader import GlobalRequest, fetch_globals, load_catalog
 
 ROWS = 40000  # 16 float32 columns: 64-byte rows, 16384 rows per checksum block, 3 blocks
@@ -98,8 +98,8 @@ def test_a_global_leaf_into_a_target_of_another_shape_raises(tmp_path: Path) -> 
 def test_export_from_local_to_s3(tmp_path: Path, s3_moto_store: StoreTarget) -> None:
     from safetensors.torch import load
 
-    from cloudckpt.backends import resolve
     from cloudckpt.cli import main
+    from cloudckpt.storage import resolve
 
     uri = str(tmp_path / "ck")
     w = _save_big(uri)
@@ -127,7 +127,7 @@ def test_replicated_must_be_a_list_of_patterns(tmp_path: Path) -> None:
 
 def test_a_hostile_global_index_is_refused(tmp_path: Path) -> None:
     """Overlapping or misplaced chunks, bad rows: corruption, never a hole or a stray error."""
-    from cloudckpt.chunks import ChunkRecord, GlobalRecord
+    from cloudckpt.format.chunks import ChunkRecord, GlobalRecord
     from cloudckpt.global_reader import Catalog, StoredChunk, plan_reads
 
     g = GlobalRecord("w", "float32", [10, 2], "dtensor")

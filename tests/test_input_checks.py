@@ -330,7 +330,7 @@ def test_deep_nesting_refused_before_a_byte_is_written(store: StoreTarget) -> No
         match=r"^a(\.a){99}: containers nested more than 100 deep; flatten this part",
     ):
         cloudckpt.save(uri, {"x": torch.ones(3), **deep}, **_kw(store))
-    backend, path = cloudckpt.backends.resolve(
+    backend, path = cloudckpt.storage.resolve(
         uri, backend=store.backend, storage_options=store.storage_options
     )
     assert not backend.exists(path)
@@ -523,7 +523,7 @@ def test_missing_bucket_is_an_error_for_manager_and_command(s3_moto_store: Store
 def test_verify_reports_an_unknown_tree_node_that_load_refuses(tmp_path: Path, kind: str) -> None:
     import json as _json
 
-    from cloudckpt.format import crc32c
+    from cloudckpt.format.encoding import crc32c
 
     uri = str(tmp_path / "ck")
     cloudckpt.save(uri, {"x": torch.ones(2), "opt": {"lr": 0.1}})

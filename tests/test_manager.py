@@ -10,8 +10,8 @@ from config_files import write_store_config
 from stores import StoreTarget
 
 import cloudckpt
-from cloudckpt.backends import resolve
 from cloudckpt.manager import CheckpointManager, retained, step_name
+from cloudckpt.storage import resolve
 
 
 def _mgr(store: StoreTarget, **kw: object) -> CheckpointManager:

@@ -1,4 +1,4 @@
-"""The shared retry/deadline policy (cloudckpt.retry), with a fake clock: no real sleeping."""
+"""The shared retry/deadline policy (cloudckpt.storage.retry), with a fake clock: no real sleeping."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ import errno
 import pytest
 
 from cloudckpt.errors import BackendError
-from cloudckpt.retry import (
-    Deadline,
-    Retrier,
-    RetryDeadlineExceeded,
-    RetryPolicy,
-    classify_network_error,
-)
+from cloudckpt.storage import Deadline, RetryPolicy
+from cloudckpt.storage.retry import Retrier, RetryDeadlineExceeded, classify_network_error
 
 
 class FakeClock:

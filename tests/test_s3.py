@@ -13,7 +13,7 @@ from faults import FaultProxy
 from stores.s3 import S3Server
 
 import cloudckpt
-from cloudckpt.backends import resolve
+from cloudckpt.storage import resolve
 
 pytestmark = pytest.mark.s3
 

@@ -4,6 +4,8 @@ credentials. Each fails at once (no retries), as a BackendError naming the URI a
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from stores.gcs import GCSServer
 from stores.s3 import S3Server
 
 import cloudckpt
-from cloudckpt.backends import resolve
+from cloudckpt.storage import resolve
 
 # Generous: the point is "no minute of retries", not a speed bound.
 QUICK = 30.0
@@ -174,9 +176,29 @@ def test_options_with_units_and_one_error_type() -> None:
             resolve("s3://b/k", storage_options={**opts, "endpoint_url": "http://127.0.0.1:1"})
 
 
+def test_plugins_load_only_for_the_uris_that_need_them() -> None:
+    """A local path imports no plugin (the S3 one alone costs aiohttp's import, ~0.3 s, on
+    every first save or load); s3:// imports only the S3 plugin; listing backends, all."""
+    probe = (
+        "import sys\n"
+        "from cloudckpt.storage.registry import available_backends, backend_class_for\n"
+        "def plugins(): return sorted(m for m in ('cloudckpt_s3', 'cloudckpt_gcs') if m in sys.modules)\n"
+        "print(backend_class_for('/tmp/x').name, backend_class_for('file:///tmp/x').name, plugins())\n"
+        "print(backend_class_for('s3://b/k').name, plugins())\n"
+        "print(backend_class_for('gs://b/k').name, sorted(available_backends()), plugins())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "local local []",
+        "s3 ['cloudckpt_s3']",
+        "gcs ['fsspec', 'gcs', 'local', 's3'] ['cloudckpt_gcs', 'cloudckpt_s3']",
+    ]
+
+
 def test_registries_refuse_silent_replacement() -> None:
-    from cloudckpt.backends import FsspecBackend, available_backends, register_backend
     from cloudckpt.barriers import BARRIER_REGISTRY, TCPStoreBarrier, register_barrier
+    from cloudckpt.storage import FsspecBackend, available_backends, register_backend
 
     class Impostor(FsspecBackend):
         name = "s3-impostor"
@@ -203,14 +225,14 @@ def test_registries_refuse_silent_replacement() -> None:
 
 
 def test_backend_cache_is_bounded_and_clearable() -> None:
-    from cloudckpt import backends
+    from cloudckpt.storage import registry
 
-    backends.clear_backend_cache()
+    registry.clear_backend_cache()
     first, _ = resolve("memory://cache-test/a")
     assert resolve("memory://cache-test/b")[0] is first  # shared per options
-    for i in range(backends.CACHE_SIZE + 3):
+    for i in range(registry.CACHE_SIZE + 3):
         resolve("memory://cache-test/a", storage_options={"listings_expiry_time": i})
-    assert len(backends._cache) == backends.CACHE_SIZE
-    backends.clear_backend_cache()
-    assert len(backends._cache) == 0
+    assert len(registry._cache) == registry.CACHE_SIZE
+    registry.clear_backend_cache()
+    assert len(registry._cache) == 0
     assert resolve("memory://cache-test/a")[0] is not first

@@ -19,14 +19,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..backends import Backend
 from ..errors import (
     BackendError,
     CheckpointError,
     CheckpointExistsError,
     CorruptCheckpointError,
 )
-from ..storage import describe_store_error
+from ..storage.interface import Backend
+from ..storage.messages import describe_store_error
 from .records import DATA_DIR, INDEX_DIR, MANIFEST_NAME, Manifest, attempt_dir
 
 logger = logging.getLogger(__name__)

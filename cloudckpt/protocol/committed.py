@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends import Backend, resolve
 from ..errors import (
     BackendError,
     CheckpointError,
@@ -18,8 +17,10 @@ from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
 )
-from ..format import crc32c
-from ..storage import describe_store_error
+from ..format.encoding import crc32c
+from ..storage.interface import Backend
+from ..storage.messages import describe_store_error
+from ..storage.registry import resolve
 from .records import MANIFEST_NAME, Manifest, RankIndex
 
 

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..backends import resolve
 from ..errors import CheckpointExistsError
-from ..format import crc32c
+from ..format.encoding import crc32c
+from ..storage.registry import resolve
 from .commit import commit, discard, store_call
 from .committed import open_checkpoint
 from .records import (

@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends import Backend
 from ..errors import CheckpointError, CorruptCheckpointError
-from ..format import MAX_HEADER_BYTES, crc32c, parse_safetensors_header, safetensors_entry
+from ..format.encoding import MAX_HEADER_BYTES, crc32c, parse_safetensors_header, safetensors_entry
+from ..storage.interface import Backend
 from .committed import CommittedCheckpoint, open_checkpoint, unreadable_name
 from .records import TensorRecord
 

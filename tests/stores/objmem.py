@@ -14,9 +14,15 @@ from typing import Any
 
 import pytest
 
-from cloudckpt import buffers
-from cloudckpt.backends import Buffer, Capabilities, ObjectInfo, register_backend
-from cloudckpt.objectstore import ObjectStoreBackend, OptionSpec
+from cloudckpt.storage import (
+    Buffer,
+    Capabilities,
+    ObjectInfo,
+    ObjectStoreBackend,
+    OptionSpec,
+    buffers,
+    register_backend,
+)
 from stores import StoreTarget, fresh_name
 
 STORE_FIXTURES = ["objmem_store"]

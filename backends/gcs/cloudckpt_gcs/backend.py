@@ -1,6 +1,6 @@
 """The GCS backend: gcsfs for credentials, endpoint and session; the data path speaks the JSON API.
 
-On :class:`cloudckpt.objectstore.ObjectStoreBackend`, which owns options, retries, error mapping
+On :class:`cloudckpt.storage.objectstore.ObjectStoreBackend`, which owns options, retries, error mapping
 and parallel ranged reads (each resumed from where it stopped after a dropped connection).
 
 Why not plain gcsfs calls: ``GCSFileSystem`` retries inside every request on its own schedule
@@ -31,10 +31,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Se
 from datetime import datetime
 from typing import Any
 
-from cloudckpt import buffers
-from cloudckpt.backends import Buffer, Capabilities, ObjectInfo, VersionedObject
 from cloudckpt.errors import BackendError, ConfigError
-from cloudckpt.objectstore import ObjectStoreBackend, OptionSpec, StoreAnswer
+from cloudckpt.storage import buffers
+from cloudckpt.storage.buffers import Buffer
+from cloudckpt.storage.interface import Capabilities, ObjectInfo, VersionedObject
+from cloudckpt.storage.objectstore import ObjectStoreBackend, OptionSpec, StoreAnswer
 
 logger = logging.getLogger(__name__)
 

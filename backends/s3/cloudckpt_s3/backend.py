@@ -1,6 +1,6 @@
 """The S3 backend: s3fs for credentials, endpoint and its event loop; the requests are our own.
 
-On :class:`cloudckpt.objectstore.ObjectStoreBackend`, which owns options, retries, error
+On :class:`cloudckpt.storage.objectstore.ObjectStoreBackend`, which owns options, retries, error
 mapping and parallel ranged reads. What is S3's own:
 
 - ``write_object``: one ``PutObject`` for a small object; otherwise a multipart upload. Parts are
@@ -33,11 +33,12 @@ from typing import Any
 
 from aiohttp import payload
 
-from cloudckpt import buffers
-from cloudckpt.backends import Buffer, Capabilities, ObjectInfo, VersionedObject
 from cloudckpt.errors import BackendError
-from cloudckpt.objectstore import ObjectStoreBackend, OptionSpec, StoreAnswer
-from cloudckpt.retry import Deadline
+from cloudckpt.storage import buffers
+from cloudckpt.storage.buffers import Buffer
+from cloudckpt.storage.interface import Capabilities, ObjectInfo, VersionedObject
+from cloudckpt.storage.objectstore import ObjectStoreBackend, OptionSpec, StoreAnswer
+from cloudckpt.storage.retry import Deadline
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class S3Backend(ObjectStoreBackend):
 
     Storage options are s3fs's (``endpoint_url``, ``profile``, ``client_kwargs``,
     ``config_kwargs``, ...), plus ``part_size``, ``max_inflight_parts``, ``read_part_size`` and
-    the ``retry_*`` options of :meth:`cloudckpt.retry.RetryPolicy.from_options`.
+    the ``retry_*`` options of :meth:`cloudckpt.storage.retry.RetryPolicy.from_options`.
     """
 
     name = "s3"

@@ -1,14 +1,14 @@
-"""Where checkpoints go: the ``[storage]`` config (backend, root, options) and URI resolution."""
+"""Where checkpoints go: the ``[storage]`` config (backend, root, options) and how a relative
+checkpoint name resolves against its root."""
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from .backends import split_scheme
-from .config_types import check_fields, masked, setting
+from ..config_types import check_fields, masked, setting
+from .registry import split_scheme
 
 
 @dataclass
@@ -60,21 +60,3 @@ class StorageConfig:
     def options_with(self, overrides: dict[str, Any] | None) -> dict[str, Any]:
         """These options with a call's ``storage_options`` on top."""
         return {**self.options, **(overrides or {})}
-
-
-_HINTS = {
-    errno.ENOSPC: "the disk is full: free space or save elsewhere",
-    errno.EDQUOT: "the disk quota is exhausted: free space or save elsewhere",
-    errno.EACCES: "permission denied: check the path's permissions or credentials",
-    errno.EPERM: "operation not permitted: check the path's permissions or credentials",
-    errno.EROFS: "the filesystem is read-only: save elsewhere",
-}
-
-
-def describe_store_error(uri: str, path: str, e: OSError, *, reading: bool = False) -> str:
-    """A message naming the checkpoint URI, the object and what the store said."""
-    again = "try again" if reading else "save again"
-    hint = _HINTS.get(e.errno or -1, f"check the store and the URI, then {again}")
-    if reading and e.errno == errno.EROFS:
-        hint = f"check the store and the URI, then {again}"
-    return f"{uri}: {'reading' if reading else 'storing'} {path} failed: {e.strerror or e} ({hint})"

@@ -1,216 +1,41 @@
-"""The storage layer: a small interface over fsspec, the backend registry, and the core backends.
+"""The backends the core ships, both over filesystems:
 
-A backend knows objects and bytes, nothing of tensors or checkpoints. It is bound to one
-filesystem (one set of ``storage_options``); its methods take *paths* in that filesystem's own
-form (what ``fsspec`` calls a stripped path). ``resolve(uri)`` picks a backend by the URI's
-scheme (or by an explicit name) and returns it with the path.
-
-Backends register under the entry-point group ``cloudckpt.backends`` (name = backend name, value
-= the class), or at run time with :func:`register_backend`. The core ships ``local`` (plain paths
-and ``file://``) and ``fsspec`` (any protocol fsspec knows, ``memory://`` included).
+- ``local`` (:class:`LocalBackend`): plain paths and ``file://``, written to a temporary name,
+  fsynced, then linked or renamed into place; data files of 16 MiB and more go through
+  ``O_DIRECT`` from a pool of page-aligned staging buffers;
+- ``fsspec`` (:class:`FsspecBackend`): any protocol fsspec knows (``memory://`` included);
+  commits are create-only only as far as the store allows.
 """
 
 from __future__ import annotations
 
-import abc
 import ctypes
-import difflib
 import errno
 import fcntl
-import inspect
-import json
 import logging
 import mmap
 import os
-import re
 import shutil
 import sys
 import threading
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from importlib.metadata import entry_points
-from types import MappingProxyType
 from typing import Any, ClassVar
 
+from ..errors import BackendError, ConfigError
 from . import buffers
 from .buffers import Buffer
-from .errors import BackendError, ConfigError
+from .interface import Backend, Capabilities, ObjectInfo, VersionedObject
+from .messages import plugin_install_hint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Backend", "Buffer", "Capabilities", "FsspecBackend", "LocalBackend", "ObjectInfo"]
+__all__ = ["FsspecBackend", "LocalBackend"]
 
 _IOV_MAX = 1024
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a backend's store can do; callers read these after resolving a URI.
-
-    ``process_shareable``: another process with the same options sees the same objects (false
-    for an in-process store such as ``memory://``). ``create_only_commit``:
-    :meth:`Backend.put_create_only` is atomic against a concurrent writer. ``conditional_replace``:
-    the store can replace an object only if it is still the version read before.
-    ``ranged_reads``: a read of a byte range costs only that range.
-    """
-
-    process_shareable: bool = True
-    create_only_commit: bool = True
-    conditional_replace: bool = False
-    ranged_reads: bool = True
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """One entry of a listing: ``path`` in the backend's form, ``name`` its last component."""
-
-    path: str
-    name: str
-    size: int
-    is_dir: bool
-    mtime: float | None = None
-
-
-@dataclass(frozen=True)
-class VersionedObject:
-    """A small object's bytes and the store's version of them (an opaque token for
-    :meth:`Backend.put_replace`; ``""`` where the store has none)."""
-
-    data: bytes
-    version: str
-
-
-class Backend(abc.ABC):
-    """A store of objects, addressed by path, bound to one set of storage options.
-
-    Subclasses set ``name`` and ``protocols`` (URI schemes; ``""`` means a plain path),
-    declare ``capabilities`` (per class, or per instance where the store decides) and implement
-    the abstract methods. Whoever creates a backend closes it.
-    """
-
-    name: ClassVar[str] = ""
-    protocols: ClassVar[tuple[str, ...]] = ()
-    capabilities: Capabilities = Capabilities()
-    #: The storage options this backend takes itself. ``None``: not declared, every option is
-    #: passed on unchecked. A backend that hands the rest to an fsspec filesystem also accepts
-    #: that filesystem's options (see :meth:`fsspec_class`).
-    accepted_options: ClassVar[frozenset[str] | None] = None
-
-    @classmethod
-    def fsspec_class(cls, protocol: str) -> type | None:
-        """The fsspec filesystem class the remaining options go to (``None``: none)."""
-        return None
-
-    @property
-    def create_only_commit(self) -> bool:
-        """Whether :meth:`put_create_only` is atomic (``capabilities.create_only_commit``)."""
-        return self.capabilities.create_only_commit
-
-    @property
-    def conditional_replace(self) -> bool:
-        """Whether :meth:`put_replace` refuses to replace a version other than the expected one
-        (``capabilities.conditional_replace``)."""
-        return self.capabilities.conditional_replace
-
-    def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
-        self.storage_options: dict[str, Any] = dict(storage_options or {})
-
-    def __repr__(self) -> str:
-        # Options may hold credentials: show their names only, never their values.
-        return f"{type(self).__name__}(options={sorted(self.storage_options)})"
-
-    # -- addressing -------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def to_path(self, uri: str) -> str:
-        """The backend path of ``uri`` (scheme stripped, normalised)."""
-
-    @abc.abstractmethod
-    def to_uri(self, path: str) -> str:
-        """The URI a user would type for ``path``."""
-
-    def join(self, base: str, *parts: str) -> str:
-        """``base`` joined with ``parts`` by ``/``."""
-        out = base.rstrip("/")
-        for part in parts:
-            out = f"{out}/{part.strip('/')}" if out else part.strip("/")
-        return out
-
-    # -- objects ----------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def write_object(self, path: str, chunks: Iterable[Buffer], size: int) -> None:
-        """Store the concatenation of ``chunks`` (``size`` bytes in all) at ``path``.
-
-        The object appears whole or not at all: a failure part-way (an exception from the
-        ``chunks`` iterator included) leaves the previous object, or none, at ``path``.
-        """
-
-    @abc.abstractmethod
-    def read_into(self, path: str, offset: int, buffers: Sequence[memoryview]) -> None:
-        """Fill ``buffers`` in order with the bytes of ``path`` from ``offset`` on.
-
-        Raises ``FileNotFoundError`` if there is no object and ``EOFError`` if it ends early.
-        """
-
-    @abc.abstractmethod
-    def read_bytes(self, path: str) -> bytes:
-        """The whole object at ``path`` (for small objects: manifests, indexes)."""
-
-    @abc.abstractmethod
-    def put_create_only(self, path: str, data: bytes) -> None:
-        """Store ``data`` at ``path`` only if nothing is there; else raise ``FileExistsError``."""
-
-    def read_version(self, path: str) -> VersionedObject | None:
-        """The object at ``path`` with its version, or ``None`` if there is none."""
-        try:
-            return VersionedObject(self.read_bytes(path), "")
-        except FileNotFoundError:
-            return None
-
-    def put_replace(self, path: str, data: bytes, expected_version: str) -> None:
-        """Replace the object at ``path`` by ``data``; readers see the old or the new object,
-        never neither. Where ``conditional_replace``, raise ``FileExistsError`` if the object
-        is no longer at ``expected_version`` (another writer replaced it); the default is a
-        plain write."""
-        self.write_object(path, [data], len(data))
-
-    def abort_uploads(self, path: str) -> int:
-        """Abort unfinished multipart uploads under ``path``; returns how many (default: a
-        store without them, 0)."""
-        return 0
-
-    @abc.abstractmethod
-    def list_dir(self, path: str) -> list[ObjectInfo]:
-        """The direct children of ``path`` (an empty list if there is nothing)."""
-
-    @abc.abstractmethod
-    def delete(self, path: str, *, recursive: bool = False) -> None:
-        """Remove the object at ``path`` (or everything under it); missing is not an error."""
-
-    @abc.abstractmethod
-    def exists(self, path: str) -> bool:
-        """Whether an object or a non-empty prefix is at ``path``."""
-
-    @abc.abstractmethod
-    def size(self, path: str) -> int:
-        """The size in bytes of the object at ``path``."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release connections and threads; the default holds none."""
-
-    def check_location(self, path: str) -> None:  # noqa: B027 - optional check
-        """Raise :class:`BackendError` naming ``path`` if nothing could ever be stored there
-        (its bucket does not exist, a parent is a file). A prefix that is merely empty is fine.
-        Listings call this when they find nothing, so a mistyped location is an error rather
-        than an empty listing. The default checks nothing."""
-
-    def retry_total(self) -> int:
-        """Requests this backend has retried so far (for log lines); 0 if it never retries."""
-        return 0
 
 
 def _write_all(fd: int, views: list[memoryview]) -> None:
@@ -228,6 +53,8 @@ DIRECT_DEPTH = 8  # staging buffers in flight per object, at most
 DIRECT_POOL = 16  # staging buffers of one backend in all (64 MiB), shared by its objects
 DIRECT_AUTO_MIN = 16 << 20  # "auto": objects from this size on go through O_DIRECT
 DIRECT_THREADS = 16  # the backend's writer threads, shared by the objects it writes at once
+READ_PIECE = 8 << 20  # reads larger than this go as pieces of this size, in parallel
+READ_THREADS = 16  # the backend's reader threads, shared by the reads in flight
 
 
 def parse_direct_io(value: Any) -> bool | None:
@@ -252,6 +79,19 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         if n <= 0:  # pragma: no cover - the kernel raises ENOSPC/EIO instead
             raise OSError(f"pwrite wrote {n} bytes")
         view, offset = view[n:], offset + n
+
+
+def _pread_all(fd: int, path: str, offset: int, views: list[memoryview]) -> None:
+    """Fill ``views`` from ``fd`` at ``offset`` (``preadv`` may read less than asked);
+    ``EOFError`` where the file ends first."""
+    while views:
+        batch = views[:_IOV_MAX]
+        got = os.preadv(fd, batch, offset)
+        if got == 0:
+            want = buffers.total(views)
+            raise EOFError(f"{path}: object ends at byte {offset}, {want} more expected")
+        offset += got
+        views = buffers.skip(batch, got) + views[len(batch) :]
 
 
 _libc_fallocate: Any = None
@@ -363,15 +203,17 @@ class LocalBackend(Backend):
         super().__init__(storage_options)
         self.direct_io = parse_direct_io(self.storage_options.get("direct_io", "auto"))
         self._pool: ThreadPoolExecutor | None = None
+        self._read_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._no_direct: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
         self._staging = _StagingPool(DIRECT_POOL)
 
     def close(self) -> None:
         with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+            pools, self._pool, self._read_pool = (self._pool, self._read_pool), None, None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def to_path(self, uri: str) -> str:
         for prefix in ("file://", "local://"):
@@ -409,6 +251,14 @@ class LocalBackend(Backend):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(DIRECT_THREADS, thread_name_prefix="cloudckpt-dio")
             return self._pool
+
+    def _reader_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._read_pool is None:
+                self._read_pool = ThreadPoolExecutor(
+                    READ_THREADS, thread_name_prefix="cloudckpt-pread"
+                )
+            return self._read_pool
 
     def _open_temp(self, path: str, direct: bool) -> tuple[str, int, bool]:
         """A new temporary file next to ``path``: its name, fd, and whether it is O_DIRECT."""
@@ -560,17 +410,27 @@ class LocalBackend(Backend):
         self._fsync_dir(os.path.dirname(path))
 
     def read_into(self, path: str, offset: int, dest: Sequence[memoryview]) -> None:
+        """``preadv`` into ``dest``; a range over ``READ_PIECE`` bytes is read as pieces of
+        that size on the backend's threads, ``READ_THREADS`` at a time across the reads in
+        flight (one sequential read of a cold file waits on the disk one request at a time)."""
+        views = [b for b in dest if b.nbytes]
         fd = os.open(path, os.O_RDONLY)
         try:
-            views = [b for b in dest if b.nbytes]
-            while views:
-                batch = views[:_IOV_MAX]
-                got = os.preadv(fd, batch, offset)
-                if got == 0:
-                    want = buffers.total(views)
-                    raise EOFError(f"{path}: object ends at byte {offset}, {want} more expected")
-                offset += got
-                views = buffers.skip(batch, got) + views[len(batch) :]
+            if buffers.total(views) <= READ_PIECE:
+                _pread_all(fd, path, offset, views)
+                return
+            pool = self._reader_pool()
+            futures: list[Future[None]] = []
+            for piece in buffers.split(views, READ_PIECE):
+                futures.append(pool.submit(_pread_all, fd, path, offset, piece))
+                offset += buffers.total(piece)
+            try:
+                for future in futures:
+                    future.result()
+            finally:  # on an error: nothing may still read into ``dest`` once this returns
+                for future in futures:
+                    future.cancel()
+                wait(futures)
         finally:
             os.close(fd)
 
@@ -810,283 +670,3 @@ def _warn_not_create_only(protocol: str) -> None:
             "cloudckpt plugin for this store for an atomic commit.",
             protocol,
         )
-
-
-# -- the registry ---------------------------------------------------------------------------
-
-_registry: dict[str, type[Backend]] = {}
-_by_protocol: dict[str, type[Backend]] = {}
-_entry_points_loaded = False
-_registry_lock = threading.RLock()
-
-#: Backends shared by ``resolve`` per (backend, scheme, options), least recently used first.
-#: The cache owns them: :func:`clear_backend_cache` closes them.
-_cache: OrderedDict[tuple[str, str, str], Backend] = OrderedDict()
-CACHE_SIZE = 16
-
-
-def register_backend(
-    cls: type[Backend], *, protocols: Iterable[str] | None = None, clobber: bool = False
-) -> None:
-    """Make ``cls`` available by its ``name`` and for its URI schemes (or ``protocols``).
-
-    A name or scheme already taken by another class is refused with ``ConfigError`` unless
-    ``clobber=True``.
-    """
-    protos = [p for p in (protocols if protocols is not None else cls.protocols) if p != "*"]
-    with _registry_lock:
-        if not clobber:
-            taken = [f"scheme {p!r} by {_by_protocol[p].__qualname__}" for p in protos
-                     if _by_protocol.get(p, cls) is not cls]  # fmt: skip
-            if _registry.get(cls.name, cls) is not cls:
-                taken.insert(0, f"name {cls.name!r} by {_registry[cls.name].__qualname__}")
-            if taken:
-                raise ConfigError(
-                    f"cannot register {cls.__qualname__}: {'; '.join(taken)} is already "
-                    "registered. Pass clobber=True to replace it."
-                )
-        _registry[cls.name] = cls
-        for proto in protos:
-            _by_protocol[proto] = cls
-
-
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    with _registry_lock:
-        if _entry_points_loaded:
-            return
-        _entry_points_loaded = True
-        register_backend(LocalBackend, clobber=True)
-        register_backend(FsspecBackend, clobber=True)
-        for ep in entry_points(group="cloudckpt.backends"):
-            if ep.name in ("local", "fsspec"):
-                continue
-            try:
-                cls = ep.load()
-            except Exception as e:  # a broken plugin must not break the others
-                logger.warning("cloudckpt backend plugin %r failed to load: %s", ep.name, e)
-                continue
-            if not (isinstance(cls, type) and issubclass(cls, Backend)):
-                logger.warning("entry point %r is not a cloudckpt Backend; ignored", ep.name)
-                continue
-            # Plugins registered by hand (register_backend) win over entry points.
-            if cls.name not in _registry:
-                try:
-                    register_backend(cls)
-                except ConfigError as e:
-                    logger.warning("cloudckpt backend plugin %r ignored: %s", ep.name, e)
-
-
-def available_backends() -> Mapping[str, type[Backend]]:
-    """Every registered backend by name (a read-only view)."""
-    _load_entry_points()
-    return MappingProxyType(dict(_registry))
-
-
-def split_scheme(uri: str) -> str:
-    """The scheme of ``uri`` (``""`` for a plain path)."""
-    if "://" in uri:
-        return uri.split("://", 1)[0].lower()
-    return ""
-
-
-_PLUGINS = {"s3": "s3", "s3a": "s3", "gcs": "gcs", "gs": "gcs"}
-
-
-def plugin_install_hint(name: str | None = None) -> str:
-    """How to install the backend plugin for a backend name or URI scheme: from a clone, and by
-    its distribution name once published (the plugins are distributions, not extras)."""
-    plugin = _PLUGINS.get((name or "").lower())
-    if plugin is None:
-        return (
-            "its plugin (a distribution with a 'cloudckpt.backends' entry point; the S3 and GCS "
-            "ones, from a clone of cloudckpt: pip install -e backends/s3 / -e backends/gcs, "
-            "published as cloudckpt-s3 / cloudckpt-gcs)"
-        )
-    return (
-        f"its plugin: from a clone of cloudckpt, pip install -e backends/{plugin} "
-        f"(published as cloudckpt-{plugin})"
-    )
-
-
-def backend_class_for(uri: str, backend: str | None = None) -> type[Backend]:
-    """The backend class for ``uri``: the one named ``backend``, or the one for its scheme.
-
-    A plain path or ``file://`` URI loads no plugin: plugins cannot claim the local backend's
-    schemes (registering a taken scheme is refused), and importing them (aiohttp, TLS setup)
-    would cost a local save seconds on a busy machine.
-    """
-    if not backend and split_scheme(uri) in LocalBackend.protocols:
-        with _registry_lock:
-            if not _entry_points_loaded:
-                return LocalBackend
-    _load_entry_points()
-    if backend:
-        try:
-            return _registry[backend]
-        except KeyError:
-            raise ConfigError(
-                f"unknown backend {backend!r} for {uri!r}; known: {sorted(_registry)}. "
-                f"Install {plugin_install_hint(backend)}, or fix the name."
-            ) from None
-    scheme = split_scheme(uri)
-    return _by_protocol.get(scheme, FsspecBackend)
-
-
-FSSPEC_COMMON_OPTIONS = frozenset(
-    {
-        "skip_instance_cache",
-        "use_listings_cache",
-        "listings_expiry_time",
-        "max_paths",
-        "asynchronous",
-        "loop",
-        "batch_size",
-    }
-)
-"""Options every fsspec filesystem takes (its instance cache, listings cache and event loop)."""
-
-
-def _named_parameters(fs_class: type) -> set[str]:
-    names: set[str] = set()
-    for klass in fs_class.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        try:
-            params = inspect.signature(init).parameters.values()
-        except (TypeError, ValueError):  # pragma: no cover - builtins
-            continue
-        names.update(
-            p.name
-            for p in params
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
-        )
-    return names
-
-
-def known_options(cls: type[Backend], protocol: str) -> frozenset[str] | None:
-    """Every storage option ``cls`` takes for ``protocol``; ``None`` if it does not declare them."""
-    if cls.accepted_options is None:
-        return None
-    fs_class = cls.fsspec_class(protocol)
-    if fs_class is None:
-        return cls.accepted_options
-    return cls.accepted_options | FSSPEC_COMMON_OPTIONS | _named_parameters(fs_class)
-
-
-def unknown_options(
-    cls: type[Backend], protocol: str, options: Mapping[str, Any]
-) -> tuple[list[str], frozenset[str]]:
-    """The keys of ``options`` that ``cls`` does not take, and the ones it takes."""
-    known = known_options(cls, protocol)
-    if known is None:
-        return [], frozenset()
-    return sorted(str(k) for k in options if k not in known), known
-
-
-def describe_unknown_options(
-    cls: type[Backend], protocol: str, unknown: list[str], known: frozenset[str]
-) -> str:
-    """``storage option 'x' is not one the s3 backend takes (did you mean 'y'?); known: ...``."""
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    what = f"backend {cls.name!r}" + (f" for {protocol}://" if protocol else "")
-    known_text = ", ".join(sorted(known)) if known else "none"
-    return (
-        f"storage option{'s' if len(unknown) > 1 else ''} {', '.join(hints)} "
-        f"{'are' if len(unknown) > 1 else 'is'} not taken by {what}; known options: {known_text}"
-    )
-
-
-_MALFORMED_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/*(?!/)")
-
-
-def check_uri(uri: str) -> None:
-    """Refuse a URI with a scheme but without ``://`` (``s3:/bucket``, ``gs:bucket``)."""
-    if "://" not in uri and _MALFORMED_URI.match(uri) and ":" in uri.split("/", 1)[0]:
-        scheme = uri.split(":", 1)[0]
-        raise ConfigError(
-            f"malformed URI {uri!r}: a store URI is {scheme}://bucket/prefix (two slashes after "
-            f"the scheme); a local path with a colon in its first component: write ./{uri}"
-        )
-
-
-def _options_key(options: Mapping[str, Any]) -> str:
-    return json.dumps(options, sort_keys=True, default=repr)
-
-
-def _check_options(uri: str, cls: type[Backend], scheme: str, options: dict[str, Any]) -> None:
-    unknown, known = unknown_options(cls, scheme, options)
-    if unknown:
-        raise ConfigError(f"{uri}: {describe_unknown_options(cls, scheme, unknown, known)}")
-
-
-def open_backend(
-    uri: str,
-    *,
-    backend: str | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-) -> tuple[Backend, str]:
-    """A new backend for ``uri`` (the caller owns it and closes it) and ``uri``'s path."""
-    if not isinstance(uri, str) or not uri:
-        raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
-    check_uri(uri)
-    cls = backend_class_for(uri, backend)
-    options = dict(storage_options or {})
-    _check_options(uri, cls, split_scheme(uri), options)
-    if cls is FsspecBackend:
-        inst: Backend = FsspecBackend(options, protocol=split_scheme(uri) or "file")
-    else:
-        inst = cls(options)
-    return inst, inst.to_path(uri)
-
-
-def resolve(
-    uri: str,
-    *,
-    backend: str | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-) -> tuple[Backend, str]:
-    """The backend for ``uri`` (shared per backend, scheme and options) and ``uri``'s path.
-
-    Shared backends live in a cache of :data:`CACHE_SIZE` entries; the least recently used one
-    is dropped (not closed: a caller may still hold it) when a new one would exceed it. Use
-    :func:`open_backend` for a backend of your own.
-    """
-    if not isinstance(uri, str) or not uri:
-        raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
-    check_uri(uri)
-    cls = backend_class_for(uri, backend)
-    options = dict(storage_options or {})
-    scheme = split_scheme(uri)
-    _check_options(uri, cls, scheme, options)
-    key = (cls.name, scheme, _options_key(options))
-    with _registry_lock:
-        inst = _cache.get(key)
-        if inst is not None:
-            _cache.move_to_end(key)
-            return inst, inst.to_path(uri)
-    inst, path = open_backend(uri, backend=backend, storage_options=storage_options)
-    with _registry_lock:
-        shared = _cache.setdefault(key, inst)
-        _cache.move_to_end(key)
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
-    if shared is not inst:  # another thread made one first
-        inst.close()
-    return shared, path
-
-
-def clear_backend_cache() -> None:
-    """Close and forget every shared backend (call when no save or load is in flight)."""
-    with _registry_lock:
-        cached = list(_cache.values())
-        _cache.clear()
-    for inst in cached:
-        try:
-            inst.close()
-        except Exception as e:  # one broken close must not keep the others open
-            logger.warning("closing %r failed: %s", inst, e)

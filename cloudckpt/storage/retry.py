@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import BackendError
+from ..errors import BackendError
 
 logger = logging.getLogger(__name__)
 

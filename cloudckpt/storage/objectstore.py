@@ -6,7 +6,7 @@ A store plugin subclasses :class:`ObjectStoreBackend` and supplies the requests;
 - options: its own tuning options declared as :class:`OptionSpec` (sizes with units such as
   ``"8MiB"``), the ``retry_*`` options, and every other option handed to the store's client;
   any bad value is a :class:`~cloudckpt.errors.ConfigError` naming the option;
-- retries: one :class:`~cloudckpt.retry.Retrier` per backend, one deadline per operation, a
+- retries: one :class:`~cloudckpt.storage.retry.Retrier` per backend, one deadline per operation, a
   classifier built from the store's answers (HTTP status and error code, never message text);
 - error mapping: a store answer becomes ``FileNotFoundError``, ``FileExistsError``, ``EOFError``
   or a :class:`~cloudckpt.errors.BackendError` that names the URI and says what to do (missing
@@ -29,9 +29,10 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from ..errors import BackendError, ConfigError
+from ..units import parse_size
 from . import buffers
-from .backends import Backend
-from .errors import BackendError, ConfigError
+from .interface import Backend
 from .retry import (
     RETRYABLE_HTTP_STATUSES,
     Deadline,
@@ -40,7 +41,6 @@ from .retry import (
     RetryPolicy,
     classify_network_error,
 )
-from .utils import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class ObjectStoreBackend(Backend):
 
     Subclasses set ``name``, ``protocols``, ``scheme`` and ``option_specs``, implement
     :meth:`open_client`, :meth:`answer_of` and :meth:`open_range` plus the write and metadata
-    methods of :class:`~cloudckpt.backends.Backend`, and call :meth:`call` / :meth:`run` for
+    methods of :class:`~cloudckpt.storage.Backend`, and call :meth:`call` / :meth:`run` for
     every request so that retries and error mapping stay the same on every store.
     """
 

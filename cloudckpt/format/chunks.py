@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError
 
 CRC_BLOCK_BYTES = 1 << 20
 """Target bytes per checksum block of a stored chunk: a partial read verifies whole blocks."""
