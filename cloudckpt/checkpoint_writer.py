@@ -49,6 +49,7 @@ from .format.chunks import (
 from .format.encoding import (
     SafetensorsHeader,
     crc32c,
+    crc32c_concat,
     dtype_name,
     safetensors_entry,
     tensor_bytes,
@@ -157,15 +158,21 @@ def plan_files(
 
 def block_checksums(
     view: memoryview, shape: tuple[int, ...], itemsize: int
-) -> tuple[int, list[int]]:
-    """Rows per block and one CRC32C per block of rows of a stored chunk."""
+) -> tuple[int, list[int], int]:
+    """Rows per block, one CRC32C per block of rows of a stored chunk, and the CRC32C of the
+    whole chunk derived from the blocks' (one pass over the bytes, not two)."""
     if not shape:
-        return 1, [crc32c(view)]
+        crc = crc32c(view)
+        return 1, [crc], crc
     row_bytes = math.prod(shape[1:]) * itemsize
     per_block = block_rows(row_bytes)
-    step = per_block * row_bytes
-    crcs = [crc32c(view[s : s + step]) for s in range(0, max(view.nbytes, 1), max(step, 1))]
-    return per_block, crcs[: -(-shape[0] // per_block)] if shape[0] else []
+    step = max(per_block * row_bytes, 1)
+    starts = range(0, view.nbytes, step)
+    crcs = [crc32c(view[s : s + step]) for s in starts]
+    whole = crc32c_concat(zip(crcs, (min(step, view.nbytes - s) for s in starts)))
+    n_blocks = -(-shape[0] // per_block)
+    crcs += [0] * (n_blocks - len(crcs))  # rows of no bytes (a zero-size dimension): CRC 0
+    return per_block, crcs[:n_blocks], whole
 
 
 def plan_global_leaves(
@@ -583,6 +590,11 @@ class CheckpointWriter:
                 leaf = leaves[i]
                 t = host_contiguous(leaf.tensor)  # a host copy only for GPU or strided tensors
                 view = tensor_bytes(t)
+                if leaf.shard is None:
+                    crc = crc32c(view)
+                else:  # a global chunk: checksums per block of rows, the whole one from them
+                    per_block, crcs, crc = block_checksums(view, tuple(t.shape), t.element_size())
+                    blocks[i] = (per_block, crcs)
                 records[i] = TensorRecord(
                     leaf.key,
                     dtypes[t.dtype],
@@ -590,11 +602,9 @@ class CheckpointWriter:
                     file_no,
                     offset,
                     view.nbytes,
-                    crc32c(view),
+                    crc,
                 )
                 offset += view.nbytes
-                if leaf.shard is not None:  # a global chunk: checksums per block of rows too
-                    blocks[i] = block_checksums(view, tuple(t.shape), t.element_size())
                 yield view
 
         path = backend.join(root, planned.path)
