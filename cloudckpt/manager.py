@@ -29,7 +29,7 @@ from .protocol.commit import GcReport, collect_orphans, remove_checkpoint
 from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import DATA_DIR, INDEX_DIR
 from .storage.interface import ObjectInfo
-from .storage.registry import resolve
+from .storage.registry import BackendSource, OwnedBackends, SharedBackends
 from .types import STATE_DICT, RankInfo
 
 if TYPE_CHECKING:  # the checkpointer (and torch) load with the first manager, not the command
@@ -77,11 +77,13 @@ class CheckpointRoot:
         root: str,
         backend_name: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        backends: BackendSource | None = None,
     ) -> None:
         self.root = root.rstrip("/") or root
         self.backend_name = backend_name
         self.options = dict(storage_options or {})
-        self.backend, self.path = resolve(
+        self._backends = backends or SharedBackends()  # the caller's: never closed here
+        self.backend, self.path = self._backends.resolve(
             self.root, backend=backend_name, storage_options=self.options
         )
         self._warned: set[str] = set()
@@ -115,7 +117,7 @@ class CheckpointRoot:
         failure is raised: it says nothing about the checkpoint."""
         uri = self.uri_of(name)
         try:
-            return open_checkpoint(uri, self.backend_name, self.options)
+            return open_checkpoint(uri, self.backend_name, self.options, backends=self._backends)
         except (CheckpointNotFoundError, CheckpointNotCommittedError):
             return None
         except BackendError:
@@ -256,14 +258,25 @@ class _StepCheckpoints:
 
         self._options = self._config.storage.options_with(storage_options)
         self._rank_info = rank_info_for(self._config, rank_info)
-        self._dir = CheckpointRoot(root, self._config.storage.backend, self._options)
-        self.root = self._dir.root
-
-        self._ckpt: Checkpointer = (
-            make_async_checkpointer(self._config, rank_info=self._rank_info)
-            if async_writes
-            else make_sync_checkpointer(self._config, rank_info=self._rank_info)
-        )
+        # the manager's backends, shared by its listing and its checkpointer, closed by close()
+        self._backends = OwnedBackends()
+        try:
+            self._dir = CheckpointRoot(
+                root, self._config.storage.backend, self._options, self._backends
+            )
+            self.root = self._dir.root
+            self._ckpt: Checkpointer = (
+                make_async_checkpointer(
+                    self._config, rank_info=self._rank_info, backends=self._backends
+                )
+                if async_writes
+                else make_sync_checkpointer(
+                    self._config, rank_info=self._rank_info, backends=self._backends
+                )
+            )
+        except BaseException:
+            self._backends.close()
+            raise
         self._pending: Future[str] | None = None
 
     def uri(self, step: int) -> str:
@@ -358,12 +371,28 @@ class _StepCheckpoints:
         return self.load(step, state_dict, **kwargs)
 
     def close(self) -> None:
-        """Wait for a save in flight (and its retention), then release the checkpointer; an
-        async save's error that nothing reported yet is raised here, once."""
-        self._ckpt.close()
+        """Wait for a save in flight (and its retention), release the checkpointer, then
+        close the manager's backends; an async save's error that nothing reported yet is
+        raised here, once."""
+        self._wait_for_retention()
+        try:
+            self._ckpt.close()
+        finally:
+            self._backends.close()
 
     def __exit__(self, *exc: object) -> None:
-        self._ckpt.__exit__(*exc)  # leaving on an exception: a write's error is logged
+        self._wait_for_retention()
+        try:
+            self._ckpt.__exit__(*exc)  # leaving on an exception: a write's error is logged
+        finally:
+            self._backends.close()
+
+    def _wait_for_retention(self) -> None:
+        """An async save's hint and retention run in a callback of its write, which may
+        still be running when the write's future has resolved: wait for them, on the
+        manager's backends, before those close. Its error surfaces from ``close``."""
+        if self._pending is not None:
+            self._pending.exception()
 
 
 class CheckpointManager(_StepCheckpoints):
