@@ -7,11 +7,12 @@ every tensor's CRC32C is checked before the call returns.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,12 +53,18 @@ MAX_REQUEST = 64 << 20  # split coalesced reads so large files are fetched in pa
 
 
 @dataclass
-class _Request:
-    """One tensor to read: where it is, and the buffer it goes into."""
+class _Reads:
+    """The tensors to read, as columns (one object per load, not one per tensor): where each
+    is stored and the contiguous CPU tensor its bytes go into; ``copies`` pairs such a buffer
+    with the caller's tensor that could not take the bytes itself."""
 
-    record: TensorRecord
-    dest: torch.Tensor  # contiguous CPU tensor receiving the bytes
-    copy_to: torch.Tensor | None = None  # the caller's tensor, when it could not take them
+    records: list[TensorRecord] = field(default_factory=list)
+    dests: list[torch.Tensor] = field(default_factory=list)
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, record: TensorRecord, dest: torch.Tensor) -> None:
+        self.records.append(record)
+        self.dests.append(dest)
 
 
 class CheckpointReader:
@@ -155,7 +162,8 @@ class CheckpointReader:
             rank = 0 if other_world else self._rank_info.global_rank
         index = ckpt.read_index(rank)
         relocate = relocation(map_location)
-        requests: list[_Request] = []
+        reads = _Reads()
+        dtypes: dict[str, torch.dtype] = {}
         global_requests: list[GlobalRequest] = []
         missing: list[str] = []
         per_rank: list[str] = []
@@ -166,10 +174,14 @@ class CheckpointReader:
             if not 0 <= i < len(index.tensors):
                 raise CorruptCheckpointError(f"{ckpt.uri}: tree names tensor #{i}, not in index")
             rec = index.tensors[i]
-            dtype = dtype_from_name(rec.dtype, ckpt.uri)
+            dtype = dtypes.get(rec.dtype)
+            if dtype is None:
+                dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
             if target is None:
-                dest = _empty(rec, dtype, ckpt.uri)
-                requests.append(_Request(rec, dest))
+                dest = early.pop(i, None)  # already on its way
+                if dest is None:
+                    dest = _empty(rec, dtype, ckpt.uri)
+                    reads.add(rec, dest)
                 return dest
             if is_dtensor(target):
                 raise StateDictMismatchError(
@@ -183,9 +195,11 @@ class CheckpointReader:
                     "to match (shape and dtype mismatches always raise)"
                 )
             if target.device.type == "cpu" and target.is_contiguous():
-                requests.append(_Request(rec, target))
+                reads.add(rec, target)
             else:
-                requests.append(_Request(rec, _empty(rec, dtype, ckpt.uri), target))
+                dest = _empty(rec, dtype, ckpt.uri)
+                reads.add(rec, dest)
+                reads.copies.append((dest, target))
             return target
 
         def take_global(j: int, key: str, target: Any = None) -> Any:
@@ -198,27 +212,48 @@ class CheckpointReader:
             return value
 
         makers = LeafMakers(take, take_global, per_rank.append if other_world else None)
-        if state_dict is None:
-            result = unflatten(index.tree, makers, ckpt.uri)
-        else:
-            result = _merge(state_dict, index.tree, makers, missing, ckpt.uri)
-        if per_rank:
-            shown = ", ".join(per_rank[:5]) + (" ..." if len(per_rank) > 5 else "")
-            raise CheckpointError(
-                f"{ckpt.uri} was saved by {saved_world} rank(s) but this job has "
-                f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's "
-                f"per-rank leaves ({shown}) (rank=0 for replicated state such as a DDP model), "
-                "or save such leaves with replicated=[...] patterns; DTensors and replicated "
-                "leaves load at any world size"
-            )
+        # A whole load of plain tensors reads every tensor the index lists: those reads start
+        # now, so the store sends bytes while this thread builds the tree (per-tensor work).
+        early: dict[int, torch.Tensor] = {}
+        ahead = _Reads()
+        early_reads: list[Future[int]] = []
+        if state_dict is None and not other_world and not index.globals:
+            for i, rec in enumerate(index.tensors):
+                dtype = dtypes.get(rec.dtype)
+                if dtype is None:
+                    dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
+                early[i] = _empty(rec, dtype, ckpt.uri)
+                ahead.add(rec, early[i])
+            early_reads = self._submit(ckpt, index, ahead)
+        try:
+            if state_dict is None:
+                result = unflatten(index.tree, makers, ckpt.uri)
+            else:
+                result = _merge(state_dict, index.tree, makers, missing, ckpt.uri)
+            if per_rank:
+                shown = ", ".join(per_rank[:5]) + (" ..." if len(per_rank) > 5 else "")
+                raise CheckpointError(
+                    f"{ckpt.uri} was saved by {saved_world} rank(s) but this job has "
+                    f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's "
+                    f"per-rank leaves ({shown}) (rank=0 for replicated state such as a DDP "
+                    "model), or save such leaves with replicated=[...] patterns; DTensors and "
+                    "replicated leaves load at any world size"
+                )
+        except BaseException:
+            _settle(early_reads)  # nothing of this load still runs when it raises
+            raise
         if global_requests:
             catalog: Catalog = load_catalog(ckpt, {rank: index}, self._pool)
-        nbytes = self._fetch(ckpt, index, requests)
+        try:
+            nbytes = self._fetch(ckpt, index, reads)
+            nbytes += sum(f.result() for f in early_reads)
+        except BaseException:
+            _settle(early_reads)
+            raise
         if global_requests:
             nbytes += fetch_globals(ckpt, global_requests, catalog, self._pool)
-        for req in requests:
-            if req.copy_to is not None:
-                req.copy_to.copy_(req.dest)
+        for dest, target in reads.copies:
+            target.copy_(dest)
         if relocate is not None:
             result = _relocated(result, relocate)
         elapsed = time.monotonic() - started
@@ -226,71 +261,99 @@ class CheckpointReader:
             "loaded %s rank %d: %d tensors, %s in %.2f s (%.2f GB/s)",
             ckpt.uri,
             rank,
-            len(requests) + len(global_requests),
+            len(ahead.records) + len(reads.records) + len(global_requests),
             format_size(nbytes),
             elapsed,
             nbytes / max(elapsed, 1e-9) / 1e9,
         )
         return result, missing
 
-    def _fetch(self, ckpt: CommittedCheckpoint, index: RankIndex, requests: list[_Request]) -> int:
-        """Read every request, coalescing per file; returns bytes read."""
-        by_file: dict[int, list[_Request]] = {}
-        for r in requests:
-            by_file.setdefault(r.record.file, []).append(r)
-        jobs = []
-        for file_no, reqs in by_file.items():
-            reqs.sort(key=lambda r: r.record.offset)
-            group: list[_Request] = []
-            for r in reqs:
-                if group:
-                    end = group[-1].record.offset + group[-1].record.length
-                    span = r.record.offset + r.record.length - group[0].record.offset
-                    if r.record.offset - end > MAX_GAP or span > MAX_REQUEST:
-                        jobs.append((file_no, group))
-                        group = []
-                group.append(r)
-            if group:
-                jobs.append((file_no, group))
-        futures = [self._pool.submit(self._read_group, ckpt, index, f, g) for f, g in jobs]
-        return sum(f.result() for f in futures)
+    def _fetch(self, ckpt: CommittedCheckpoint, index: RankIndex, reads: _Reads) -> int:
+        """Read every tensor, coalescing per file; returns bytes read."""
+        futures = self._submit(ckpt, index, reads)
+        try:
+            return sum(f.result() for f in futures)
+        finally:
+            _settle(futures)
+
+    def _submit(
+        self, ckpt: CommittedCheckpoint, index: RankIndex, reads: _Reads
+    ) -> list[Future[int]]:
+        """Start reading every tensor of ``reads``, coalesced per file; each future gives the
+        bytes its group read."""
+        records = reads.records
+        by_file: dict[int, list[int]] = {}  # positions in ``reads``, per file
+        for pos, rec in enumerate(records):
+            by_file.setdefault(rec.file, []).append(pos)
+        jobs: list[tuple[int, list[int]]] = []
+        for file_no, positions in by_file.items():
+            offsets = [records[p].offset for p in positions]
+            if any(a > b for a, b in itertools.pairwise(offsets)):  # writers store them in order
+                positions.sort(key=lambda p: records[p].offset)
+            first = records[positions[0]]
+            start, end, cut = first.offset, first.offset, 0
+            for n, p in enumerate(positions):
+                rec = records[p]
+                if n > cut and (
+                    rec.offset - end > MAX_GAP or rec.offset + rec.length - start > MAX_REQUEST
+                ):
+                    jobs.append((file_no, positions[cut:n]))
+                    start, cut = rec.offset, n
+                end = rec.offset + rec.length
+            jobs.append((file_no, positions[cut:]))
+        return [self._pool.submit(self._read_group, ckpt, index, f, reads, g) for f, g in jobs]
 
     def _read_group(
-        self, ckpt: CommittedCheckpoint, index: RankIndex, file_no: int, group: list[_Request]
+        self,
+        ckpt: CommittedCheckpoint,
+        index: RankIndex,
+        file_no: int,
+        reads: _Reads,
+        group: list[int],
     ) -> int:
         rel = index.files[file_no].path
         where = ckpt.object_uri(rel)
+        records = [reads.records[p] for p in group]
         buffers: list[memoryview] = []
         views: list[memoryview] = []
-        pos = group[0].record.offset
-        for r in group:
-            gap = r.record.offset - pos
+        first = records[0]
+        pos = first.offset
+        for rec, p in zip(records, group):
+            gap = rec.offset - pos
             if gap > 0:
                 buffers.append(memoryview(bytearray(gap)))
-            views.append(tensor_bytes(r.dest))
+            views.append(tensor_bytes(reads.dests[p]))
             buffers.append(views[-1])
-            pos = r.record.offset + r.record.length
-        offset = group[0].record.offset
+            pos = rec.offset + rec.length
+        offset = first.offset
         ckpt.read_object(
             rel,
             lambda path: ckpt.backend.read_into(path, offset, buffers),
             "the index",
-            group[0].record.key,
+            first.key,
         )
-        for r, view in zip(group, views):
-            if crc32c(view) != r.record.crc32c:
+        for rec, view in zip(records, views):
+            if crc32c(view) != rec.crc32c:
                 raise CorruptCheckpointError(
-                    f"{where}: CRC32C mismatch for key {r.record.key} (bytes {r.record.offset}.."
-                    f"{r.record.offset + r.record.length}); the file is damaged. Load an earlier "
+                    f"{where}: CRC32C mismatch for key {rec.key} (bytes {rec.offset}.."
+                    f"{rec.offset + rec.length}); the file is damaged. Load an earlier "
                     "checkpoint."
                 )
-        return sum(r.record.length for r in group)
+        return sum(rec.length for rec in records)
 
     def close(self) -> None:
         """Stop the reader's threads and close the backends it opened."""
         self._pool.shutdown(wait=True)
         if self._own_backends:
             self._backends.close()
+
+
+def _settle(futures: list[Future[int]]) -> None:
+    """Cancel the reads not started yet and wait for the others (their errors are the
+    caller's to raise, or are superseded by the one it raises)."""
+    for f in futures:
+        f.cancel()
+    wait(futures)
 
 
 def _empty(rec: TensorRecord, dtype: torch.dtype, where: str) -> torch.Tensor:

@@ -4,9 +4,11 @@ where a filesystem refuses O_DIRECT (ramfs; tmpfs too before Linux 6.6), full di
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 
 import cloudckpt
 from cloudckpt.storage import LocalBackend
-from cloudckpt.storage.filesystems import DIRECT_ALIGN, DIRECT_AUTO_MIN, DIRECT_BLOCK
+from cloudckpt.storage.filesystems import DIRECT_ALIGN, DIRECT_AUTO_MIN, DIRECT_BLOCK, READ_PIECE
 
 SIZES = [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN, DIRECT_ALIGN + 1, DIRECT_BLOCK - 1, DIRECT_BLOCK,
          3 * DIRECT_BLOCK + 12345]  # fmt: skip
@@ -185,3 +187,28 @@ def test_bad_direct_io_option_is_a_config_error(tmp_path: Path, value: object) -
 @pytest.mark.parametrize(("value", "parsed"), [("auto", None), (True, True), ("false", False)])
 def test_direct_io_values(value: object, parsed: bool | None) -> None:
     assert LocalBackend({"direct_io": value}).direct_io is parsed
+
+
+def test_large_reads_go_in_parallel_pieces(tmp_path: Path) -> None:
+    """A range over READ_PIECE bytes is read as pieces on the backend's threads, scattered into
+    destination views that pieces cut anywhere (here across uneven views); a file that ends
+    early is an EOFError naming it, and no piece is still reading once read_into returns."""
+    size = 3 * READ_PIECE + 12345
+    data = _pattern(size)
+    path = tmp_path / "obj"
+    path.write_bytes(data)
+    be = LocalBackend()
+    try:
+        offset = 100
+        cuts = [0, 7, READ_PIECE - 3, 2 * READ_PIECE + 1, size - offset]
+        dest = [memoryview(bytearray(b - a)) for a, b in itertools.pairwise(cuts)]
+        be.read_into(str(path), offset, dest)
+        assert b"".join(bytes(d) for d in dest) == data[offset:]
+        assert any(t.name.startswith("cloudckpt-pread") for t in threading.enumerate())
+        too_long = [memoryview(bytearray(size))]
+        with pytest.raises(
+            EOFError, match=rf"{path}: object ends at byte {size}, 100 more expected"
+        ):
+            be.read_into(str(path), 100, too_long)
+    finally:
+        be.close()

@@ -21,7 +21,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,6 +53,8 @@ DIRECT_DEPTH = 8  # staging buffers in flight per object, at most
 DIRECT_POOL = 16  # staging buffers of one backend in all (64 MiB), shared by its objects
 DIRECT_AUTO_MIN = 16 << 20  # "auto": objects from this size on go through O_DIRECT
 DIRECT_THREADS = 16  # the backend's writer threads, shared by the objects it writes at once
+READ_PIECE = 8 << 20  # reads larger than this go as pieces of this size, in parallel
+READ_THREADS = 16  # the backend's reader threads, shared by the reads in flight
 
 
 def parse_direct_io(value: Any) -> bool | None:
@@ -77,6 +79,19 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         if n <= 0:  # pragma: no cover - the kernel raises ENOSPC/EIO instead
             raise OSError(f"pwrite wrote {n} bytes")
         view, offset = view[n:], offset + n
+
+
+def _pread_all(fd: int, path: str, offset: int, views: list[memoryview]) -> None:
+    """Fill ``views`` from ``fd`` at ``offset`` (``preadv`` may read less than asked);
+    ``EOFError`` where the file ends first."""
+    while views:
+        batch = views[:_IOV_MAX]
+        got = os.preadv(fd, batch, offset)
+        if got == 0:
+            want = buffers.total(views)
+            raise EOFError(f"{path}: object ends at byte {offset}, {want} more expected")
+        offset += got
+        views = buffers.skip(batch, got) + views[len(batch) :]
 
 
 _libc_fallocate: Any = None
@@ -188,15 +203,17 @@ class LocalBackend(Backend):
         super().__init__(storage_options)
         self.direct_io = parse_direct_io(self.storage_options.get("direct_io", "auto"))
         self._pool: ThreadPoolExecutor | None = None
+        self._read_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._no_direct: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
         self._staging = _StagingPool(DIRECT_POOL)
 
     def close(self) -> None:
         with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+            pools, self._pool, self._read_pool = (self._pool, self._read_pool), None, None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def to_path(self, uri: str) -> str:
         for prefix in ("file://", "local://"):
@@ -234,6 +251,14 @@ class LocalBackend(Backend):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(DIRECT_THREADS, thread_name_prefix="cloudckpt-dio")
             return self._pool
+
+    def _reader_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._read_pool is None:
+                self._read_pool = ThreadPoolExecutor(
+                    READ_THREADS, thread_name_prefix="cloudckpt-pread"
+                )
+            return self._read_pool
 
     def _open_temp(self, path: str, direct: bool) -> tuple[str, int, bool]:
         """A new temporary file next to ``path``: its name, fd, and whether it is O_DIRECT."""
@@ -385,17 +410,27 @@ class LocalBackend(Backend):
         self._fsync_dir(os.path.dirname(path))
 
     def read_into(self, path: str, offset: int, dest: Sequence[memoryview]) -> None:
+        """``preadv`` into ``dest``; a range over ``READ_PIECE`` bytes is read as pieces of
+        that size on the backend's threads, ``READ_THREADS`` at a time across the reads in
+        flight (one sequential read of a cold file waits on the disk one request at a time)."""
+        views = [b for b in dest if b.nbytes]
         fd = os.open(path, os.O_RDONLY)
         try:
-            views = [b for b in dest if b.nbytes]
-            while views:
-                batch = views[:_IOV_MAX]
-                got = os.preadv(fd, batch, offset)
-                if got == 0:
-                    want = buffers.total(views)
-                    raise EOFError(f"{path}: object ends at byte {offset}, {want} more expected")
-                offset += got
-                views = buffers.skip(batch, got) + views[len(batch) :]
+            if buffers.total(views) <= READ_PIECE:
+                _pread_all(fd, path, offset, views)
+                return
+            pool = self._reader_pool()
+            futures: list[Future[None]] = []
+            for piece in buffers.split(views, READ_PIECE):
+                futures.append(pool.submit(_pread_all, fd, path, offset, piece))
+                offset += buffers.total(piece)
+            try:
+                for future in futures:
+                    future.result()
+            finally:  # on an error: nothing may still read into ``dest`` once this returns
+                for future in futures:
+                    future.cancel()
+                wait(futures)
         finally:
             os.close(fd)
 
