@@ -219,7 +219,7 @@ class AsyncSave:
 class _StepCheckpoints:
     """What both managers share: the root, step names, loads and retention."""
 
-    _ASYNC = False
+    _ASYNC = False  # whether save() stages and returns (AsyncCheckpointManager)
 
     def __init__(
         self,
@@ -229,10 +229,20 @@ class _StepCheckpoints:
         keep_last: int | None = None,
         keep_every: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        async_save: bool = False,
         rank_info: RankInfo | None = None,
         gc_older_than: float | None = None,
-        async_writes: bool = False,
     ) -> None:
+        if async_save and not self._ASYNC:
+            warnings.warn(
+                "CheckpointManager(async_save=True) is deprecated: use "
+                "cloudckpt.AsyncCheckpointManager, whose save() returns an AsyncSave "
+                "(.staged, .committed futures; .result() waits for the commit)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        self._deprecated_async = async_save and not self._ASYNC
+        async_writes = async_save or self._ASYNC
         self._config = resolve_config(config)
         root = root or self._config.storage.root
         if not root:
@@ -406,38 +416,6 @@ class CheckpointManager(_StepCheckpoints):
     commit_future)`` as before.
     """
 
-    def __init__(
-        self,
-        root: str | None = None,
-        *,
-        config: CheckpointerConfig | str | os.PathLike[str] | None = None,
-        keep_last: int | None = None,
-        keep_every: int | None = None,
-        storage_options: dict[str, Any] | None = None,
-        async_save: bool = False,
-        rank_info: RankInfo | None = None,
-        gc_older_than: float | None = None,
-    ) -> None:
-        if async_save:
-            warnings.warn(
-                "CheckpointManager(async_save=True) is deprecated: use "
-                "cloudckpt.AsyncCheckpointManager, whose save() returns an AsyncSave "
-                "(.staged, .committed futures; .result() waits for the commit)",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-        self._deprecated_async = async_save
-        super().__init__(
-            root,
-            config=config,
-            keep_last=keep_last,
-            keep_every=keep_every,
-            storage_options=storage_options,
-            rank_info=rank_info,
-            gc_older_than=gc_older_than,
-            async_writes=async_save,
-        )
-
     def save(self, step: int, state_dict: STATE_DICT, **kwargs: Any) -> str:
         """Save and commit ``step``, then (rank 0) write the ``latest`` hint and apply
         retention; returns the checkpoint's URI. ``kwargs`` go to the checkpointer
@@ -455,29 +433,10 @@ class AsyncCheckpointManager(_StepCheckpoints):
     """A :class:`CheckpointManager` whose ``save`` returns once the state dict is staged;
     the write, the commit, the ``latest`` hint and retention run behind the caller (the
     thread or process writer of ``[process] writer``; see async.md). One save is in flight:
-    the next ``save`` first waits for it."""
+    the next ``save`` first waits for it. Its arguments are :class:`CheckpointManager`'s
+    (``async_save`` changes nothing here)."""
 
-    def __init__(
-        self,
-        root: str | None = None,
-        *,
-        config: CheckpointerConfig | str | os.PathLike[str] | None = None,
-        keep_last: int | None = None,
-        keep_every: int | None = None,
-        storage_options: dict[str, Any] | None = None,
-        rank_info: RankInfo | None = None,
-        gc_older_than: float | None = None,
-    ) -> None:
-        super().__init__(
-            root,
-            config=config,
-            keep_last=keep_last,
-            keep_every=keep_every,
-            storage_options=storage_options,
-            rank_info=rank_info,
-            gc_older_than=gc_older_than,
-            async_writes=True,
-        )
+    _ASYNC = True
 
     def save(self, step: int, state_dict: STATE_DICT, **kwargs: Any) -> AsyncSave:
         """Stage ``step`` now; write and commit it behind the caller. ``kwargs`` go to the

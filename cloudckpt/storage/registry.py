@@ -355,14 +355,7 @@ class SharedBackends:
     belong to the cache: :meth:`close` leaves them open (:func:`clear_backend_cache` closes
     them)."""
 
-    def resolve(
-        self,
-        uri: str,
-        *,
-        backend: str | None = None,
-        storage_options: Mapping[str, Any] | None = None,
-    ) -> tuple[Backend, str]:
-        return resolve(uri, backend=backend, storage_options=storage_options)
+    resolve = staticmethod(resolve)
 
     def close(self) -> None:
         """Nothing to close: the cache owns its backends."""
