@@ -73,7 +73,7 @@ from .protocol.records import (
 from .storage.config import StorageConfig
 from .storage.interface import Backend
 from .storage.messages import describe_store_error
-from .storage.registry import resolve
+from .storage.registry import BackendSource, OwnedBackends
 from .tree import TensorLeaf, flatten
 from .types import STATE_DICT, RankInfo
 from .units import format_size
@@ -215,7 +215,10 @@ def plan_global_leaves(
 
 
 class CheckpointWriter:
-    """Writes one rank's part of a checkpoint and, with a barrier, commits it for all ranks."""
+    """Writes one rank's part of a checkpoint and, with a barrier, commits it for all ranks.
+
+    Backends come from ``backends`` when given (the caller's: left open by :meth:`close`),
+    else the writer opens its own and closes them in :meth:`close`."""
 
     def __init__(
         self,
@@ -225,12 +228,15 @@ class CheckpointWriter:
         commit_hook: WriterHook | None = None,
         *,
         storage: StorageConfig | None = None,
+        backends: BackendSource | None = None,
     ) -> None:
         self._config = config
         self._rank_info = rank_info
         self._barrier = barrier
         self._commit_hook = commit_hook
         self._storage = storage or StorageConfig()
+        self._own_backends = backends is None
+        self._backends: BackendSource = OwnedBackends() if backends is None else backends
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="cloudckpt-write")
 
     @property
@@ -284,7 +290,7 @@ class CheckpointWriter:
         kwargs: dict[str, Any],
     ) -> None:
         uri = self._storage.resolve_uri(path)
-        backend, root = resolve(
+        backend, root = self._backends.resolve(
             uri,
             backend=self._storage.backend,
             storage_options=self._storage.options_with(storage_options),
@@ -612,10 +618,14 @@ class CheckpointWriter:
         return FileRecord(planned.path, size)
 
     def close(self) -> None:
-        """Stop the writer's threads."""
+        """Stop the writer's threads, close the backends it opened and its barrier."""
         self._pool.shutdown(wait=True)
-        if self._barrier is not None:
-            self._barrier.close()
+        try:
+            if self._own_backends:
+                self._backends.close()
+        finally:
+            if self._barrier is not None:
+                self._barrier.close()
 
 
 def _manifest_for(
