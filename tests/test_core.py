@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 from types import MappingProxyType
@@ -29,6 +30,7 @@ from state_asserts import same
 import cloudckpt
 from cloudckpt.format.encoding import parse_safetensors_header
 from cloudckpt.protocol.records import MANIFEST_NAME
+from cloudckpt.storage import OwnedBackends
 from cloudckpt.tree import MAX_DEPTH
 
 
@@ -383,6 +385,42 @@ def test_seed_style_checkpointer_api(tmp_path: Path) -> None:
         cloudckpt.create_barrier_from_config(cloudckpt.BarrierConfig(barrier_type="nope"))
     done = cloudckpt.wrap_future(42)
     assert done.result() is None
+
+
+def _new_threads(before: set[int | None]) -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.ident not in before and t.is_alive())
+
+
+def test_a_checkpointer_closes_the_backends_it_opened(tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    sd = {"big": torch.ones(8 << 20)}  # 32 MiB: the local backend writes it through its pool
+    ckpt = cloudckpt.make_sync_checkpointer()
+    ckpt.save(str(tmp_path / "c"), sd)
+    assert torch.equal(ckpt.load(str(tmp_path / "c"))["big"], sd["big"])
+    assert any(n.startswith("cloudckpt-dio") for n in _new_threads(before))  # the pool ran
+    ckpt.close()
+    assert _new_threads(before) == []  # writer, reader and backend pools all gone
+
+
+def test_a_checkpointer_leaves_the_callers_backends_open(tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    mine = OwnedBackends()
+    with cloudckpt.make_sync_checkpointer(backends=mine) as ckpt:
+        ckpt.save(str(tmp_path / "c"), {"big": torch.ones(8 << 20)})
+    (backend,) = mine.open  # still the caller's, still usable
+    assert backend.exists(backend.to_path(str(tmp_path / "c" / "manifest.json")))
+    assert any(n.startswith("cloudckpt-dio") for n in _new_threads(before))
+    mine.close()
+    assert mine.open == [] and _new_threads(before) == []
+
+
+def test_a_manager_closes_its_backends(tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    with cloudckpt.CheckpointManager(str(tmp_path / "run"), keep_last=1) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"big": torch.full((8 << 20,), float(step))})
+        assert mgr.steps() == [2]
+    assert _new_threads(before) == []
 
 
 def test_not_found_is_a_file_not_found_error(tmp_path: Path) -> None:
