@@ -41,7 +41,7 @@ from .errors import (
     WriterProcessError,
     WriterProcessTimeoutError,
 )
-from .manager import CheckpointManager
+from .manager import AsyncCheckpointManager, AsyncSave, CheckpointManager
 from .protocol import CopyReport, VerifyReport, copy, verify
 from .storage import (
     Backend,
@@ -102,7 +102,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "STATE_DICT",
+    "AsyncCheckpointManager",
     "AsyncCheckpointer",
+    "AsyncSave",
     "Backend",
     "BackendError",
     "Barrier",

@@ -7,18 +7,18 @@ every tensor's CRC32C is checked before the call returns.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import legacy
 from .errors import (
-    BackendError,
     CheckpointError,
     CheckpointNotCommittedError,
     ConfigError,
@@ -26,15 +26,23 @@ from .errors import (
     StateDictMismatchError,
 )
 from .format.encoding import crc32c, dtype_from_name, tensor_bytes
-from .gc_pause import paused_gc
+from .gc_pause import freeze_survivors, paused_gc
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import is_dtensor
-from .protocol.committed import CommittedCheckpoint, open_checkpoint, unreadable_name
+from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import RankIndex, TensorRecord
 from .storage.config import StorageConfig
-from .storage.messages import describe_store_error
-from .storage.registry import resolve
-from .tree import LeafMakers, Node, child_key, node_kind, unflatten
+from .storage.registry import BackendSource, OwnedBackends
+from .tree import (
+    LeafMakers,
+    Node,
+    child_key,
+    container_kind,
+    node_kind,
+    rebuild_in_place,
+    unflatten,
+    walk,
+)
 from .types import STATE_DICT, RankInfo
 from .units import format_size
 
@@ -45,16 +53,25 @@ MAX_REQUEST = 64 << 20  # split coalesced reads so large files are fetched in pa
 
 
 @dataclass
-class _Request:
-    """One tensor to read: where it is, and the buffer it goes into."""
+class _Reads:
+    """The tensors to read, as columns (one object per load, not one per tensor): where each
+    is stored and the contiguous CPU tensor its bytes go into; ``copies`` pairs such a buffer
+    with the caller's tensor that could not take the bytes itself."""
 
-    record: TensorRecord
-    dest: torch.Tensor  # contiguous CPU tensor receiving the bytes
-    copy_to: torch.Tensor | None = None  # the caller's tensor, when it could not take them
+    records: list[TensorRecord] = field(default_factory=list)
+    dests: list[torch.Tensor] = field(default_factory=list)
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, record: TensorRecord, dest: torch.Tensor) -> None:
+        self.records.append(record)
+        self.dests.append(dest)
 
 
 class CheckpointReader:
-    """Reads state dicts (whole, or only a target's keys) from committed checkpoints."""
+    """Reads state dicts (whole, or only a target's keys) from committed checkpoints.
+
+    Backends come from ``backends`` when given (the caller's: left open by :meth:`close`),
+    else the reader opens its own and closes them in :meth:`close`."""
 
     def __init__(
         self,
@@ -62,9 +79,12 @@ class CheckpointReader:
         *,
         storage: StorageConfig | None = None,
         concurrency: int = 8,
+        backends: BackendSource | None = None,
     ) -> None:
         self._rank_info = rank_info
         self._storage = storage or StorageConfig()
+        self._own_backends = backends is None
+        self._backends: BackendSource = OwnedBackends() if backends is None else backends
         self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="cloudckpt-read")
 
     def open(
@@ -73,7 +93,10 @@ class CheckpointReader:
         """Open the committed checkpoint at ``path`` (URI, plain path, or name under the root)."""
         uri = self._storage.resolve_uri(path)
         return open_checkpoint(
-            uri, self._storage.backend, self._storage.options_with(dict(storage_options or {}))
+            uri,
+            self._storage.backend,
+            self._storage.options_with(dict(storage_options or {})),
+            backends=self._backends,
         )
 
     def read(
@@ -114,7 +137,7 @@ class CheckpointReader:
             ckpt = self.open(path, storage_options)
         except CheckpointNotCommittedError:
             uri = self._storage.resolve_uri(path)
-            backend, root = resolve(
+            backend, root = self._backends.resolve(
                 uri,
                 backend=self._storage.backend,
                 storage_options=self._storage.options_with(dict(storage_options or {})),
@@ -138,8 +161,10 @@ class CheckpointReader:
         if rank is None:
             rank = 0 if other_world else self._rank_info.global_rank
         index = ckpt.read_index(rank)
+        freeze_survivors()
         relocate = relocation(map_location)
-        requests: list[_Request] = []
+        reads = _Reads()
+        dtypes: dict[str, torch.dtype] = {}
         global_requests: list[GlobalRequest] = []
         missing: list[str] = []
         per_rank: list[str] = []
@@ -150,10 +175,14 @@ class CheckpointReader:
             if not 0 <= i < len(index.tensors):
                 raise CorruptCheckpointError(f"{ckpt.uri}: tree names tensor #{i}, not in index")
             rec = index.tensors[i]
-            dtype = dtype_from_name(rec.dtype, ckpt.uri)
+            dtype = dtypes.get(rec.dtype)
+            if dtype is None:
+                dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
             if target is None:
-                dest = _empty(rec, dtype, ckpt.uri)
-                requests.append(_Request(rec, dest))
+                dest = early.pop(i, None)  # already on its way
+                if dest is None:
+                    dest = _empty(rec, dtype, ckpt.uri)
+                    reads.add(rec, dest)
                 return dest
             if is_dtensor(target):
                 raise StateDictMismatchError(
@@ -167,9 +196,11 @@ class CheckpointReader:
                     "to match (shape and dtype mismatches always raise)"
                 )
             if target.device.type == "cpu" and target.is_contiguous():
-                requests.append(_Request(rec, target))
+                reads.add(rec, target)
             else:
-                requests.append(_Request(rec, _empty(rec, dtype, ckpt.uri), target))
+                dest = _empty(rec, dtype, ckpt.uri)
+                reads.add(rec, dest)
+                reads.copies.append((dest, target))
             return target
 
         def take_global(j: int, key: str, target: Any = None) -> Any:
@@ -182,27 +213,50 @@ class CheckpointReader:
             return value
 
         makers = LeafMakers(take, take_global, per_rank.append if other_world else None)
-        if state_dict is None:
-            result = unflatten(index.tree, makers, ckpt.uri)
-        else:
-            result = _merge(state_dict, index.tree, makers, missing, ckpt.uri)
-        if per_rank:
-            shown = ", ".join(per_rank[:5]) + (" ..." if len(per_rank) > 5 else "")
-            raise CheckpointError(
-                f"{ckpt.uri} was saved by {saved_world} rank(s) but this job has "
-                f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's "
-                f"per-rank leaves ({shown}) (rank=0 for replicated state such as a DDP model), "
-                "or save such leaves with replicated=[...] patterns; DTensors and replicated "
-                "leaves load at any world size"
-            )
+        # A whole load of plain tensors reads every tensor the index lists: those reads start
+        # now, so the store sends bytes while this thread builds the tree (per-tensor work).
+        early: dict[int, torch.Tensor] = {}
+        ahead = _Reads()
+        early_reads: list[Future[int]] = []
+        if state_dict is None and not other_world and not index.globals:
+            for i, rec in enumerate(index.tensors):
+                dtype = dtypes.get(rec.dtype)
+                if dtype is None:
+                    dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
+                early[i] = _empty(rec, dtype, ckpt.uri)
+                ahead.add(rec, early[i])
+            freeze_survivors()
+            early_reads = self._submit(ckpt, index, ahead)
+        try:
+            if state_dict is None:
+                result = unflatten(index.tree, makers, ckpt.uri)
+            else:
+                result = _merge(state_dict, index.tree, makers, missing, ckpt.uri)
+            if per_rank:
+                shown = ", ".join(per_rank[:5]) + (" ..." if len(per_rank) > 5 else "")
+                raise CheckpointError(
+                    f"{ckpt.uri} was saved by {saved_world} rank(s) but this job has "
+                    f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's "
+                    f"per-rank leaves ({shown}) (rank=0 for replicated state such as a DDP "
+                    "model), or save such leaves with replicated=[...] patterns; DTensors and "
+                    "replicated leaves load at any world size"
+                )
+        except BaseException:
+            _settle(early_reads)  # nothing of this load still runs when it raises
+            raise
         if global_requests:
             catalog: Catalog = load_catalog(ckpt, {rank: index}, self._pool)
-        nbytes = self._fetch(ckpt, index, requests)
+        freeze_survivors()
+        try:
+            nbytes = self._fetch(ckpt, index, reads)
+            nbytes += sum(f.result() for f in early_reads)
+        except BaseException:
+            _settle(early_reads)
+            raise
         if global_requests:
             nbytes += fetch_globals(ckpt, global_requests, catalog, self._pool)
-        for req in requests:
-            if req.copy_to is not None:
-                req.copy_to.copy_(req.dest)
+        for dest, target in reads.copies:
+            target.copy_(dest)
         if relocate is not None:
             result = _relocated(result, relocate)
         elapsed = time.monotonic() - started
@@ -210,82 +264,99 @@ class CheckpointReader:
             "loaded %s rank %d: %d tensors, %s in %.2f s (%.2f GB/s)",
             ckpt.uri,
             rank,
-            len(requests) + len(global_requests),
+            len(ahead.records) + len(reads.records) + len(global_requests),
             format_size(nbytes),
             elapsed,
             nbytes / max(elapsed, 1e-9) / 1e9,
         )
         return result, missing
 
-    def _fetch(self, ckpt: CommittedCheckpoint, index: RankIndex, requests: list[_Request]) -> int:
-        """Read every request, coalescing per file; returns bytes read."""
-        by_file: dict[int, list[_Request]] = {}
-        for r in requests:
-            by_file.setdefault(r.record.file, []).append(r)
-        jobs = []
-        for file_no, reqs in by_file.items():
-            reqs.sort(key=lambda r: r.record.offset)
-            group: list[_Request] = []
-            for r in reqs:
-                if group:
-                    end = group[-1].record.offset + group[-1].record.length
-                    span = r.record.offset + r.record.length - group[0].record.offset
-                    if r.record.offset - end > MAX_GAP or span > MAX_REQUEST:
-                        jobs.append((file_no, group))
-                        group = []
-                group.append(r)
-            if group:
-                jobs.append((file_no, group))
-        futures = [self._pool.submit(self._read_group, ckpt, index, f, g) for f, g in jobs]
-        return sum(f.result() for f in futures)
+    def _fetch(self, ckpt: CommittedCheckpoint, index: RankIndex, reads: _Reads) -> int:
+        """Read every tensor, coalescing per file; returns bytes read."""
+        futures = self._submit(ckpt, index, reads)
+        try:
+            return sum(f.result() for f in futures)
+        finally:
+            _settle(futures)
+
+    def _submit(
+        self, ckpt: CommittedCheckpoint, index: RankIndex, reads: _Reads
+    ) -> list[Future[int]]:
+        """Start reading every tensor of ``reads``, coalesced per file; each future gives the
+        bytes its group read."""
+        records = reads.records
+        by_file: dict[int, list[int]] = {}  # positions in ``reads``, per file
+        for pos, rec in enumerate(records):
+            by_file.setdefault(rec.file, []).append(pos)
+        jobs: list[tuple[int, list[int]]] = []
+        for file_no, positions in by_file.items():
+            offsets = [records[p].offset for p in positions]
+            if any(a > b for a, b in itertools.pairwise(offsets)):  # writers store them in order
+                positions.sort(key=lambda p: records[p].offset)
+            first = records[positions[0]]
+            start, end, cut = first.offset, first.offset, 0
+            for n, p in enumerate(positions):
+                rec = records[p]
+                if n > cut and (
+                    rec.offset - end > MAX_GAP or rec.offset + rec.length - start > MAX_REQUEST
+                ):
+                    jobs.append((file_no, positions[cut:n]))
+                    start, cut = rec.offset, n
+                end = rec.offset + rec.length
+            jobs.append((file_no, positions[cut:]))
+        return [self._pool.submit(self._read_group, ckpt, index, f, reads, g) for f, g in jobs]
 
     def _read_group(
-        self, ckpt: CommittedCheckpoint, index: RankIndex, file_no: int, group: list[_Request]
+        self,
+        ckpt: CommittedCheckpoint,
+        index: RankIndex,
+        file_no: int,
+        reads: _Reads,
+        group: list[int],
     ) -> int:
         rel = index.files[file_no].path
         where = ckpt.object_uri(rel)
+        records = [reads.records[p] for p in group]
         buffers: list[memoryview] = []
         views: list[memoryview] = []
-        pos = group[0].record.offset
-        for r in group:
-            gap = r.record.offset - pos
+        first = records[0]
+        pos = first.offset
+        for rec, p in zip(records, group):
+            gap = rec.offset - pos
             if gap > 0:
                 buffers.append(memoryview(bytearray(gap)))
-            views.append(tensor_bytes(r.dest))
+            views.append(tensor_bytes(reads.dests[p]))
             buffers.append(views[-1])
-            pos = r.record.offset + r.record.length
-        try:
-            ckpt.backend.read_into(
-                ckpt.backend.join(ckpt.root, rel), group[0].record.offset, buffers
-            )
-        except FileNotFoundError:
-            raise CorruptCheckpointError(
-                f"{where} is missing but the index lists it (key {group[0].record.key}); the "
-                "checkpoint is damaged. Load an earlier checkpoint."
-            ) from None
-        except EOFError as e:
-            raise CorruptCheckpointError(
-                f"{where} is truncated ({e}); key {group[0].record.key} and later cannot be read. "
-                "Load an earlier checkpoint."
-            ) from None
-        except BackendError:  # from the backend: names the object and what to do
-            raise
-        except OSError as e:
-            raise BackendError(describe_store_error(ckpt.uri, where, e, reading=True)) from e
-        except (ValueError, TypeError) as e:
-            raise unreadable_name(where, e) from e
-        for r, view in zip(group, views):
-            if crc32c(view) != r.record.crc32c:
+            pos = rec.offset + rec.length
+        offset = first.offset
+        ckpt.read_object(
+            rel,
+            lambda path: ckpt.backend.read_into(path, offset, buffers),
+            "the index",
+            first.key,
+        )
+        for rec, view in zip(records, views):
+            if crc32c(view) != rec.crc32c:
                 raise CorruptCheckpointError(
-                    f"{where}: CRC32C mismatch for key {r.record.key} (bytes {r.record.offset}.."
-                    f"{r.record.offset + r.record.length}); the file is damaged. Load an earlier "
+                    f"{where}: CRC32C mismatch for key {rec.key} (bytes {rec.offset}.."
+                    f"{rec.offset + rec.length}); the file is damaged. Load an earlier "
                     "checkpoint."
                 )
-        return sum(r.record.length for r in group)
+        return sum(rec.length for rec in records)
 
     def close(self) -> None:
-        """Stop the reader's threads."""
+        """Stop the reader's threads and close the backends it opened."""
         self._pool.shutdown(wait=True)
+        if self._own_backends:
+            self._backends.close()
+
+
+def _settle(futures: list[Future[int]]) -> None:
+    """Cancel the reads not started yet and wait for the others (their errors are the
+    caller's to raise, or are superseded by the one it raises)."""
+    for f in futures:
+        f.cancel()
+    wait(futures)
 
 
 def _empty(rec: TensorRecord, dtype: torch.dtype, where: str) -> torch.Tensor:
@@ -322,7 +393,8 @@ def _merge(
                 f"{key or '<root>'}: the target holds a tensor but {where} holds a {kind} there"
             )
         return makers.tensor(int(payload), key, target)
-    if isinstance(target, Mapping):
+    target_kind = container_kind(target, key, StateDictMismatchError)
+    if target_kind == "dict" or target_kind == "odict":
         if kind not in ("dict", "odict"):
             raise StateDictMismatchError(
                 f"{key or '<root>'}: the target holds a dict but {where} holds a {kind} there"
@@ -331,11 +403,11 @@ def _merge(
         for k in list(target):
             ck = child_key(key, k, False)
             if k in source:
-                target[k] = _merge(target[k], source[k], makers, missing, where, ck)  # type: ignore[index]
+                target[k] = _merge(target[k], source[k], makers, missing, where, ck)
             else:
                 missing.append(ck)
         return target
-    if isinstance(target, (list, tuple)):
+    if target_kind is not None:
         if kind not in ("list", "tuple"):
             raise StateDictMismatchError(
                 f"{key or '<root>'}: the target holds a {type(target).__name__} but {where} "
@@ -349,10 +421,7 @@ def _merge(
             else:
                 missing.append(ck)
                 items.append(item)
-        if isinstance(target, list):
-            target[:] = items
-            return target
-        return tuple(items)
+        return rebuild_in_place(target_kind, target, items)
     return unflatten(node, makers, where, key)
 
 
@@ -394,15 +463,9 @@ def relocation(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor] | No
 
 
 def _relocated(value: Any, relocate: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return relocate(value)
-    if isinstance(value, dict):
-        for k in value:
-            value[k] = _relocated(value[k], relocate)
-        return value
-    if isinstance(value, list):
-        value[:] = [_relocated(v, relocate) for v in value]
-        return value
-    if isinstance(value, tuple):
-        return tuple(_relocated(v, relocate) for v in value)
-    return value
+    """``value`` with every tensor relocated, its dicts and lists kept (filled in place)."""
+
+    def leaf(value: Any, key: str) -> Any:
+        return relocate(value) if isinstance(value, torch.Tensor) else value
+
+    return walk(value, leaf, rebuild_in_place, keys=False)

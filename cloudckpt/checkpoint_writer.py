@@ -47,8 +47,9 @@ from .format.chunks import (
     check_patterns,
 )
 from .format.encoding import (
-    build_safetensors_header,
+    SafetensorsHeader,
     crc32c,
+    crc32c_concat,
     dtype_name,
     safetensors_entry,
     tensor_bytes,
@@ -72,7 +73,7 @@ from .protocol.records import (
 from .storage.config import StorageConfig
 from .storage.interface import Backend
 from .storage.messages import describe_store_error
-from .storage.registry import resolve
+from .storage.registry import BackendSource, OwnedBackends
 from .tree import TensorLeaf, flatten
 from .types import STATE_DICT, RankInfo
 from .units import format_size
@@ -105,19 +106,28 @@ def host_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PlannedFile:
-    """One data file: its tensors in storage order and their safetensors names."""
+    """One data file: the tensors ``start:stop`` of the save's list (stored in that order) and
+    their safetensors names."""
 
     path: str
-    leaves: list[tuple[int, TensorLeaf, str]] = field(default_factory=list)  # (idx, leaf, name)
+    start: int
+    stop: int = 0
+    names: list[str] = field(default_factory=list)
     nbytes: int = 0
 
 
 MIN_SPREAD_FILE = 16 << 20
 
 
-def target_file_size(total: int, file_size: int, concurrency: int) -> int:
+def target_file_size(
+    total: int, file_size: int, concurrency: int, *, parallel_parts: bool = False
+) -> int:
     """The size to pack files to: ``file_size``, or less so that ``concurrency`` files share the
-    work when there is enough data (never below 16 MiB, so small saves stay one file)."""
+    work when there is enough data (never below 16 MiB, so small saves stay one file). A store
+    that uploads one object's parts in parallel (``parallel_parts``) gets ``file_size``: more
+    objects would only add round trips."""
+    if parallel_parts:
+        return max(1, file_size)
     spread = -(-total // max(1, concurrency))
     return max(1, min(file_size, max(spread, MIN_SPREAD_FILE)))
 
@@ -131,8 +141,8 @@ def plan_files(
     current: PlannedFile | None = None
     for i, leaf in enumerate(leaves):
         nbytes = leaf.tensor.numel() * leaf.tensor.element_size()
-        if current is None or (current.leaves and current.nbytes + nbytes > file_size):
-            current = PlannedFile(data_file_name(rank, len(files), attempt))
+        if current is None or (current.names and current.nbytes + nbytes > file_size):
+            current = PlannedFile(data_file_name(rank, len(files), attempt), i, i)
             files.append(current)
         name = leaf.key or "<root>"
         n = 2
@@ -140,22 +150,29 @@ def plan_files(
             name = f"{leaf.key}#{n}"
             n += 1
         names.add(name)
-        current.leaves.append((i, leaf, name))
+        current.names.append(name)
+        current.stop = i + 1
         current.nbytes += nbytes
     return files
 
 
 def block_checksums(
     view: memoryview, shape: tuple[int, ...], itemsize: int
-) -> tuple[int, list[int]]:
-    """Rows per block and one CRC32C per block of rows of a stored chunk."""
+) -> tuple[int, list[int], int]:
+    """Rows per block, one CRC32C per block of rows of a stored chunk, and the CRC32C of the
+    whole chunk derived from the blocks' (one pass over the bytes, not two)."""
     if not shape:
-        return 1, [crc32c(view)]
+        crc = crc32c(view)
+        return 1, [crc], crc
     row_bytes = math.prod(shape[1:]) * itemsize
     per_block = block_rows(row_bytes)
-    step = per_block * row_bytes
-    crcs = [crc32c(view[s : s + step]) for s in range(0, max(view.nbytes, 1), max(step, 1))]
-    return per_block, crcs[: -(-shape[0] // per_block)] if shape[0] else []
+    step = max(per_block * row_bytes, 1)
+    starts = range(0, view.nbytes, step)
+    crcs = [crc32c(view[s : s + step]) for s in starts]
+    whole = crc32c_concat(zip(crcs, (min(step, view.nbytes - s) for s in starts)))
+    n_blocks = -(-shape[0] // per_block)
+    crcs += [0] * (n_blocks - len(crcs))  # rows of no bytes (a zero-size dimension): CRC 0
+    return per_block, crcs[:n_blocks], whole
 
 
 def plan_global_leaves(
@@ -198,7 +215,10 @@ def plan_global_leaves(
 
 
 class CheckpointWriter:
-    """Writes one rank's part of a checkpoint and, with a barrier, commits it for all ranks."""
+    """Writes one rank's part of a checkpoint and, with a barrier, commits it for all ranks.
+
+    Backends come from ``backends`` when given (the caller's: left open by :meth:`close`),
+    else the writer opens its own and closes them in :meth:`close`."""
 
     def __init__(
         self,
@@ -208,12 +228,15 @@ class CheckpointWriter:
         commit_hook: WriterHook | None = None,
         *,
         storage: StorageConfig | None = None,
+        backends: BackendSource | None = None,
     ) -> None:
         self._config = config
         self._rank_info = rank_info
         self._barrier = barrier
         self._commit_hook = commit_hook
         self._storage = storage or StorageConfig()
+        self._own_backends = backends is None
+        self._backends: BackendSource = OwnedBackends() if backends is None else backends
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="cloudckpt-write")
 
     @property
@@ -267,7 +290,7 @@ class CheckpointWriter:
         kwargs: dict[str, Any],
     ) -> None:
         uri = self._storage.resolve_uri(path)
-        backend, root = resolve(
+        backend, root = self._backends.resolve(
             uri,
             backend=self._storage.backend,
             storage_options=self._storage.options_with(storage_options),
@@ -324,13 +347,7 @@ class CheckpointWriter:
                     f"so {uri} cannot be committed; its exchange() must return every rank's "
                     "outcome on rank 0 (or implement only execute_barrier())"
                 )
-            manifest = Manifest(
-                world_size=world,
-                ranks=[o.entry() for o in outcomes],
-                library_version=__version__,
-                metadata=metadata or {},
-                attempt=attempt,
-            )
+            manifest = _manifest_for(world, outcomes, metadata, attempt)
             try:
                 report = commit(backend, root, uri, manifest, overwrite=overwrite)
             except BaseException as e:
@@ -438,13 +455,7 @@ class CheckpointWriter:
         barrier.execute_barrier()
         if rank == 0:
             outcomes = [self._pending_outcome(backend, root, uri, r) for r in range(world)]
-            manifest = Manifest(
-                world_size=world,
-                ranks=[o.entry() for o in outcomes],
-                library_version=__version__,
-                metadata=metadata or {},
-                attempt=attempt,
-            )
+            manifest = _manifest_for(world, outcomes, metadata, attempt)
             commit(backend, root, uri, manifest, overwrite=overwrite)
             for r in range(world):
                 try:
@@ -517,14 +528,19 @@ class CheckpointWriter:
     ) -> tuple[list[FileRecord], list[TensorRecord], list[GlobalRecord]]:
         to_write, chunk_of, globals_ = plan_global_leaves(leaves, rank)
         total = sum(leaf.tensor.numel() * leaf.tensor.element_size() for leaf in to_write)
-        size = target_file_size(total, self._config.file_size_bytes, self._config.concurrency)
+        size = target_file_size(
+            total,
+            self._config.file_size_bytes,
+            self._config.concurrency,
+            parallel_parts=backend.capabilities.parallel_parts,
+        )
         plan = plan_files(to_write, rank, size, attempt)
         records: list[TensorRecord | None] = [None] * len(to_write)
         blocks: dict[int, tuple[int, list[int]]] = {}
         stop = threading.Event()
         futures = [
             self._pool.submit(
-                self._write_file, backend, root, uri, n, planned, records, blocks, stop
+                self._write_file, backend, root, uri, n, planned, to_write, records, blocks, stop
             )
             for n, planned in enumerate(plan)
         ]
@@ -554,39 +570,47 @@ class CheckpointWriter:
         uri: str,
         file_no: int,
         planned: PlannedFile,
+        leaves: list[TensorLeaf],
         records: list[TensorRecord | None],
         blocks: dict[int, tuple[int, list[int]]],
         stop: threading.Event,
     ) -> FileRecord:
-        entries = []
-        for _, leaf, name in planned.leaves:
-            t = leaf.tensor
+        dtypes: dict[torch.dtype, str] = {}
+        header = SafetensorsHeader()
+        for i, name in enumerate(planned.names, planned.start):
+            t = leaves[i].tensor
+            dtype = dtypes.get(t.dtype)
+            if dtype is None:
+                dtype = dtypes[t.dtype] = dtype_name(t.dtype)
             nbytes = t.numel() * t.element_size()
-            st_dtype, st_shape = safetensors_entry(dtype_name(t.dtype), tuple(t.shape), nbytes)
-            entries.append((name, st_dtype, st_shape, nbytes))
-        header = build_safetensors_header(entries)
-        size = len(header) + planned.nbytes
+            header.add(name, *safetensors_entry(dtype, t.shape, nbytes), nbytes)
+        head = header.to_bytes()
+        size = len(head) + planned.nbytes
 
         def chunks() -> Iterator[memoryview | bytes]:
-            yield header
-            offset = len(header)
-            for i, leaf, _ in planned.leaves:
+            yield head
+            offset = len(head)
+            for i in range(planned.start, planned.stop):
                 if stop.is_set():
                     raise _Stopped(f"{uri}: {planned.path} stopped: another data file failed")
+                leaf = leaves[i]
                 t = host_contiguous(leaf.tensor)  # a host copy only for GPU or strided tensors
                 view = tensor_bytes(t)
+                if leaf.shard is None:
+                    crc = crc32c(view)
+                else:  # a global chunk: checksums per block of rows, the whole one from them
+                    per_block, crcs, crc = block_checksums(view, tuple(t.shape), t.element_size())
+                    blocks[i] = (per_block, crcs)
                 records[i] = TensorRecord(
                     leaf.key,
-                    dtype_name(t.dtype),
+                    dtypes[t.dtype],
                     list(t.shape),
                     file_no,
                     offset,
                     view.nbytes,
-                    crc32c(view),
+                    crc,
                 )
                 offset += view.nbytes
-                if leaf.shard is not None:  # a global chunk: checksums per block of rows too
-                    blocks[i] = block_checksums(view, tuple(t.shape), t.element_size())
                 yield view
 
         path = backend.join(root, planned.path)
@@ -594,10 +618,27 @@ class CheckpointWriter:
         return FileRecord(planned.path, size)
 
     def close(self) -> None:
-        """Stop the writer's threads."""
+        """Stop the writer's threads, close the backends it opened and its barrier."""
         self._pool.shutdown(wait=True)
-        if self._barrier is not None:
-            self._barrier.close()
+        try:
+            if self._own_backends:
+                self._backends.close()
+        finally:
+            if self._barrier is not None:
+                self._barrier.close()
+
+
+def _manifest_for(
+    world: int, outcomes: list[RankOutcome], metadata: dict[str, Any] | None, attempt: str
+) -> Manifest:
+    """The manifest rank 0 commits: one entry per rank's outcome, in rank order."""
+    return Manifest(
+        world_size=world,
+        ranks=[o.entry() for o in outcomes],
+        library_version=__version__,
+        metadata=metadata or {},
+        attempt=attempt,
+    )
 
 
 def pending_outcome_name(rank: int) -> str:

@@ -183,13 +183,33 @@ class AsyncCheckpointer(_ReaderCheckpointer):
         self._stager.recycle(staged)
 
     def close(self) -> None:
+        """Wait for the write in flight, close the stager, the background writer and (when
+        owned) the reader, then raise that write's error if no later ``save`` reported it.
+
+        The error is raised once: a second ``close`` returns quietly. Everything is closed
+        before it is raised."""
+        pending, self._write_future = self._write_future, None
+        error: BaseException | None = None
         try:
-            if self._write_future is not None:
-                self._write_future.exception()
+            if pending is not None:
+                error = pending.exception()
         finally:
+            self._staged = None
             try:
                 self._stager.close()
                 self._process.close()
             finally:
                 if self._owns_components:
                     self._reader.close()
+        if error is not None:
+            raise error
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+            return
+        try:  # the block's own exception is the one to see; the write's is logged
+            self.close()
+        except Exception as e:
+            if e is not exc[1]:  # not the write's error itself, raised in the block
+                logger.error("the last checkpoint write failed as well: %s", e)

@@ -411,7 +411,7 @@ def _convert_upstream(ctx: Context, args: argparse.Namespace) -> int:
     backend, root = ctx.resolve(args.src)
     if not legacy.legacy_ranks(backend, root):
         ctx.open(args.src)  # not upstream either: the not-committed error, as before
-    doc = legacy.convert(
+    report = legacy.convert(
         backend,
         root,
         args.src,
@@ -423,10 +423,10 @@ def _convert_upstream(ctx: Context, args: argparse.Namespace) -> int:
         ),
     )
     if ctx.json:
-        _print_json(doc)
+        _print_json(vars(report))
     else:
         sys.stdout.write(
-            f"converted {doc['src']} -> {doc['dst']} ({doc['ranks']} rank file(s) in the "
+            f"converted {report.src} -> {report.dst} ({report.ranks} rank file(s) in the "
             "upstream layout, now committed)\n"
         )
     return EXIT_OK

@@ -10,12 +10,14 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 import torch
 
 from . import load, save
 from .checkpoint_reader import open_checkpoint
 from .errors import CheckpointExistsError
+from .tree import container_kind
 from .units import format_size
 
 
@@ -34,14 +36,19 @@ def _train(steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
-def _same(a: object, b: object) -> bool:
+def _same(a: Any, b: Any) -> bool:
+    """Whether two state dicts hold the same containers (exact types, keys in order) and
+    equal leaves (tensors of the same dtype and values)."""
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    return a == b
+    kind = container_kind(a, "")
+    if kind is None:
+        return bool(a == b)
+    if type(a) is not type(b) or len(a) != len(b):
+        return False
+    if kind == "dict" or kind == "odict":
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    return all(map(_same, a, b))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,13 +15,12 @@ from typing import Any
 
 import torch
 
-from .errors import BackendError, CorruptCheckpointError, StateDictMismatchError
+from .errors import CorruptCheckpointError, StateDictMismatchError
 from .format.chunks import Box, ChunkRecord, GlobalRecord, ReadPiece, read_pieces
 from .format.encoding import crc32c, dtype_from_name, tensor_bytes
 from .global_tensors import is_dtensor, layout_of
 from .protocol.committed import CommittedCheckpoint
 from .protocol.records import RankIndex
-from .storage.messages import describe_store_error
 
 
 @dataclass(frozen=True)
@@ -162,20 +161,9 @@ def read_range(
     ckpt: CommittedCheckpoint, rel: str, offset: int, buffers: list[memoryview], key: str
 ) -> None:
     """Read ``rel`` from ``offset`` into ``buffers``; store errors become library errors."""
-    where = ckpt.object_uri(rel)
-    try:
-        ckpt.backend.read_into(ckpt.backend.join(ckpt.root, rel), offset, buffers)
-    except FileNotFoundError:
-        raise CorruptCheckpointError(
-            f"{where} is missing but the index lists it (key {key}); the checkpoint is "
-            "damaged. Load an earlier checkpoint."
-        ) from None
-    except EOFError as e:
-        raise CorruptCheckpointError(
-            f"{where} is truncated ({e}); key {key} cannot be read. Load an earlier checkpoint."
-        ) from None
-    except OSError as e:
-        raise BackendError(describe_store_error(ckpt.uri, where, e)) from e
+    ckpt.read_object(
+        rel, lambda path: ckpt.backend.read_into(path, offset, buffers), "the index", key
+    )
 
 
 def _read_piece(ckpt: CommittedCheckpoint, job: _Job) -> int:

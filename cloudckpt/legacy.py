@@ -14,7 +14,7 @@ import pickle
 import re
 import threading
 import warnings
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .barriers import Barrier
@@ -97,11 +97,17 @@ def fill(target: Any, loaded: Any, missing: list[str], key: str = "") -> Any:
     keys ``loaded`` lacks go to ``missing``."""
     import torch
 
-    if isinstance(target, Mapping) and isinstance(loaded, Mapping):
+    from .tree import CONTAINER_KINDS, child_key, container_kind
+
+    dicts = ("dict", "odict")
+    if (
+        container_kind(target, key, StateDictMismatchError) in dicts
+        and CONTAINER_KINDS.get(type(loaded)) in dicts
+    ):
         for k in list(target):
-            child = f"{key}.{k}" if key else str(k)
+            child = child_key(key, k, False)
             if k in loaded:
-                target[k] = fill(target[k], loaded[k], missing, child)  # type: ignore[index]
+                target[k] = fill(target[k], loaded[k], missing, child)
             else:
                 missing.append(child)
         return target
@@ -116,6 +122,16 @@ def fill(target: Any, loaded: Any, missing: list[str], key: str = "") -> Any:
             target.copy_(loaded)
             return target
     return loaded
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What :func:`convert` did: the upstream-layout source, the committed destination and
+    how many rank files it converted."""
+
+    src: str
+    dst: str
+    ranks: int
 
 
 class _ThreadGroup:
@@ -174,7 +190,7 @@ def convert(
     overwrite: bool,
     writer_config: Any,
     storage: Any,
-) -> dict[str, Any]:
+) -> ConvertReport:
     """Write the upstream-layout checkpoint at ``src_uri`` as a committed one at ``dst_uri``:
     every rank's file loaded (``weights_only``) and saved by its own writer, in threads."""
     from concurrent.futures import ThreadPoolExecutor
@@ -213,4 +229,4 @@ def convert(
             for f in [pool.submit(one, r) for r in ranks]:
                 f.result()
     logger.info("converted %s (%d rank files) into %s", src_uri, world, dst_uri)
-    return {"src": src_uri, "dst": dst_uri, "ranks": world}
+    return ConvertReport(src_uri, dst_uri, world)

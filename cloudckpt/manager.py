@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import CheckpointerConfig, resolve_config
@@ -27,7 +29,7 @@ from .protocol.commit import GcReport, collect_orphans, remove_checkpoint
 from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import DATA_DIR, INDEX_DIR
 from .storage.interface import ObjectInfo
-from .storage.registry import resolve
+from .storage.registry import BackendSource, OwnedBackends, SharedBackends
 from .types import STATE_DICT, RankInfo
 
 if TYPE_CHECKING:  # the checkpointer (and torch) load with the first manager, not the command
@@ -75,11 +77,13 @@ class CheckpointRoot:
         root: str,
         backend_name: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        backends: BackendSource | None = None,
     ) -> None:
         self.root = root.rstrip("/") or root
         self.backend_name = backend_name
         self.options = dict(storage_options or {})
-        self.backend, self.path = resolve(
+        self._backends = backends or SharedBackends()  # the caller's: never closed here
+        self.backend, self.path = self._backends.resolve(
             self.root, backend=backend_name, storage_options=self.options
         )
         self._warned: set[str] = set()
@@ -113,7 +117,7 @@ class CheckpointRoot:
         failure is raised: it says nothing about the checkpoint."""
         uri = self.uri_of(name)
         try:
-            return open_checkpoint(uri, self.backend_name, self.options)
+            return open_checkpoint(uri, self.backend_name, self.options, backends=self._backends)
         except (CheckpointNotFoundError, CheckpointNotCommittedError):
             return None
         except BackendError:
@@ -196,15 +200,26 @@ class CheckpointRoot:
         return {s: n for s, n in steps.items() if s not in keep}
 
 
-class CheckpointManager:
-    """Saves ``state_dict`` per step under ``root`` and keeps the ones retention asks for.
+@dataclass(frozen=True)
+class AsyncSave:
+    """A save started by :meth:`AsyncCheckpointManager.save`: ``staged`` resolves once the
+    state dict is copied (training may change it again), ``committed`` to the URI once the
+    checkpoint is committed and the ``latest`` hint and retention ran (or to the save's error)."""
 
-    ``async_save=True`` builds an async checkpointer: ``save`` returns once staging is queued,
-    as ``(stage_future, commit_future)``; ``commit_future`` resolves to the URI after the
-    commit, the ``latest`` hint and retention. ``gc_older_than`` (seconds): retention also
-    removes orphans (objects no manifest names: killed or lost saves) of that age under the
-    ``step-N`` checkpoints, as ``cloudckpt gc --older-than`` does.
-    """
+    step: int
+    uri: str
+    staged: Future[None]
+    committed: Future[str]
+
+    def result(self, timeout: float | None = None) -> str:
+        """Wait for the commit; the URI, or the save's error."""
+        return self.committed.result(timeout)
+
+
+class _StepCheckpoints:
+    """What both managers share: the root, step names, loads and retention."""
+
+    _ASYNC = False  # whether save() stages and returns (AsyncCheckpointManager)
 
     def __init__(
         self,
@@ -218,11 +233,21 @@ class CheckpointManager:
         rank_info: RankInfo | None = None,
         gc_older_than: float | None = None,
     ) -> None:
+        if async_save and not self._ASYNC:
+            warnings.warn(
+                "CheckpointManager(async_save=True) is deprecated: use "
+                "cloudckpt.AsyncCheckpointManager, whose save() returns an AsyncSave "
+                "(.staged, .committed futures; .result() waits for the commit)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        self._deprecated_async = async_save and not self._ASYNC
+        async_writes = async_save or self._ASYNC
         self._config = resolve_config(config)
         root = root or self._config.storage.root
         if not root:
             raise ConfigError(
-                "CheckpointManager needs a root: pass root='s3://bucket/run' or set "
+                f"{type(self).__name__} needs a root: pass root='s3://bucket/run' or set "
                 "[storage] root in the config file"
             )
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
@@ -239,19 +264,29 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.gc_older_than = gc_older_than
-        self.async_save = async_save
         from .builder import make_async_checkpointer, make_sync_checkpointer, rank_info_for
 
         self._options = self._config.storage.options_with(storage_options)
         self._rank_info = rank_info_for(self._config, rank_info)
-        self._dir = CheckpointRoot(root, self._config.storage.backend, self._options)
-        self.root = self._dir.root
-
-        self._ckpt: Checkpointer = (
-            make_async_checkpointer(self._config, rank_info=self._rank_info)
-            if async_save
-            else make_sync_checkpointer(self._config, rank_info=self._rank_info)
-        )
+        # the manager's backends, shared by its listing and its checkpointer, closed by close()
+        self._backends = OwnedBackends()
+        try:
+            self._dir = CheckpointRoot(
+                root, self._config.storage.backend, self._options, self._backends
+            )
+            self.root = self._dir.root
+            self._ckpt: Checkpointer = (
+                make_async_checkpointer(
+                    self._config, rank_info=self._rank_info, backends=self._backends
+                )
+                if async_writes
+                else make_sync_checkpointer(
+                    self._config, rank_info=self._rank_info, backends=self._backends
+                )
+            )
+        except BaseException:
+            self._backends.close()
+            raise
         self._pending: Future[str] | None = None
 
     def uri(self, step: int) -> str:
@@ -267,20 +302,16 @@ class CheckpointManager:
         latest = self._dir.latest()
         return latest[0] if latest else None
 
-    def save(
-        self, step: int, state_dict: STATE_DICT, **kwargs: Any
-    ) -> str | tuple[Future[Any], Future[str]]:
-        """Save and commit ``step``; then, on rank 0, the ``latest`` hint and retention.
-
-        Sync: returns the URI once all is done. Async: ``(stage_future, commit_future)``.
-        ``kwargs`` go to the checkpointer (``metadata=``, ``overwrite=``).
-        """
+    def _save_sync(self, step: int, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> str:
         uri = self._dir.uri_of(step_name(step))
         kwargs.setdefault("overwrite", False)  # a committed step is never replaced silently
-        if not self.async_save:
-            self._ckpt.save(uri, state_dict, storage_options=self._options, **kwargs)
-            self._after_commit(step)
-            return uri
+        self._ckpt.save(uri, state_dict, storage_options=self._options, **kwargs)
+        self._after_commit(step)
+        return uri
+
+    def _save_async(self, step: int, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> AsyncSave:
+        uri = self._dir.uri_of(step_name(step))
+        kwargs.setdefault("overwrite", False)  # a committed step is never replaced silently
         if self._pending is not None:
             self._pending.exception()  # one save in flight; its error surfaced on its future
         futures = self._ckpt.save(uri, state_dict, storage_options=self._options, **kwargs)
@@ -299,7 +330,7 @@ class CheckpointManager:
 
         write_future.add_done_callback(on_written)
         self._pending = done
-        return stage_future, done
+        return AsyncSave(step, uri, stage_future, done)
 
     def _after_commit(self, step: int) -> None:
         """Rank 0: the hint, then retention. Their failures are logged, not raised: the
@@ -350,11 +381,72 @@ class CheckpointManager:
         return self.load(step, state_dict, **kwargs)
 
     def close(self) -> None:
-        """Wait for a save in flight (and its retention), then release the checkpointer."""
-        self._ckpt.close()
+        """Wait for a save in flight (and its retention), release the checkpointer, then
+        close the manager's backends; an async save's error that nothing reported yet is
+        raised here, once."""
+        self._wait_for_retention()
+        try:
+            self._ckpt.close()
+        finally:
+            self._backends.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self._wait_for_retention()
+        try:
+            self._ckpt.__exit__(*exc)  # leaving on an exception: a write's error is logged
+        finally:
+            self._backends.close()
+
+    def _wait_for_retention(self) -> None:
+        """An async save's hint and retention run in a callback of its write, which may
+        still be running when the write's future has resolved: wait for them, on the
+        manager's backends, before those close. Its error surfaces from ``close``."""
+        if self._pending is not None:
+            self._pending.exception()
+
+
+class CheckpointManager(_StepCheckpoints):
+    """Saves ``state_dict`` per step under ``root`` and keeps the ones retention asks for.
+
+    ``save`` returns the URI once the checkpoint is committed; :class:`AsyncCheckpointManager`
+    saves behind the caller. ``gc_older_than`` (seconds): retention also removes orphans
+    (objects no manifest names: killed or lost saves) of that age under the ``step-N``
+    checkpoints, as ``cloudckpt gc --older-than`` does. ``async_save=True`` is deprecated
+    (use :class:`AsyncCheckpointManager`): it makes ``save`` return ``(stage_future,
+    commit_future)`` as before.
+    """
+
+    def save(self, step: int, state_dict: STATE_DICT, **kwargs: Any) -> str:
+        """Save and commit ``step``, then (rank 0) write the ``latest`` hint and apply
+        retention; returns the checkpoint's URI. ``kwargs`` go to the checkpointer
+        (``metadata=``, ``overwrite=``)."""
+        if self._deprecated_async:  # the deprecated async_save=True: the pair, as before
+            started = self._save_async(step, state_dict, kwargs)
+            return (started.staged, started.committed)  # type: ignore[return-value]
+        return self._save_sync(step, state_dict, kwargs)
 
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+
+class AsyncCheckpointManager(_StepCheckpoints):
+    """A :class:`CheckpointManager` whose ``save`` returns once the state dict is staged;
+    the write, the commit, the ``latest`` hint and retention run behind the caller (the
+    thread or process writer of ``[process] writer``; see async.md). One save is in flight:
+    the next ``save`` first waits for it. Its arguments are :class:`CheckpointManager`'s
+    (``async_save`` changes nothing here)."""
+
+    _ASYNC = True
+
+    def save(self, step: int, state_dict: STATE_DICT, **kwargs: Any) -> AsyncSave:
+        """Stage ``step`` now; write and commit it behind the caller. ``kwargs`` go to the
+        checkpointer (``metadata=``, ``overwrite=``)."""
+        return self._save_async(step, state_dict, kwargs)
+
+    def wait_until_finished(self) -> None:
+        """Wait for the save in flight (commit, hint and retention); raises its error."""
+        if self._pending is not None:
+            self._pending.result()
+
+    def __enter__(self) -> AsyncCheckpointManager:
+        return self

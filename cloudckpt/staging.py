@@ -25,7 +25,7 @@ import torch
 from .config_types import CheckpointStagerConfig
 from .errors import StagingError
 from .global_tensors import GlobalShard, global_shard_of, is_dtensor
-from .tree import check_tensor, child_key
+from .tree import check_tensor, walk
 from .types import STATE_DICT
 from .units import format_size
 
@@ -144,7 +144,7 @@ class DefaultStager(CheckpointStager):
         """Check the size now (fail fast); copy in the background if ``use_async_staging``."""
         tensors: list[torch.Tensor] = []
         shards: dict[int, GlobalShard] = {}
-        _collect(state_dict, "", tensors, shards)
+        _collect(state_dict, tensors, shards)
         total = sum(_align(tensor_nbytes(t)) for t in tensors)
         limit = self._config.max_staging_bytes
         if limit is not None and total > limit:
@@ -194,7 +194,7 @@ class DefaultStager(CheckpointStager):
         """Keep ``staged``'s slab for the next stage of the same shapes (the holder of
         ``staged`` must not read it after this). A result not made by this stager is ignored."""
         views: list[torch.Tensor] = []
-        _collect(staged, "", views, {})
+        _collect(staged, views, {})
         if not views or not _one_slab(views):
             return
         self._free = (_layout_of(views), views)
@@ -247,38 +247,38 @@ def _one_slab(views: list[torch.Tensor]) -> bool:
     return offset <= max(int(storage.nbytes()), 1)
 
 
-def _collect(value: Any, key: str, out: list[torch.Tensor], shards: dict[int, GlobalShard]) -> None:
+def _collect(value: Any, out: list[torch.Tensor], shards: dict[int, GlobalShard]) -> None:
     """Every tensor of the tree in visit order (a DTensor's local tensor, its layout kept in
-    ``shards``); refuses what the writer would refuse."""
-    if is_dtensor(value):
-        shard = global_shard_of(value, key or "<root>")
-        check_tensor(key or "<root>", shard.local)
-        shards[id(value)] = shard
-        out.append(shard.local)
-    elif isinstance(value, torch.Tensor):
-        check_tensor(key or "<root>", value)
-        out.append(value)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _collect(v, child_key(key, k, False), out, shards)
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _collect(v, child_key(key, i, True), out, shards)
+    ``shards``; a staged :class:`GlobalShard` the same way, so a staged result hands its slab
+    back whole); refuses what the writer would refuse (the tree's rules: :func:`tree.walk`)."""
+
+    def leaf(value: Any, key: str) -> None:
+        if is_dtensor(value) or isinstance(value, GlobalShard):
+            where = key or "<root>"
+            shard = value if isinstance(value, GlobalShard) else global_shard_of(value, where)
+            check_tensor(where, shard.local)
+            shards[id(value)] = shard
+            out.append(shard.local)
+        elif isinstance(value, torch.Tensor):
+            check_tensor(key or "<root>", value)
+            out.append(value)
+
+    walk(value, leaf, None)
 
 
 def _replace(value: Any, staged: dict[int, torch.Tensor], shards: dict[int, GlobalShard]) -> Any:
     """The tree with every tensor swapped for its staged copy (a DTensor for a
     :class:`GlobalShard` of its staged local tensor); containers keep their types."""
-    shard = shards.get(id(value))
-    if shard is not None:
-        return dataclasses.replace(shard, local=staged[id(shard.local)])
-    if isinstance(value, torch.Tensor):
-        return staged[id(value)]
-    if isinstance(value, dict):
-        return type(value)((k, _replace(v, staged, shards)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_replace(v, staged, shards) for v in value)
-    return value
+
+    def leaf(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            shard = shards.get(id(value))
+            if shard is not None:
+                return dataclasses.replace(shard, local=staged[id(shard.local)])
+            return staged[id(value)]
+        return value
+
+    return walk(value, leaf, keys=False)  # the tree passed _collect's checks
 
 
 def _new_shared(nbytes: int) -> torch.Tensor | None:

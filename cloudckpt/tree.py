@@ -1,6 +1,9 @@
 """The state-dict tree: flatten nested containers into typed JSON plus a list of tensors, and back.
 
-Containers: ``dict`` and ``OrderedDict`` (keys ``str`` or ``int``), ``list`` and ``tuple``.
+Containers: ``dict`` and ``OrderedDict`` (keys ``str`` or ``int``), ``list`` and ``tuple``, exactly
+(:data:`CONTAINER_KINDS`); subclasses and other mappings are refused, not flattened into a type
+they would not come back as. :func:`walk` applies these rules, the key-path spelling and the
+depth limit for every walker of a live state dict (flatten, the stager, relocation on load).
 Leaves: plain strided tensors, DTensors (global leaves), and ``int``, ``float`` (inf and nan too), ``bool``, ``None``,
 ``str``, ``bytes``. Types come back exactly. Anything else is refused with its key path, before
 a byte is written. Nothing here ever pickles.
@@ -17,13 +20,13 @@ import base64
 import math
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpointError, UnsupportedValueError
+from .errors import CheckpointError, CorruptCheckpointError, UnsupportedValueError
 from .format.chunks import LayoutSpec, glob_match
 from .format.encoding import MAX_TREE_DEPTH
 from .global_tensors import GlobalShard, global_shard_of, is_dtensor
@@ -93,6 +96,150 @@ def check_tensor(key: str, t: torch.Tensor) -> None:
         )
 
 
+CONTAINER_KINDS: dict[type, str] = {
+    dict: "dict",
+    OrderedDict: "odict",
+    list: "list",
+    tuple: "tuple",
+}
+"""The containers every walker of a state dict descends into, by exact type, with their tree
+node names. Anything else is a leaf; a look-alike (a dict, list or tuple subclass such as a
+``defaultdict`` or a named tuple, or another ``Mapping``) is refused, so what is saved, staged
+and loaded always comes back as the type it was."""
+
+_LOOKALIKES = (dict, list, tuple, Mapping)
+
+
+def container_kind(
+    value: Any, key: str, refuse: type[CheckpointError] = UnsupportedValueError
+) -> str | None:
+    """``"dict"``, ``"odict"``, ``"list"`` or ``"tuple"`` for a container the tree walks,
+    ``None`` for a leaf; a container look-alike raises ``refuse`` naming ``key``."""
+    kind = CONTAINER_KINDS.get(type(value))
+    if kind is None and not isinstance(value, torch.Tensor) and isinstance(value, _LOOKALIKES):
+        t = type(value)
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            how = "tuple(value), or value._asdict() for a dict"
+        elif isinstance(value, (list, tuple)):
+            how = f"{'list' if isinstance(value, list) else 'tuple'}(value)"
+        else:
+            how = "dict(value)"
+        raise refuse(
+            f"{key or '<root>'}: {t.__module__}.{t.__qualname__} is not a container cloudckpt "
+            "walks (dict, OrderedDict, list and tuple, exactly, so every value comes back as the "
+            f"type it was saved as); convert it with {how}"
+        )
+    return kind
+
+
+def check_depth(key: str, depth: int) -> None:
+    """Refuse a container nested deeper than :data:`MAX_DEPTH`."""
+    if depth >= MAX_DEPTH:
+        raise UnsupportedValueError(
+            f"{key or '<root>'}: containers nested more than {MAX_DEPTH} deep; flatten "
+            "this part of the state dict (e.g. join keys with '.')"
+        )
+
+
+def rebuild(kind: str, value: Any, items: list[Any]) -> Any:
+    """A new container of ``value``'s kind holding ``items`` (``(key, child)`` pairs for a
+    dict): :func:`walk`'s default ``build``."""
+    if kind == "dict":
+        return dict(items)
+    if kind == "odict":
+        return OrderedDict(items)
+    return items if kind == "list" else tuple(items)
+
+
+def rebuild_in_place(kind: str, value: Any, items: list[Any]) -> Any:
+    """``value`` itself with its children replaced by ``items`` (a tuple, immutable, is made
+    anew): a ``build`` for :func:`walk` that keeps the caller's dicts and lists."""
+    if kind == "dict" or kind == "odict":
+        for k, v in items:
+            value[k] = v
+        return value
+    if kind == "list":
+        value[:] = items
+        return value
+    return tuple(items)
+
+
+def walk(
+    value: Any,
+    leaf: Callable[[Any, str], Any],
+    build: Callable[[str, Any, list[Any]], Any] | None = rebuild,
+    keys: bool = True,
+) -> Any:
+    """Visit a state dict: the one walker of live trees (save, stage, relocate, compare).
+
+    Descends into the containers of :data:`CONTAINER_KINDS` (refusing look-alikes), at most
+    :data:`MAX_DEPTH` deep, refusing reference cycles and dict keys other than ``str`` and
+    ``int``; calls ``leaf(value, key)`` for everything else, with its display key path
+    (:func:`child_key`), and ``build(kind, container, items)`` for every container once its
+    children are visited (``items`` holds ``(key, result)`` pairs for a dict, results for a
+    sequence). Returns what the root's ``leaf`` or ``build`` returned; with ``build=None``
+    only the leaves are visited and ``None`` is returned. ``keys=False`` hands ``leaf`` an
+    empty key (a walk that cannot fail in ``leaf`` saves building 20,000 strings); a refusal
+    still names its key path.
+    """
+    active: set[int] = set()
+    # container kind per type met in this walk, None for a leaf type already checked for
+    # look-alikes: one lookup per leaf on the hot path (20,000 tensors)
+    kinds: dict[type, str | None] = dict(CONTAINER_KINDS)
+    unseen = "?"
+
+    def visit(value: Any, key: str, depth: int) -> Any:
+        t = type(value)
+        kind = kinds.get(t, unseen)
+        if kind is None:
+            return leaf(value, key)
+        if kind is unseen:
+            kinds[t] = container_kind(value, key)  # None, or refused
+            return leaf(value, key)
+        check_depth(key, depth)
+        if id(value) in active:
+            raise UnsupportedValueError(
+                f"{key or '<root>'}: the state dict contains itself (a reference cycle)"
+            )
+        active.add(id(value))
+        depth += 1
+        try:
+            if kind == "dict" or kind == "odict":
+                items: list[Any] = []
+                append = items.append
+                for k, v in value.items():
+                    tk = type(k)
+                    if tk is str:
+                        r = visit(v, f"{key}.{k}" if key else k if keys else "", depth)
+                    elif tk is int:
+                        r = visit(v, f"{key}.{k}" if key else str(k) if keys else "", depth)
+                    else:
+                        raise UnsupportedValueError(
+                            f"{child_key(key, repr(k), False)}: cannot save a dict key of "
+                            f"type {tk.__qualname__}; keys must be str or int"
+                        )
+                    if build is not None:
+                        append((k, r))
+            else:
+                items = [
+                    visit(v, f"{key}[{i}]" if keys else "", depth) for i, v in enumerate(value)
+                ]
+        finally:
+            active.discard(id(value))
+        return None if build is None else build(kind, value, items)
+
+    try:
+        return visit(value, "", 0)
+    except UnsupportedValueError:
+        if not keys:  # the same walk with key paths raises the same refusal, named
+            walk(value, _ignore, None)
+        raise
+
+
+def _ignore(value: Any, key: str) -> None:
+    return None
+
+
 def flatten(
     state_dict: Any, replicated: Sequence[str] = (), world_size: int = 1
 ) -> tuple[Node, list[TensorLeaf]]:
@@ -104,7 +251,6 @@ def flatten(
     """
     tensors: list[TensorLeaf] = []
     counts = {"tensor": 0, "global": 0}
-    active: set[int] = set()
 
     def add(leaf: TensorLeaf) -> Node:
         kind = "tensor" if leaf.shard is None else "global"
@@ -115,13 +261,13 @@ def flatten(
     def is_replicated(key: str) -> bool:
         return any(glob_match(key, p) for p in replicated)
 
-    def visit(value: Any, key: str, depth: int = 0) -> Node:
-        node = visit_value(value, key, depth)
+    def visit_leaf(value: Any, key: str) -> Node:
+        node = leaf_node(value, key)
         if replicated and next(iter(node)) in _SCALARS and is_replicated(key):
             return {"replicated": node}
         return node
 
-    def visit_value(value: Any, key: str, depth: int) -> Node:
+    def leaf_node(value: Any, key: str) -> Node:
         t = type(value)
         if isinstance(value, GlobalShard):
             check_tensor(key, value.local)
@@ -148,37 +294,12 @@ def flatten(
             return {"str": value}
         if t is bytes:
             return {"bytes": base64.b64encode(value).decode("ascii")}
-        if t in (dict, OrderedDict, list, tuple):
-            if depth >= MAX_DEPTH:
-                raise UnsupportedValueError(
-                    f"{key or '<root>'}: containers nested more than {MAX_DEPTH} deep; flatten "
-                    "this part of the state dict (e.g. join keys with '.')"
-                )
-            if id(value) in active:
-                raise UnsupportedValueError(
-                    f"{key or '<root>'}: the state dict contains itself (a reference cycle)"
-                )
-            active.add(id(value))
-            try:
-                if t is dict or t is OrderedDict:
-                    items = []
-                    for k, v in value.items():
-                        if type(k) not in (str, int):
-                            raise UnsupportedValueError(
-                                f"{child_key(key, repr(k), False)}: cannot save a dict key of "
-                                f"type {type(k).__qualname__}; keys must be str or int"
-                            )
-                        items.append([k, visit(v, child_key(key, k, False), depth + 1)])
-                    return {"odict" if t is OrderedDict else "dict": items}
-                children = [
-                    visit(v, child_key(key, i, True), depth + 1) for i, v in enumerate(value)
-                ]
-                return {"list" if t is list else "tuple": children}
-            finally:
-                active.discard(id(value))
         raise UnsupportedValueError(f"{key or '<root>'}: {_describe(value)}")
 
-    return visit(state_dict, ""), tensors
+    def node(kind: str, value: Any, items: list[Any]) -> Node:
+        return {kind: items}
+
+    return walk(state_dict, visit_leaf, node), tensors
 
 
 _SCALARS = {"none", "bool", "int", "float", "str", "bytes"}

@@ -8,13 +8,16 @@ a clear error and the next save starts a new one.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from collections import OrderedDict, defaultdict
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -107,27 +110,31 @@ def test_round_trip_on_each_store(
 
 
 def test_process_writer_refuses_memory() -> None:
-    with cloudckpt.make_async_checkpointer(_config("process")) as ckpt:
-        _, write_f = ckpt.save("memory://async/c", {"w": torch.ones(2)})
-        with pytest.raises(
+    with (
+        pytest.raises(
             cloudckpt.ConfigError,
             match=r"^memory://async/c: the fsspec store lives inside this process, so the writer "
             r'process would save into its own memory; use \[process\] writer = "thread" for it$',
-        ):
-            write_f.result()
+        ),
+        cloudckpt.make_async_checkpointer(_config("process")) as ckpt,
+    ):
+        _, write_f = ckpt.save("memory://async/c", {"w": torch.ones(2)})
+        write_f.result()
 
 
 def test_process_writer_refuses_a_relative_name_under_a_memory_root() -> None:
     cfg = _config("process")
     cfg.storage.root = "memory://async-root"
-    with cloudckpt.make_async_checkpointer(cfg) as ckpt:
-        _, write_f = ckpt.save("step-1", {"w": torch.ones(2)})
-        with pytest.raises(
+    with (
+        pytest.raises(
             cloudckpt.ConfigError,
             match=r"^step-1 \(under the root, memory://async-root/step-1\): the fsspec store "
             "lives inside this process",
-        ):
-            write_f.result()
+        ),
+        cloudckpt.make_async_checkpointer(cfg) as ckpt,
+    ):
+        _, write_f = ckpt.save("step-1", {"w": torch.ones(2)})
+        write_f.result()
     from cloudckpt.storage import resolve
 
     backend, path = resolve("memory://async-root/step-1")
@@ -153,12 +160,36 @@ def test_writer_error_surfaces_from_future_then_once_from_next_save(
 
 @pytest.mark.parametrize("writer", WRITERS)
 def test_unsaveable_value_is_refused_by_key_path(writer: str, tmp_path: Path) -> None:
+    ckpt = cloudckpt.make_async_checkpointer(_config(writer))
+    _, write_f = ckpt.save(str(tmp_path / "c"), {"opt": {"fn": print}, "w": torch.ones(1)})
+    with pytest.raises(cloudckpt.UnsupportedValueError, match=r"opt\.fn: cannot save a function"):
+        write_f.result()
+    with pytest.raises(cloudckpt.UnsupportedValueError, match=r"opt\.fn: cannot save a function"):
+        ckpt.close()  # not reported by a later save: close reports it
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_staging_walks_the_containers_save_walks(writer: str, tmp_path: Path) -> None:
+    """The stager and the writer follow one set of tree rules: the containers that save keeps
+    (OrderedDict, tuple, nesting) come back as they were; a look-alike is refused by the
+    stager, before the save returns, with the message a synchronous save gives."""
+    sd = {
+        "model": OrderedDict([("b", torch.ones(2)), ("a", torch.zeros(3))]),
+        "pairs": [(torch.arange(3), {"k": (1, [torch.ones(1, 2)])})],
+        "t": (),
+    }
     with cloudckpt.make_async_checkpointer(_config(writer)) as ckpt:
-        _, write_f = ckpt.save(str(tmp_path / "c"), {"opt": {"fn": print}, "w": torch.ones(1)})
-        with pytest.raises(
-            cloudckpt.UnsupportedValueError, match=r"opt\.fn: cannot save a function"
-        ):
-            write_f.result()
+        ckpt.save(str(tmp_path / "c"), sd)[1].result()
+        same(ckpt.load(str(tmp_path / "c")), sd)
+        with pytest.raises(cloudckpt.UnsupportedValueError) as info:
+            ckpt.save(str(tmp_path / "d"), {"opt": defaultdict(list, w=[torch.ones(1)])})
+    assert str(info.value).startswith(
+        "opt: collections.defaultdict is not a container cloudckpt walks"
+    )
+    with pytest.raises(cloudckpt.UnsupportedValueError) as sync_info:
+        cloudckpt.save(str(tmp_path / "d"), {"opt": defaultdict(list, w=[torch.ones(1)])})
+    assert str(sync_info.value) == str(info.value)
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("writer", WRITERS)
@@ -240,12 +271,57 @@ def test_close_with_a_save_in_flight_waits_for_the_commit(writer: str, tmp_path:
 
 
 @pytest.mark.timeout(120)  # a hang guard, not a speed bound: close() returns in about 1 s
-def test_close_after_a_failed_write_does_not_hang(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", WRITERS)
+def test_close_closes_everything_then_reraises_the_pending_write_error_once(
+    writer: str, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the checkpoint's directory would go: mkdir fails
+    threads = {t.ident for t in threading.enumerate()}
+    ckpt = cloudckpt.make_async_checkpointer(_config(writer))
+    _, write_f = ckpt.save(str(blocker / "c"), {"w": torch.ones(2)})
+    with pytest.raises(cloudckpt.BackendError, match=rf"storing {blocker}/c/.* failed") as info:
+        ckpt.close()
+    assert info.value is write_f.exception()
+    ckpt.close()  # reported once
+    assert not multiprocessing.active_children()
+    assert not [t for t in threading.enumerate() if t.ident not in threads and t.is_alive()]
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_close_leaves_no_thread_or_backend_pool_behind(writer: str, tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    with cloudckpt.make_async_checkpointer(_config(writer)) as ckpt:
+        ckpt.save(str(tmp_path / "c"), {"big": torch.ones(8 << 20)})[1].result()
+        ckpt.save(str(tmp_path / "d"), {"big": torch.ones(8 << 20)})[1].result()
+    new = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    # multiprocessing's resource sharer, which hands the slab's file descriptor to the writer
+    # process, serves for the life of the process (torch's sharing, not a cloudckpt thread)
+    assert [n for n in new if not n.endswith("(_serve)")] == []
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_close_does_not_repeat_an_error_the_next_save_reported(writer: str, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    ckpt = cloudckpt.make_async_checkpointer(_config(writer))
+    ckpt.save(str(blocker / "c"), {"w": torch.ones(2)})
+    with pytest.raises(cloudckpt.BackendError, match=rf"storing {blocker}/c/"):
+        ckpt.save(str(tmp_path / "ok"), {"w": torch.ones(2)})
+    ckpt.close()  # the failed write was reported by save; nothing is pending
+    assert not (tmp_path / "ok").exists()
+
+
+def test_a_with_block_that_raises_keeps_its_exception_and_logs_the_write_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     (tmp_path / "file").write_text("x")
-    ckpt = cloudckpt.make_async_checkpointer(_config("process"))
-    _, write_f = ckpt.save(str(tmp_path / "file" / "c"), {"w": torch.ones(2)})
-    ckpt.close()
-    assert isinstance(write_f.exception(), cloudckpt.BackendError)
+    ckpt = cloudckpt.make_async_checkpointer(_config("thread"))
+    with pytest.raises(KeyError, match="training stopped"), ckpt:
+        ckpt.save(str(tmp_path / "file" / "c"), {"w": torch.ones(2)})
+        raise KeyError("training stopped")
+    assert f"the last checkpoint write failed as well: {tmp_path}/file/c: storing" in caplog.text
 
 
 def _wait_for(path: Path, timeout: float = 60) -> str:
@@ -385,13 +461,11 @@ def test_too_little_shared_memory_fails_fast_with_advice(
 @pytest.mark.parametrize("writer", WRITERS)
 def test_manager_async_save_with_either_writer(writer: str, tmp_path: Path) -> None:
     root = str(tmp_path / "run")
-    with cloudckpt.CheckpointManager(
-        root, config=_config(writer), keep_last=2, async_save=True
-    ) as mgr:
+    with cloudckpt.AsyncCheckpointManager(root, config=_config(writer), keep_last=2) as mgr:
         for step in (1, 2, 3):
-            stage_f, commit_f = mgr.save(step, {"w": torch.full((10,), float(step))})  # type: ignore[misc]
-            stage_f.result()
-        assert commit_f.result(timeout=60) == f"{root}/step-0000000003"
+            started = mgr.save(step, {"w": torch.full((10,), float(step))})
+            started.staged.result()
+        assert started.result(timeout=60) == f"{root}/step-0000000003"
         assert mgr.steps() == [2, 3] and mgr.latest_step() == 3
         assert torch.equal(mgr.load_latest()["w"], torch.full((10,), 3.0))
 

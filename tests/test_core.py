@@ -9,9 +9,11 @@ import struct
 import subprocess
 import sys
 import textwrap
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, defaultdict
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -28,6 +30,8 @@ from state_asserts import same
 import cloudckpt
 from cloudckpt.format.encoding import parse_safetensors_header
 from cloudckpt.protocol.records import MANIFEST_NAME
+from cloudckpt.storage import OwnedBackends
+from cloudckpt.tree import MAX_DEPTH
 
 
 def _plain_dtypes() -> list[torch.dtype]:
@@ -261,6 +265,80 @@ def test_unsupported_values_are_refused_before_writing(
     assert not (tmp_path / "c").exists()
 
 
+class _Point(NamedTuple):
+    x: int
+    y: int
+
+
+class _Params(dict):  # type: ignore[type-arg]
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            {"opt": defaultdict(list)},
+            "opt: collections.defaultdict is not a container cloudckpt walks (dict, OrderedDict, "
+            "list and tuple, exactly, so every value comes back as the type it was saved as); "
+            "convert it with dict(value)",
+        ),
+        (
+            {"m": [_Params(w=torch.ones(1))]},
+            "m[0]: test_core._Params is not a container cloudckpt walks",
+        ),
+        (
+            {"p": _Point(1, 2)},
+            "p: test_core._Point is not a container cloudckpt walks (dict, OrderedDict, list and "
+            "tuple, exactly, so every value comes back as the type it was saved as); convert it "
+            "with tuple(value), or value._asdict() for a dict",
+        ),
+        ({"shape": torch.Size([2, 3])}, "shape: torch.Size is not a container cloudckpt walks"),
+        (
+            {"frozen": MappingProxyType({"a": 1})},
+            "frozen: builtins.mappingproxy is not a container cloudckpt walks",
+        ),
+    ],
+)
+def test_container_look_alikes_are_refused_with_advice(
+    tmp_path: Path, value: Any, message: str
+) -> None:
+    with pytest.raises(cloudckpt.UnsupportedValueError) as info:
+        cloudckpt.save(str(tmp_path / "c"), value)
+    assert str(info.value).startswith(message)
+    assert not (tmp_path / "c").exists()
+
+
+def test_nesting_deeper_than_the_limit_is_refused(tmp_path: Path) -> None:
+    deep: Any = torch.ones(1)
+    for _ in range(MAX_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(cloudckpt.UnsupportedValueError) as info:
+        cloudckpt.save(str(tmp_path / "c"), {"d": deep})
+    assert str(info.value).startswith(f"d{'[0]' * (MAX_DEPTH - 1)}: containers nested more than")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_look_alike_load_target_is_a_mismatch(tmp_path: Path) -> None:
+    cloudckpt.save(str(tmp_path / "c"), {"opt": {"lr": 0.1}})
+    target = {"opt": defaultdict(float, lr=0.0)}
+    with pytest.raises(cloudckpt.StateDictMismatchError) as info:
+        cloudckpt.load(str(tmp_path / "c"), target)
+    assert str(info.value).startswith(
+        "opt: collections.defaultdict is not a container cloudckpt walks"
+    )
+
+
+def test_map_location_keeps_the_targets_containers(tmp_path: Path) -> None:
+    sd = {"m": OrderedDict(w=torch.ones(2)), "t": (torch.zeros(1), [torch.ones(1)])}
+    cloudckpt.save(str(tmp_path / "c"), sd)
+    target: dict[str, Any] = {"m": OrderedDict(w=torch.empty(2)), "t": None}
+    inner = target["m"]
+    out = cloudckpt.load(str(tmp_path / "c"), target, default_map_location="meta")
+    assert out is target and out["m"] is inner and type(out["t"]) is tuple
+    assert out["m"]["w"].device.type == "meta" and out["t"][1][0].device.type == "meta"
+
+
 def test_reference_cycle_is_refused(tmp_path: Path) -> None:
     sd: dict[str, Any] = {"a": {}}
     sd["a"]["self"] = sd["a"]
@@ -309,12 +387,82 @@ def test_seed_style_checkpointer_api(tmp_path: Path) -> None:
     assert done.result() is None
 
 
+def _new_threads(before: set[int | None]) -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.ident not in before and t.is_alive())
+
+
+def test_a_checkpointer_closes_the_backends_it_opened(tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    sd = {"big": torch.ones(8 << 20)}  # 32 MiB: the local backend writes it through its pool
+    ckpt = cloudckpt.make_sync_checkpointer()
+    ckpt.save(str(tmp_path / "c"), sd)
+    assert torch.equal(ckpt.load(str(tmp_path / "c"))["big"], sd["big"])
+    assert any(n.startswith("cloudckpt-dio") for n in _new_threads(before))  # the pool ran
+    ckpt.close()
+    assert _new_threads(before) == []  # writer, reader and backend pools all gone
+
+
+def test_a_checkpointer_leaves_the_callers_backends_open(tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    mine = OwnedBackends()
+    with cloudckpt.make_sync_checkpointer(backends=mine) as ckpt:
+        ckpt.save(str(tmp_path / "c"), {"big": torch.ones(8 << 20)})
+    (backend,) = mine.open  # still the caller's, still usable
+    assert backend.exists(backend.to_path(str(tmp_path / "c" / "manifest.json")))
+    assert any(n.startswith("cloudckpt-dio") for n in _new_threads(before))
+    mine.close()
+    assert mine.open == [] and _new_threads(before) == []
+
+
+def test_a_manager_closes_its_backends(tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    with cloudckpt.CheckpointManager(str(tmp_path / "run"), keep_last=1) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"big": torch.full((8 << 20,), float(step))})
+        assert mgr.steps() == [2]
+    assert _new_threads(before) == []
+
+
 def test_not_found_is_a_file_not_found_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*nothing is stored there"):
         cloudckpt.load(str(tmp_path / "missing"))
 
 
 # -- corruption -------------------------------------------------------------------------------
+
+
+def test_many_tensors_round_trip_with_a_header_and_index_naming_each(tmp_path: Path) -> None:
+    """More tensors than one slice of index rows (1,024), names that need JSON escapes: the
+    index and the safetensors header, both written as text a piece at a time, read back."""
+    sd = {f"t{i}": torch.full((i % 3 + 1,), float(i)) for i in range(1100)}
+    sd['odd "name"\\é'] = torch.arange(4, dtype=torch.int16)
+    uri = str(tmp_path / "many")
+    cloudckpt.save(uri, sd)
+    same(cloudckpt.load(uri), sd)
+    raw = data_file(Path(uri)).read_bytes()
+    header = parse_safetensors_header(raw, len(raw), "f")
+    assert [e.name for e in header][-2:] == ["t1099", 'odd "name"\\é']
+    assert header[-1].dtype == "I16" and header[-1].shape == [4]
+
+
+def test_load_leaves_the_collector_on_and_nothing_frozen(tmp_path: Path) -> None:
+    """A load freezes what it builds while it runs (the index, the tensors) and unfreezes all
+    of it at the end; a process that froze objects itself keeps exactly its own freeze."""
+    import gc
+
+    uri = str(tmp_path / "c")
+    sd = {f"t{i}": torch.ones(2) * i for i in range(3000)}
+    cloudckpt.save(uri, sd)
+    assert gc.get_freeze_count() == 0
+    same(cloudckpt.load(uri), sd)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        same(cloudckpt.load(uri), sd)
+        assert gc.isenabled() and gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
 
 
 def _saved(tmp_path: Path) -> tuple[Path, dict[str, Any]]:

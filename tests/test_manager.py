@@ -10,7 +10,13 @@ from config_files import write_store_config
 from stores import StoreTarget
 
 import cloudckpt
-from cloudckpt.manager import CheckpointManager, retained, step_name
+from cloudckpt.manager import (
+    AsyncCheckpointManager,
+    AsyncSave,
+    CheckpointManager,
+    retained,
+    step_name,
+)
 from cloudckpt.storage import resolve
 
 
@@ -59,28 +65,59 @@ def test_empty_root_and_bad_arguments(store: StoreTarget) -> None:
         CheckpointManager()
 
 
+def _async_mgr(store: StoreTarget, **kw: object) -> AsyncCheckpointManager:
+    return AsyncCheckpointManager(store.root, storage_options=store.storage_options, **kw)  # type: ignore[arg-type]
+
+
+def test_sync_save_returns_the_uri(store: StoreTarget) -> None:
+    with _mgr(store) as mgr:
+        uri = mgr.save(1, {"v": 1})
+        assert uri == mgr.uri(1) and isinstance(uri, str)
+
+
 def test_async_save_runs_retention_after_the_commit(store: StoreTarget) -> None:
-    with _mgr(store, keep_last=2, async_save=True) as mgr:
-        results = []
+    with _async_mgr(store, keep_last=2) as mgr:
+        saves = []
         for step in range(1, 6):
             sd = {"w": torch.full((8,), float(step)), "step": step}
-            stage_f, commit_f = mgr.save(step, sd)  # type: ignore[misc]
-            stage_f.result()
+            started = mgr.save(step, sd)
+            assert isinstance(started, AsyncSave) and started.step == step
+            started.staged.result()
             sd["w"].add_(100)  # the trainer goes on; the staged copy is saved
-            results.append(commit_f)
-        assert [f.result(timeout=60) for f in results] == [mgr.uri(s) for s in range(1, 6)]
+            saves.append(started)
+        assert [s.result(timeout=60) for s in saves] == [mgr.uri(s) for s in range(1, 6)]
+        assert [s.uri for s in saves] == [mgr.uri(s) for s in range(1, 6)]
         assert mgr.steps() == [4, 5] and mgr.latest_step() == 5
         out = mgr.load_latest()
         assert out["step"] == 5 and torch.equal(out["w"], torch.full((8,), 5.0))
 
 
-def test_async_save_error_surfaces_on_the_commit_future(store: StoreTarget) -> None:
-    with _mgr(store, async_save=True) as mgr:
-        mgr.save(1, {"v": 1})[1].result(timeout=60)  # type: ignore[index]
-        _, commit_f = mgr.save(1, {"v": 2})  # type: ignore[misc]
-        with pytest.raises(cloudckpt.CheckpointExistsError, match="step-0000000001"):
-            commit_f.result(timeout=60)
-        assert mgr.load(1)["v"] == 1
+def test_async_save_error_surfaces_on_the_commit_future_and_once_from_close(
+    store: StoreTarget,
+) -> None:
+    mgr = _async_mgr(store)
+    mgr.save(1, {"v": 1}).result(timeout=60)
+    started = mgr.save(1, {"v": 2})
+    with pytest.raises(cloudckpt.CheckpointExistsError, match="step-0000000001"):
+        started.committed.result(timeout=60)
+    with pytest.raises(cloudckpt.CheckpointExistsError, match="step-0000000001"):
+        mgr.wait_until_finished()
+    assert mgr.load(1)["v"] == 1
+    with pytest.raises(cloudckpt.CheckpointExistsError, match="step-0000000001"):
+        mgr.close()  # the last save's error, not reported by a later save
+    mgr.close()  # once
+
+
+def test_the_deprecated_async_save_flag_still_returns_the_pair(store: StoreTarget) -> None:
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"CheckpointManager\(async_save=True\) is deprecated: use cloudckpt.AsyncCheckpointManager",
+    ):
+        mgr = _mgr(store, async_save=True)
+    with mgr:
+        stage_f, commit_f = mgr.save(1, {"v": 1})  # type: ignore[misc]
+        stage_f.result()
+        assert commit_f.result(timeout=60) == mgr.uri(1)
 
 
 def test_root_from_config_any_width_and_nothing_outside_the_root(

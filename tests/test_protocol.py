@@ -276,3 +276,70 @@ def test_orphans_are_removed_only_when_aged_and_never_named(tmp_path: Path) -> N
     with pytest.raises(cloudckpt.CorruptCheckpointError):
         collect_orphans(backend, path, str(root), 0)
     assert all_objects(root) == named
+
+
+# -- index rows: one pass of plain checks, the field-by-field check when one fails -------------
+
+
+def _index_doc(rows: list[list[Any]], tree: dict[str, Any], file_size: int = 1000) -> bytes:
+    doc = {
+        "format": "cloudckpt-index",
+        "format_version": 2,
+        "attempt": "a",
+        "rank": 0,
+        "world_size": 1,
+        "files": [["data/a/rank-00000-0000.safetensors", file_size]],
+        "tensors": rows,
+        "tree": tree,
+    }
+    return json.dumps(doc).encode()
+
+
+def _two_tensor_tree() -> dict[str, Any]:
+    return {"dict": [["x", {"tensor": 0}], ["y", {"tensor": 1}]]}
+
+
+def test_index_rows_out_of_file_order_still_load() -> None:
+    from cloudckpt.protocol.records import RankIndex
+
+    rows = [["x", "float32", [4], 0, 100, 16, 1], ["y", "float16", [2, 3], 0, 50, 12, 2]]
+    idx = RankIndex.from_json(_index_doc(rows, _two_tensor_tree()), "idx")
+    assert [(t.key, t.dtype, t.shape, t.offset, t.length) for t in idx.tensors] == [
+        ("x", "float32", [4], 100, 16),
+        ("y", "float16", [2, 3], 50, 12),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (
+            ["y", "float32", [4], 0, 108, 16, 2],
+            r"idx \(data/a/[^)]+\): byte ranges of 'x' and 'y' overlap",
+        ),
+        (["y", "float32", [True], 0, 200, 4, 2], r"idx: tensor 'y' shape must be an integer"),
+        (["y", "float32", [4], 0, 200, 12, 2], r"idx: tensor 'y' length disagrees with its shape"),
+        (
+            ["y", "float32", [4], 0, 990, 16, 2],
+            r"idx: tensor 'y' claims bytes 990..1006 of data/a/",
+        ),
+        (["y", "float32", [4], 1, 200, 16, 2], r"idx: tensor 'y' names no file"),
+        (["y", "float32", [4], 0, 200, 16], r"idx: a tensors row has 6 fields, expected 7"),
+    ],
+)
+def test_index_row_errors_name_the_tensor(second: list[Any], message: str) -> None:
+    from cloudckpt.protocol.records import RankIndex
+
+    rows = [["x", "float32", [4], 0, 100, 16, 1], second]
+    with pytest.raises(cloudckpt.CorruptCheckpointError, match=message):
+        RankIndex.from_json(_index_doc(rows, _two_tensor_tree()), "idx")
+
+
+def test_tree_error_is_reported_before_a_row_that_lies_about_its_bytes() -> None:
+    """The tree is checked before the tensors' places, whichever check finds a problem first."""
+    from cloudckpt.protocol.records import RankIndex
+
+    rows = [["x", "float32", [4], 0, 100, 16, 1], ["y", "float32", [4], 0, 990, 16, 2]]
+    tree = {"dict": [["x", {"tensor": 0}], ["y", {"tensor": 5}]]}
+    with pytest.raises(cloudckpt.CorruptCheckpointError, match=r"idx: bad tensor value at y$"):
+        RankIndex.from_json(_index_doc(rows, tree), "idx")

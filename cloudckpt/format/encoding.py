@@ -13,7 +13,9 @@ import functools
 import json
 import math
 import struct
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import crc32c as _crc32c
@@ -68,11 +70,75 @@ def _is_base64(text: str) -> bool:
     return True
 
 
+def _scalar_ok(kind: str, payload: Any) -> bool:
+    """Whether ``payload`` is what a scalar node of type ``kind`` holds."""
+    if kind == "none":
+        return payload is None
+    if kind == "bool":
+        return type(payload) is bool
+    if kind == "int":
+        return type(payload) is int
+    if kind == "float":
+        return type(payload) in (int, float) or payload in ("inf", "-inf", "nan")
+    if kind == "str":
+        return type(payload) is str
+    return kind == "bytes" and type(payload) is str and _is_base64(payload)
+
+
+def _tree_ok(tree: Any, n_tensors: int, n_globals: int) -> bool:
+    """:func:`check_tree`'s rules without building key paths: ``True`` when the tree passes
+    (the common case, fast: a tensor leaf is checked where its container lists it)."""
+    stack: list[Any] = [tree]
+    depths = [0]
+    while stack:
+        node = stack.pop()
+        depth = depths.pop()
+        if type(node) is not dict or len(node) != 1:
+            return False
+        ((kind, payload),) = node.items()
+        if kind == "dict" or kind == "odict" or kind == "list" or kind == "tuple":
+            if depth >= MAX_TREE_DEPTH or type(payload) is not list:
+                return False
+            keyed = kind == "dict" or kind == "odict"
+            for child in payload:
+                if keyed:
+                    if type(child) is not list or len(child) != 2:
+                        return False
+                    k, child = child
+                    if type(k) is not str and type(k) is not int:
+                        return False
+                if type(child) is dict and len(child) == 1 and "tensor" in child:
+                    i = child["tensor"]
+                    if type(i) is not int or not 0 <= i < n_tensors:
+                        return False
+                    continue
+                stack.append(child)
+                depths.append(depth + 1)
+        elif kind == "tensor":
+            if type(payload) is not int or not 0 <= payload < n_tensors:
+                return False
+        elif kind == "global":
+            if type(payload) is not int or not 0 <= payload < n_globals:
+                return False
+        elif kind == "replicated":
+            if type(payload) is not dict or len(payload) != 1:
+                return False
+            if next(iter(payload)) not in _TREE_SCALARS:
+                return False
+            stack.append(payload)
+            depths.append(depth + 1)
+        elif kind not in _TREE_SCALARS or not _scalar_ok(kind, payload):
+            return False
+    return True
+
+
 def check_tree(tree: Any, n_tensors: int, where: str, n_globals: int = 0) -> None:
     """Check a stored state-dict tree without building it: known node types only, payloads of
     the right type, tensor (and global leaf) numbers in range, depth at most
     :data:`MAX_TREE_DEPTH`. What loading would refuse, raised as
     :class:`CorruptCheckpointError` naming the key path."""
+    if _tree_ok(tree, n_tensors, n_globals):
+        return
     stack: list[tuple[Any, str, int]] = [(tree, "", 0)]
     while stack:
         node, key, depth = stack.pop()
@@ -98,18 +164,8 @@ def check_tree(tree: Any, n_tensors: int, where: str, n_globals: int = 0) -> Non
             )
             if ok:
                 stack.append((payload, key, depth + 1))
-        elif kind == "none":
-            ok = payload is None
-        elif kind == "bool":
-            ok = type(payload) is bool
-        elif kind == "int":
-            ok = type(payload) is int
-        elif kind == "float":
-            ok = type(payload) in (int, float) or payload in ("inf", "-inf", "nan")
-        elif kind == "str":
-            ok = type(payload) is str
-        elif kind == "bytes":
-            ok = type(payload) is str and _is_base64(payload)
+        elif kind in _TREE_SCALARS:
+            ok = _scalar_ok(kind, payload)
         elif depth >= MAX_TREE_DEPTH:
             raise CorruptCheckpointError(
                 f"{where}: the tree is nested more than {MAX_TREE_DEPTH} deep at {at}"
@@ -162,6 +218,46 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 def crc32c(data: Any, value: int = 0) -> int:
     """CRC32C of a buffer (any object with the buffer protocol), continuing from ``value``."""
     return int(_crc32c.crc32c(data, value))
+
+
+_CRC32C_POLY = 0x82F63B78  # Castagnoli, bit-reflected
+
+
+def _mul_mod_p(a: int, b: int) -> int:
+    """``a(x) * b(x)`` modulo the CRC32C polynomial (bit-reflected: bit 31 is ``x^0``)."""
+    m, p = 1 << 31, 0
+    while a:
+        if a & m:
+            p ^= b
+            a ^= m
+        m >>= 1
+        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
+    return p
+
+
+def _shift(length: int) -> int:
+    """``x^(8 * length)`` modulo the CRC32C polynomial: appending ``length`` bytes."""
+    shift, square = 1 << 31, 1 << 23  # x^0; x^8 (one byte)
+    while length:
+        if length & 1:
+            shift = _mul_mod_p(square, shift)
+        length >>= 1
+        if length:
+            square = _mul_mod_p(square, square)
+    return shift
+
+
+def crc32c_concat(parts: Iterable[tuple[int, int]]) -> int:
+    """CRC32C of consecutive buffers from their own ``(crc32c, length)`` pairs, without reading
+    them: each step multiplies the running value by ``x^(8 * length)`` and adds the next CRC
+    (zlib's ``crc32_combine``). A few integer steps per part; equal lengths share the factor."""
+    value = 0
+    shifts: dict[int, int] = {}
+    for crc, length in parts:
+        if length not in shifts:
+            shifts[length] = _shift(length)
+        value = _mul_mod_p(shifts[length], value) ^ crc
+    return value
 
 
 # -- dtypes ---------------------------------------------------------------------------------
@@ -221,6 +317,11 @@ _ITEMSIZE = {name: size for name, (_, size) in _SAFETENSORS_DTYPE.items()} | {
 }
 
 
+PLAIN_ITEMSIZES: Mapping[str, int] = MappingProxyType(_ITEMSIZE)
+"""Item sizes of the common dtypes by torch dtype name (no torch needed); :func:`dtype_itemsize`
+answers for every dtype."""
+
+
 def dtype_itemsize(name: str, where: str) -> int:
     """Bytes per element of the torch dtype named ``name``; unknown names are refused."""
     size = _ITEMSIZE.get(name)
@@ -236,19 +337,40 @@ def safetensors_entry(dtype: str, shape: tuple[int, ...], nbytes: int) -> tuple[
     return known[0], list(shape)
 
 
+class SafetensorsHeader:
+    """A safetensors header written as text, one tensor at a time (stored back to back, in
+    the order added): no per-tensor dicts and lists for the collector to scan."""
+
+    def __init__(self) -> None:
+        self._parts = ['{"__metadata__":{"format":"pt","producer":"cloudckpt"}']
+        self._pos = 0
+
+    def add(self, name: str, st_dtype: str, shape: Sequence[int], nbytes: int) -> None:
+        """The next tensor: its name, safetensors dtype and shape (see
+        :func:`safetensors_entry`) and its size in bytes."""
+        pos = self._pos
+        self._pos = pos + nbytes
+        self._parts.append(
+            f'{json.dumps(name)}:{{"dtype":{json.dumps(st_dtype)},'
+            f'"shape":[{",".join(map(str, shape))}],"data_offsets":[{pos},{self._pos}]}}'
+        )
+
+    def to_bytes(self) -> bytes:
+        """The 8-byte length and the space-padded JSON."""
+        raw = (",".join(self._parts) + "}").encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw
+
+
 def build_safetensors_header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
     """The 8-byte length and padded JSON header for tensors stored back to back.
 
     ``entries`` are ``(name, st_dtype, shape, nbytes)`` in storage order.
     """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "cloudckpt"}}
-    pos = 0
+    header = SafetensorsHeader()
     for name, st_dtype, shape, nbytes in entries:
-        header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [pos, pos + nbytes]}
-        pos += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+        header.add(name, st_dtype, shape, nbytes)
+    return header.to_bytes()
 
 
 @dataclass

@@ -6,9 +6,9 @@ paying for ``import torch``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import (
     BackendError,
@@ -20,8 +20,10 @@ from ..errors import (
 from ..format.encoding import crc32c
 from ..storage.interface import Backend
 from ..storage.messages import describe_store_error
-from ..storage.registry import resolve
+from ..storage.registry import BackendSource, SharedBackends
 from .records import MANIFEST_NAME, Manifest, RankIndex
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,6 +38,32 @@ class CommittedCheckpoint:
     def object_uri(self, rel: str) -> str:
         return self.backend.to_uri(self.backend.join(self.root, rel))
 
+    def read_object(self, rel: str, read: Callable[[str], T], listed_by: str, key: str = "") -> T:
+        """``read(path)`` of object ``rel``, which ``listed_by`` (``"the manifest"``, ``"the
+        index"``) names, for ``key`` if given; the store's errors become library errors
+        naming the object: missing or truncated is damage, a name the store cannot look up is
+        a damaged manifest or index, anything else is a :class:`BackendError`."""
+        where = self.object_uri(rel)
+        for_key = f" (key {key})" if key else ""
+        try:
+            return read(self.backend.join(self.root, rel))
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{where} is missing but {listed_by} lists it{for_key}; the checkpoint is "
+                "damaged. Load an earlier checkpoint."
+            ) from None
+        except EOFError as e:
+            raise CorruptCheckpointError(
+                f"{where} is truncated ({e}); key {key} and later cannot be read. Load an "
+                "earlier checkpoint."
+            ) from None
+        except BackendError:  # from the backend: names the object and what to do
+            raise
+        except OSError as e:
+            raise BackendError(describe_store_error(self.uri, where, e, reading=True)) from e
+        except (ValueError, TypeError) as e:
+            raise unreadable_name(where, e) from e
+
     def read_index(self, rank: int) -> RankIndex:
         """Rank ``rank``'s index, checked against the size and CRC32C in the manifest."""
         entry = next((r for r in self.manifest.ranks if r.rank == rank), None)
@@ -45,19 +73,7 @@ class CommittedCheckpoint:
                 "among them. Pass rank= with one of those."
             )
         where = self.object_uri(entry.index)
-        try:
-            raw = self.backend.read_bytes(self.backend.join(self.root, entry.index))
-        except FileNotFoundError:
-            raise CorruptCheckpointError(
-                f"{where} is missing but the manifest lists it; the checkpoint is damaged. "
-                "Load an earlier checkpoint."
-            ) from None
-        except BackendError:  # from the backend: names the object and what to do
-            raise
-        except OSError as e:
-            raise BackendError(describe_store_error(self.uri, where, e, reading=True)) from e
-        except (ValueError, TypeError) as e:
-            raise unreadable_name(where, e) from e
+        raw = self.read_object(entry.index, self.backend.read_bytes, "the manifest")
         if len(raw) != entry.size or crc32c(raw) != entry.crc32c:
             raise CorruptCheckpointError(
                 f"{where}: size or CRC32C differs from the manifest ({len(raw)} bytes, expected "
@@ -77,11 +93,18 @@ def unreadable_name(where: str, e: Exception) -> CorruptCheckpointError:
 
 
 def open_checkpoint(
-    uri: str, backend_name: str | None = None, storage_options: Mapping[str, Any] | None = None
+    uri: str,
+    backend_name: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    backends: BackendSource | None = None,
 ) -> CommittedCheckpoint:
     """Open the committed checkpoint at ``uri``: not found, not committed and damaged
-    manifests are told apart."""
-    backend, root = resolve(uri, backend=backend_name, storage_options=storage_options)
+    manifests are told apart. Its backend comes from ``backends`` (default: the shared
+    cache of :func:`resolve`)."""
+    backend, root = (backends or SharedBackends()).resolve(
+        uri, backend=backend_name, storage_options=storage_options
+    )
     manifest_path = backend.join(root, MANIFEST_NAME)
     try:
         raw = backend.read_bytes(manifest_path)

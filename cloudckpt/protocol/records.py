@@ -22,7 +22,14 @@ from typing import Any
 
 from ..errors import CorruptCheckpointError
 from ..format.chunks import GlobalRecord
-from ..format.encoding import check_no_overlap, check_tree, crc32c, dtype_itemsize, parse_json
+from ..format.encoding import (
+    PLAIN_ITEMSIZES,
+    check_no_overlap,
+    check_tree,
+    crc32c,
+    dtype_itemsize,
+    parse_json,
+)
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -146,7 +153,7 @@ def _read_row(row: Any, n: int, what: str, where: str) -> list[Any]:
 # -- index ----------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorRecord:
     """Where one tensor lives and what it is. (A later field may carry a chunk's offsets in a
     global tensor; readers ignore the fields they do not know.)"""
@@ -203,19 +210,33 @@ class RankIndex:
     globals: list[GlobalRecord] = field(default_factory=list)  # DTensor and replicated leaves
 
     def to_json(self) -> bytes:
-        doc = {
+        """The index as compact JSON. The ``tensors`` rows are encoded a slice at a time, so a
+        large index never holds a row list per tensor at once."""
+        encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+        head = {
             "format": "cloudckpt-index",
             "format_version": FORMAT_VERSION,
             "attempt": self.attempt,
             "rank": self.rank,
             "world_size": self.world_size,
             "files": [[f.path, f.size] for f in self.files],
-            "tensors": [t.to_row() for t in self.tensors],
-            "tree": self.tree,
         }
+        rows = self.tensors
+        step = 1024
+        parts = [
+            encode(head)[:-1],
+            ',"tensors":[',
+            ",".join(
+                encode([t.to_row() for t in rows[i : i + step]])[1:-1]
+                for i in range(0, len(rows), step)
+            ),
+            '],"tree":',
+            encode(self.tree),
+        ]
         if self.globals:
-            doc["globals"] = [g.to_row() for g in self.globals]
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+            parts += [',"globals":', encode([g.to_row() for g in self.globals])]
+        parts.append("}")
+        return "".join(parts).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> RankIndex:
@@ -226,10 +247,10 @@ class RankIndex:
             for row in read_list(doc["files"], "files", where):
                 p, size = _read_row(row, 2, "a files row", where)[:2]
                 files.append(FileRecord(check_name(p, where), read_int(size, "a file size", where)))
-            tensors = [
-                TensorRecord.from_row(row, where)
-                for row in read_list(doc["tensors"], "tensors", where)
-            ]
+            rows = read_list(doc["tensors"], "tensors", where)
+            tensors, checked = _tensor_records(rows, files)
+            if not checked:  # a row failed a check: every row again, to raise the first error
+                tensors += [TensorRecord.from_row(row, where) for row in rows[len(tensors) :]]
             world = read_int(doc["world_size"], "world_size", where, lo=1)
             idx = cls(
                 read_int(doc["rank"], "rank", where, hi=world - 1),
@@ -245,13 +266,19 @@ class RankIndex:
             )
         except KeyError as e:
             raise CorruptCheckpointError(f"{where}: malformed index (no {e})") from e
-        idx.validate(where)
+        idx.validate(where, tensors_checked=checked)
         return idx
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str, *, tensors_checked: bool = False) -> None:
         """The tree as loading reads it; every tensor inside its file, sizes matching dtype and
-        shape, no overlaps."""
+        shape, no overlaps (``tensors_checked``: :func:`_tensor_records` has checked those)."""
         check_tree(self.tree, len(self.tensors), where, len(self.globals))
+        if not tensors_checked:
+            self._validate_tensors(where)
+        for g in self.globals:
+            g.validate(where, self.tensors)
+
+    def _validate_tensors(self, where: str) -> None:
         per_file: dict[int, list[tuple[int, int, str]]] = {}
         for t in self.tensors:
             if not 0 <= t.file < len(self.files):
@@ -270,8 +297,57 @@ class RankIndex:
             per_file.setdefault(t.file, []).append((t.offset, t.offset + t.length, t.key))
         for f, ranges in per_file.items():
             check_no_overlap(ranges, f"{where} ({self.files[f].path})")
-        for g in self.globals:
-            g.validate(where, self.tensors)
+
+
+def _tensor_records(rows: list[Any], files: list[FileRecord]) -> tuple[list[TensorRecord], bool]:
+    """The ``tensors`` rows of an index as records, in one pass of plain checks: each field's
+    type and range (as :meth:`TensorRecord.from_row`), and each tensor inside its file, its
+    length matching dtype and shape, after the previous tensor of its file (as
+    :meth:`RankIndex.validate`; a writer stores them in order).
+
+    Returns ``(records, True)`` when every row passed; else the records of the rows before the
+    first that did not, and ``False``: the caller then checks the rest field by field, which
+    names the problem. Each row is dropped from ``rows`` once its record exists, so a large
+    index does not hold both forms at once."""
+    sizes = [f.size for f in files]
+    ends = [0] * len(files)  # end of the last tensor seen in each file
+    itemsize_of = PLAIN_ITEMSIZES.get
+    out: list[TensorRecord] = []
+    append = out.append
+    for i, row in enumerate(rows):
+        if type(row) is not list or len(row) < 7:
+            return out, False
+        k, d, sh, f, o, n, c = row if len(row) == 7 else row[:7]
+        if not (
+            type(k) is str
+            and type(d) is str
+            and type(sh) is list
+            and len(sh) <= MAX_DIMS
+            and type(f) is int
+            and 0 <= f < len(sizes)
+            and type(o) is int
+            and type(n) is int
+            and o >= 8
+            and ends[f] <= o
+            and n >= 0
+            and o + n <= sizes[f]
+            and type(c) is int
+            and 0 <= c <= 0xFFFFFFFF
+        ):
+            return out, False
+        nbytes = itemsize_of(d)
+        if nbytes is None:  # a rare dtype: its size comes from torch, in the slower check
+            return out, False
+        for x in sh:
+            if type(x) is not int or not 0 <= x <= MAX_OFFSET:
+                return out, False
+            nbytes *= x
+        if nbytes != n:
+            return out, False
+        ends[f] = o + n
+        append(TensorRecord(k, d, sh, f, o, n, c))
+        rows[i] = None
+    return out, True
 
 
 # -- manifest -------------------------------------------------------------------------------

@@ -11,17 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from .servers import (
-    FAKE_AWS_ENV,
-    GCS_ENV,
-    GCSServer,
-    S3Server,
-    environ,
-    fake_gcs_server,
-    fresh_name,
-    moto_server,
-)
-from .stores import CloudStore, Faults, write_config
+from .servers import GCSServer, S3Server, fake_gcs_server, moto_server
+from .stores import CloudStore, Faults, fresh_store
 
 
 @pytest.fixture(scope="session")
@@ -44,13 +35,8 @@ def cloudckpt_s3(
 ) -> Iterator[CloudStore]:
     """A fresh bucket and prefix on the moto server: ``uri``, ``storage_options``,
     ``config_file``, ``client`` (boto3)."""
-    server = cloudckpt_moto_server
-    with environ(FAKE_AWS_ENV):
-        bucket, prefix = server.new_bucket(), fresh_name()
-        options = server.options()
-        config = tmp_path_factory.mktemp("cloudckpt-s3") / "cloudckpt.toml"
-        write_config(config, "s3", f"s3://{bucket}/{prefix}", options)
-        yield CloudStore("s3", bucket, prefix, server, options, config)
+    with fresh_store(cloudckpt_moto_server, tmp_path_factory.mktemp("cloudckpt-s3")) as store:
+        yield store
 
 
 @pytest.fixture
@@ -59,13 +45,8 @@ def cloudckpt_gcs(
 ) -> Iterator[CloudStore]:
     """A fresh bucket and prefix on fake-gcs-server: ``uri``, ``storage_options``,
     ``config_file``, ``client`` (google.cloud.storage, when installed)."""
-    server = cloudckpt_gcs_server
-    with environ(GCS_ENV):
-        bucket, prefix = server.new_bucket(), fresh_name()
-        options = server.options()
-        config = tmp_path_factory.mktemp("cloudckpt-gcs") / "cloudckpt.toml"
-        write_config(config, "gcs", f"gs://{bucket}/{prefix}", options)
-        yield CloudStore("gcs", bucket, prefix, server, options, config)
+    with fresh_store(cloudckpt_gcs_server, tmp_path_factory.mktemp("cloudckpt-gcs")) as store:
+        yield store
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
 
@@ -58,6 +58,11 @@ class S3Server:
 
     host: str
     port: int
+
+    backend: ClassVar[str] = "s3"
+    scheme: ClassVar[str] = "s3"
+    env: ClassVar[dict[str, str]] = FAKE_AWS_ENV
+    """What a test using this server runs with in ``os.environ`` (fake credentials)."""
 
     @property
     def endpoint(self) -> str:
@@ -111,6 +116,11 @@ def moto_server() -> Iterator[S3Server]:
 
 class GCSServer:
     """A running fake-gcs-server and the options that reach it (directly or through a proxy)."""
+
+    backend: ClassVar[str] = "gcs"
+    scheme: ClassVar[str] = "gs"
+    env: ClassVar[dict[str, str]] = GCS_ENV
+    """What a test using this server runs with in ``os.environ``."""
 
     def __init__(self, url: str) -> None:
         self.url = url

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from .faults import FaultProxy, Rule, Seen
-from .servers import GCSServer, S3Server
+from .servers import GCSServer, S3Server, environ, fresh_name
 
 
 def _toml_value(value: Any) -> str:
@@ -43,8 +45,7 @@ class CloudStore:
 
     @property
     def uri(self) -> str:
-        scheme = "s3" if self.backend == "s3" else "gs"
-        return f"{scheme}://{self.bucket}/{self.prefix}"
+        return f"{self.server.scheme}://{self.bucket}/{self.prefix}"
 
     def join(self, *parts: str) -> str:
         """``uri`` with ``parts`` appended: ``store.join("step-1")``."""
@@ -75,6 +76,18 @@ class CloudStore:
         return dataclasses.replace(
             self, storage_options=options, config_file=config_file, endpoint=endpoint, _client=None
         )
+
+
+@contextlib.contextmanager
+def fresh_store(server: S3Server | GCSServer, workdir: Path) -> Iterator[CloudStore]:
+    """A fresh bucket and prefix on ``server`` and its config file under ``workdir``, with
+    the server's environment (fake credentials) set for the block."""
+    with environ(server.env):
+        bucket, prefix = server.new_bucket(), fresh_name()
+        options = server.options()
+        config = workdir / "cloudckpt.toml"
+        write_config(config, server.backend, f"{server.scheme}://{bucket}/{prefix}", options)
+        yield CloudStore(server.backend, bucket, prefix, server, options, config)
 
 
 def _fsspec_options(options: dict[str, Any]) -> dict[str, Any]:
