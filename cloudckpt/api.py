@@ -10,6 +10,7 @@ from typing import Any
 from .builder import make_checkpoint_reader, make_sync_checkpointer, rank_info_for
 from .checkpointer import load_with_reader
 from .config import CheckpointerConfig, resolve_config
+from .storage.registry import SharedBackends
 from .types import STATE_DICT, RankInfo
 
 ConfigArg = CheckpointerConfig | str | os.PathLike[str] | None
@@ -44,7 +45,8 @@ def save(
     ``[writer] replicated``); DTensors are always stored as global tensors.
     """
     cfg = _with_options(config, storage_options)
-    with make_sync_checkpointer(cfg, rank_info=rank_info) as ckpt:
+    # one call, one checkpointer: connections come from the shared cache, reused by the next
+    with make_sync_checkpointer(cfg, rank_info=rank_info, backends=SharedBackends()) as ckpt:
         ckpt.save(uri, state_dict, overwrite=overwrite, metadata=metadata, replicated=replicated)
 
 
@@ -62,7 +64,7 @@ def load(
     """Load the committed checkpoint at ``uri``: everything, or only ``state_dict``'s keys
     (into its own tensors where they fit). ``strict`` raises on keys the checkpoint lacks."""
     cfg = _with_options(config, storage_options)
-    reader = make_checkpoint_reader(cfg, rank_info_for(cfg, rank_info))
+    reader = make_checkpoint_reader(cfg, rank_info_for(cfg, rank_info), SharedBackends())
     try:
         return load_with_reader(
             reader, uri, state_dict, default_map_location, strict, {"rank": rank}

@@ -16,6 +16,7 @@ from .checkpointer import AsyncCheckpointer, SyncCheckpointer
 from .config import CheckpointerConfig, resolve_config
 from .errors import ConfigError
 from .staging import DefaultStager
+from .storage.registry import BackendSource
 from .types import RankInfo, default_rank_info
 
 
@@ -54,7 +55,10 @@ def _group_initialized() -> bool:
 
 
 def writer_from_config(
-    rank_info: RankInfo, config: CheckpointerConfig, commit_hook: WriterHook | None = None
+    rank_info: RankInfo,
+    config: CheckpointerConfig,
+    commit_hook: WriterHook | None = None,
+    backends: BackendSource | None = None,
 ) -> CheckpointWriter:
     """The default writer; also what a writer process builds (module-level, so it pickles)."""
     return CheckpointWriter(
@@ -65,13 +69,19 @@ def writer_from_config(
         ),
         commit_hook=commit_hook,
         storage=config.storage,
+        backends=backends,
     )
 
 
-def make_checkpoint_reader(cfg: CheckpointerConfig, rank_info: RankInfo) -> CheckpointReader:
+def make_checkpoint_reader(
+    cfg: CheckpointerConfig, rank_info: RankInfo, backends: BackendSource | None = None
+) -> CheckpointReader:
     """A reader alone: loading needs no writer and no barrier (no store traffic)."""
     return CheckpointReader(
-        rank_info, storage=cfg.storage, concurrency=cfg.writer_config.concurrency
+        rank_info,
+        storage=cfg.storage,
+        concurrency=cfg.writer_config.concurrency,
+        backends=backends,
     )
 
 
@@ -79,13 +89,19 @@ def make_sync_checkpointer(
     config: CheckpointerConfig | str | os.PathLike[str] | None = None,
     rank_info: RankInfo | None = None,
     commit_hook: WriterHook | None = None,
+    *,
+    backends: BackendSource | None = None,
 ) -> SyncCheckpointer:
-    """A :class:`SyncCheckpointer`; rank and world size from the process group if not given."""
+    """A :class:`SyncCheckpointer`; rank and world size from the process group if not given.
+
+    It opens the backends it uses and closes them on ``close()``; ``backends`` (an
+    :class:`~cloudckpt.storage.OwnedBackends` of yours, or the shared cache) is used instead
+    and left open."""
     cfg = resolve_config(config)
     rank_info = rank_info_for(cfg, rank_info)
     return SyncCheckpointer(
-        writer=writer_from_config(rank_info, cfg, commit_hook),
-        reader=make_checkpoint_reader(cfg, rank_info),
+        writer=writer_from_config(rank_info, cfg, commit_hook, backends),
+        reader=make_checkpoint_reader(cfg, rank_info, backends),
         owns_components=True,
     )
 
@@ -98,6 +114,8 @@ def make_async_checkpointer(
     checkpoint_writer_init_fn: Callable[..., CheckpointWriter] | None = None,
     checkpoint_writer_init_args: dict[str, Any] | None = None,
     commit_hook: WriterHook | None = None,
+    *,
+    backends: BackendSource | None = None,
 ) -> AsyncCheckpointer:
     """An :class:`AsyncCheckpointer`: staging in the caller, writing and commit behind it.
 
@@ -106,7 +124,8 @@ def make_async_checkpointer(
     ``"process"``: a persistent writer process spawned now and fed through shared memory; the
     init function, the writer factory and ``commit_hook`` run in it and must pickle.
     ``checkpoint_writer_init_fn(rank_info=..., **checkpoint_writer_init_args)`` replaces the
-    default writer in both.
+    default writer in both. Backends: as :func:`make_sync_checkpointer` (a writer process
+    opens and closes its own).
     """
     cfg = resolve_config(config)  # validated: the writer kind and shared memory agree
     rank_info = rank_info_for(cfg, rank_info)
@@ -132,6 +151,7 @@ def make_async_checkpointer(
             writer_fn,
             writer_args,
             storage=cfg.storage,
+            backends=backends,
         )
     else:
         if subprocess_init_fn is not None:
@@ -141,11 +161,11 @@ def make_async_checkpointer(
                 rank_info=rank_info, **(checkpoint_writer_init_args or {})
             )
         else:
-            writer = writer_from_config(rank_info, cfg, commit_hook)
+            writer = writer_from_config(rank_info, cfg, commit_hook, backends)
         background = WriterThread(writer, cfg.process_config)
     return AsyncCheckpointer(
         checkpoint_stager=DefaultStager(cfg.staging_config, for_process=kind == "process"),
         checkpoint_process=background,
-        reader=make_checkpoint_reader(cfg, rank_info),
+        reader=make_checkpoint_reader(cfg, rank_info, backends),
         owns_components=True,
     )

@@ -35,7 +35,7 @@ from .format.chunks import LayoutSpec
 from .gc_pause import own_process_gc
 from .global_tensors import GlobalShard
 from .storage.config import StorageConfig
-from .storage.registry import resolve
+from .storage.registry import BackendSource, OwnedBackends
 from .tree import LeafMakers, Node, TensorLeaf, flatten, unflatten
 from .types import STATE_DICT, RankInfo
 
@@ -426,10 +426,15 @@ class CheckpointProcess(BackgroundWriter):
         checkpoint_writer_init_fn: Callable[..., Any],
         checkpoint_writer_init_args: dict[str, Any],
         storage: StorageConfig | None = None,
+        *,
+        backends: BackendSource | None = None,
     ) -> None:
         self.rank_info = rank_info
         self.storage = storage
         self.config = config
+        # the parent's backends, only to read a destination's capabilities before a save
+        self._own_backends = backends is None
+        self._backends: BackendSource = OwnedBackends() if backends is None else backends
         self.subprocess_init_fn = subprocess_init_fn
         self.subprocess_init_args = tuple(subprocess_init_args)
         self.checkpoint_writer_init_fn = checkpoint_writer_init_fn
@@ -508,7 +513,7 @@ class CheckpointProcess(BackgroundWriter):
         """Refuse a destination whose store the writer process cannot see (``memory://``)."""
         storage = self.storage or StorageConfig()
         uri = storage.resolve_uri(path)
-        backend, _ = resolve(
+        backend, _ = self._backends.resolve(
             uri, backend=storage.backend, storage_options=storage.options_with(overrides)
         )
         if not backend.capabilities.process_shareable:
@@ -520,6 +525,8 @@ class CheckpointProcess(BackgroundWriter):
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        if self._own_backends:
+            self._backends.close()
         if self._worker is not None:
             self._worker.stop(self.config.subprocess_shutdown_timeout_secs)
             self._worker = None

@@ -26,13 +26,13 @@ from .errors import (
     StateDictMismatchError,
 )
 from .format.encoding import crc32c, dtype_from_name, tensor_bytes
-from .gc_pause import paused_gc
+from .gc_pause import freeze_survivors, paused_gc
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import is_dtensor
 from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import RankIndex, TensorRecord
 from .storage.config import StorageConfig
-from .storage.registry import resolve
+from .storage.registry import BackendSource, OwnedBackends
 from .tree import (
     LeafMakers,
     Node,
@@ -68,7 +68,10 @@ class _Reads:
 
 
 class CheckpointReader:
-    """Reads state dicts (whole, or only a target's keys) from committed checkpoints."""
+    """Reads state dicts (whole, or only a target's keys) from committed checkpoints.
+
+    Backends come from ``backends`` when given (the caller's: left open by :meth:`close`),
+    else the reader opens its own and closes them in :meth:`close`."""
 
     def __init__(
         self,
@@ -76,9 +79,12 @@ class CheckpointReader:
         *,
         storage: StorageConfig | None = None,
         concurrency: int = 8,
+        backends: BackendSource | None = None,
     ) -> None:
         self._rank_info = rank_info
         self._storage = storage or StorageConfig()
+        self._own_backends = backends is None
+        self._backends: BackendSource = OwnedBackends() if backends is None else backends
         self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="cloudckpt-read")
 
     def open(
@@ -87,7 +93,10 @@ class CheckpointReader:
         """Open the committed checkpoint at ``path`` (URI, plain path, or name under the root)."""
         uri = self._storage.resolve_uri(path)
         return open_checkpoint(
-            uri, self._storage.backend, self._storage.options_with(dict(storage_options or {}))
+            uri,
+            self._storage.backend,
+            self._storage.options_with(dict(storage_options or {})),
+            backends=self._backends,
         )
 
     def read(
@@ -128,7 +137,7 @@ class CheckpointReader:
             ckpt = self.open(path, storage_options)
         except CheckpointNotCommittedError:
             uri = self._storage.resolve_uri(path)
-            backend, root = resolve(
+            backend, root = self._backends.resolve(
                 uri,
                 backend=self._storage.backend,
                 storage_options=self._storage.options_with(dict(storage_options or {})),
@@ -152,6 +161,7 @@ class CheckpointReader:
         if rank is None:
             rank = 0 if other_world else self._rank_info.global_rank
         index = ckpt.read_index(rank)
+        freeze_survivors()
         relocate = relocation(map_location)
         reads = _Reads()
         dtypes: dict[str, torch.dtype] = {}
@@ -216,6 +226,7 @@ class CheckpointReader:
             )
         if global_requests:
             catalog: Catalog = load_catalog(ckpt, {rank: index}, self._pool)
+        freeze_survivors()
         nbytes = self._fetch(ckpt, index, reads)
         if global_requests:
             nbytes += fetch_globals(ckpt, global_requests, catalog, self._pool)
@@ -299,8 +310,10 @@ class CheckpointReader:
         return sum(rec.length for rec in records)
 
     def close(self) -> None:
-        """Stop the reader's threads."""
+        """Stop the reader's threads and close the backends it opened."""
         self._pool.shutdown(wait=True)
+        if self._own_backends:
+            self._backends.close()
 
 
 def _empty(rec: TensorRecord, dtype: torch.dtype, where: str) -> torch.Tensor:

@@ -49,6 +49,7 @@ from .format.chunks import (
 from .format.encoding import (
     SafetensorsHeader,
     crc32c,
+    crc32c_concat,
     dtype_name,
     safetensors_entry,
     tensor_bytes,
@@ -72,7 +73,7 @@ from .protocol.records import (
 from .storage.config import StorageConfig
 from .storage.interface import Backend
 from .storage.messages import describe_store_error
-from .storage.registry import resolve
+from .storage.registry import BackendSource, OwnedBackends
 from .tree import TensorLeaf, flatten
 from .types import STATE_DICT, RankInfo
 from .units import format_size
@@ -151,15 +152,21 @@ def plan_files(
 
 def block_checksums(
     view: memoryview, shape: tuple[int, ...], itemsize: int
-) -> tuple[int, list[int]]:
-    """Rows per block and one CRC32C per block of rows of a stored chunk."""
+) -> tuple[int, list[int], int]:
+    """Rows per block, one CRC32C per block of rows of a stored chunk, and the CRC32C of the
+    whole chunk derived from the blocks' (one pass over the bytes, not two)."""
     if not shape:
-        return 1, [crc32c(view)]
+        crc = crc32c(view)
+        return 1, [crc], crc
     row_bytes = math.prod(shape[1:]) * itemsize
     per_block = block_rows(row_bytes)
-    step = per_block * row_bytes
-    crcs = [crc32c(view[s : s + step]) for s in range(0, max(view.nbytes, 1), max(step, 1))]
-    return per_block, crcs[: -(-shape[0] // per_block)] if shape[0] else []
+    step = max(per_block * row_bytes, 1)
+    starts = range(0, view.nbytes, step)
+    crcs = [crc32c(view[s : s + step]) for s in starts]
+    whole = crc32c_concat(zip(crcs, (min(step, view.nbytes - s) for s in starts)))
+    n_blocks = -(-shape[0] // per_block)
+    crcs += [0] * (n_blocks - len(crcs))  # rows of no bytes (a zero-size dimension): CRC 0
+    return per_block, crcs[:n_blocks], whole
 
 
 def plan_global_leaves(
@@ -202,7 +209,10 @@ def plan_global_leaves(
 
 
 class CheckpointWriter:
-    """Writes one rank's part of a checkpoint and, with a barrier, commits it for all ranks."""
+    """Writes one rank's part of a checkpoint and, with a barrier, commits it for all ranks.
+
+    Backends come from ``backends`` when given (the caller's: left open by :meth:`close`),
+    else the writer opens its own and closes them in :meth:`close`."""
 
     def __init__(
         self,
@@ -212,12 +222,15 @@ class CheckpointWriter:
         commit_hook: WriterHook | None = None,
         *,
         storage: StorageConfig | None = None,
+        backends: BackendSource | None = None,
     ) -> None:
         self._config = config
         self._rank_info = rank_info
         self._barrier = barrier
         self._commit_hook = commit_hook
         self._storage = storage or StorageConfig()
+        self._own_backends = backends is None
+        self._backends: BackendSource = OwnedBackends() if backends is None else backends
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="cloudckpt-write")
 
     @property
@@ -271,7 +284,7 @@ class CheckpointWriter:
         kwargs: dict[str, Any],
     ) -> None:
         uri = self._storage.resolve_uri(path)
-        backend, root = resolve(
+        backend, root = self._backends.resolve(
             uri,
             backend=self._storage.backend,
             storage_options=self._storage.options_with(storage_options),
@@ -572,6 +585,11 @@ class CheckpointWriter:
                 leaf = leaves[i]
                 t = host_contiguous(leaf.tensor)  # a host copy only for GPU or strided tensors
                 view = tensor_bytes(t)
+                if leaf.shard is None:
+                    crc = crc32c(view)
+                else:  # a global chunk: checksums per block of rows, the whole one from them
+                    per_block, crcs, crc = block_checksums(view, tuple(t.shape), t.element_size())
+                    blocks[i] = (per_block, crcs)
                 records[i] = TensorRecord(
                     leaf.key,
                     dtypes[t.dtype],
@@ -579,11 +597,9 @@ class CheckpointWriter:
                     file_no,
                     offset,
                     view.nbytes,
-                    crc32c(view),
+                    crc,
                 )
                 offset += view.nbytes
-                if leaf.shard is not None:  # a global chunk: checksums per block of rows too
-                    blocks[i] = block_checksums(view, tuple(t.shape), t.element_size())
                 yield view
 
         path = backend.join(root, planned.path)
@@ -591,10 +607,14 @@ class CheckpointWriter:
         return FileRecord(planned.path, size)
 
     def close(self) -> None:
-        """Stop the writer's threads."""
+        """Stop the writer's threads, close the backends it opened and its barrier."""
         self._pool.shutdown(wait=True)
-        if self._barrier is not None:
-            self._barrier.close()
+        try:
+            if self._own_backends:
+                self._backends.close()
+        finally:
+            if self._barrier is not None:
+                self._barrier.close()
 
 
 def _manifest_for(

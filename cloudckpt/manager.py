@@ -29,7 +29,7 @@ from .protocol.commit import GcReport, collect_orphans, remove_checkpoint
 from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import DATA_DIR, INDEX_DIR
 from .storage.interface import ObjectInfo
-from .storage.registry import resolve
+from .storage.registry import BackendSource, OwnedBackends, SharedBackends
 from .types import STATE_DICT, RankInfo
 
 if TYPE_CHECKING:  # the checkpointer (and torch) load with the first manager, not the command
@@ -77,11 +77,13 @@ class CheckpointRoot:
         root: str,
         backend_name: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        backends: BackendSource | None = None,
     ) -> None:
         self.root = root.rstrip("/") or root
         self.backend_name = backend_name
         self.options = dict(storage_options or {})
-        self.backend, self.path = resolve(
+        self._backends = backends or SharedBackends()  # the caller's: never closed here
+        self.backend, self.path = self._backends.resolve(
             self.root, backend=backend_name, storage_options=self.options
         )
         self._warned: set[str] = set()
@@ -115,7 +117,7 @@ class CheckpointRoot:
         failure is raised: it says nothing about the checkpoint."""
         uri = self.uri_of(name)
         try:
-            return open_checkpoint(uri, self.backend_name, self.options)
+            return open_checkpoint(uri, self.backend_name, self.options, backends=self._backends)
         except (CheckpointNotFoundError, CheckpointNotCommittedError):
             return None
         except BackendError:
@@ -217,7 +219,7 @@ class AsyncSave:
 class _StepCheckpoints:
     """What both managers share: the root, step names, loads and retention."""
 
-    _ASYNC = False
+    _ASYNC = False  # whether save() stages and returns (AsyncCheckpointManager)
 
     def __init__(
         self,
@@ -227,10 +229,20 @@ class _StepCheckpoints:
         keep_last: int | None = None,
         keep_every: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        async_save: bool = False,
         rank_info: RankInfo | None = None,
         gc_older_than: float | None = None,
-        async_writes: bool = False,
     ) -> None:
+        if async_save and not self._ASYNC:
+            warnings.warn(
+                "CheckpointManager(async_save=True) is deprecated: use "
+                "cloudckpt.AsyncCheckpointManager, whose save() returns an AsyncSave "
+                "(.staged, .committed futures; .result() waits for the commit)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        self._deprecated_async = async_save and not self._ASYNC
+        async_writes = async_save or self._ASYNC
         self._config = resolve_config(config)
         root = root or self._config.storage.root
         if not root:
@@ -256,14 +268,25 @@ class _StepCheckpoints:
 
         self._options = self._config.storage.options_with(storage_options)
         self._rank_info = rank_info_for(self._config, rank_info)
-        self._dir = CheckpointRoot(root, self._config.storage.backend, self._options)
-        self.root = self._dir.root
-
-        self._ckpt: Checkpointer = (
-            make_async_checkpointer(self._config, rank_info=self._rank_info)
-            if async_writes
-            else make_sync_checkpointer(self._config, rank_info=self._rank_info)
-        )
+        # the manager's backends, shared by its listing and its checkpointer, closed by close()
+        self._backends = OwnedBackends()
+        try:
+            self._dir = CheckpointRoot(
+                root, self._config.storage.backend, self._options, self._backends
+            )
+            self.root = self._dir.root
+            self._ckpt: Checkpointer = (
+                make_async_checkpointer(
+                    self._config, rank_info=self._rank_info, backends=self._backends
+                )
+                if async_writes
+                else make_sync_checkpointer(
+                    self._config, rank_info=self._rank_info, backends=self._backends
+                )
+            )
+        except BaseException:
+            self._backends.close()
+            raise
         self._pending: Future[str] | None = None
 
     def uri(self, step: int) -> str:
@@ -358,12 +381,28 @@ class _StepCheckpoints:
         return self.load(step, state_dict, **kwargs)
 
     def close(self) -> None:
-        """Wait for a save in flight (and its retention), then release the checkpointer; an
-        async save's error that nothing reported yet is raised here, once."""
-        self._ckpt.close()
+        """Wait for a save in flight (and its retention), release the checkpointer, then
+        close the manager's backends; an async save's error that nothing reported yet is
+        raised here, once."""
+        self._wait_for_retention()
+        try:
+            self._ckpt.close()
+        finally:
+            self._backends.close()
 
     def __exit__(self, *exc: object) -> None:
-        self._ckpt.__exit__(*exc)  # leaving on an exception: a write's error is logged
+        self._wait_for_retention()
+        try:
+            self._ckpt.__exit__(*exc)  # leaving on an exception: a write's error is logged
+        finally:
+            self._backends.close()
+
+    def _wait_for_retention(self) -> None:
+        """An async save's hint and retention run in a callback of its write, which may
+        still be running when the write's future has resolved: wait for them, on the
+        manager's backends, before those close. Its error surfaces from ``close``."""
+        if self._pending is not None:
+            self._pending.exception()
 
 
 class CheckpointManager(_StepCheckpoints):
@@ -376,38 +415,6 @@ class CheckpointManager(_StepCheckpoints):
     (use :class:`AsyncCheckpointManager`): it makes ``save`` return ``(stage_future,
     commit_future)`` as before.
     """
-
-    def __init__(
-        self,
-        root: str | None = None,
-        *,
-        config: CheckpointerConfig | str | os.PathLike[str] | None = None,
-        keep_last: int | None = None,
-        keep_every: int | None = None,
-        storage_options: dict[str, Any] | None = None,
-        async_save: bool = False,
-        rank_info: RankInfo | None = None,
-        gc_older_than: float | None = None,
-    ) -> None:
-        if async_save:
-            warnings.warn(
-                "CheckpointManager(async_save=True) is deprecated: use "
-                "cloudckpt.AsyncCheckpointManager, whose save() returns an AsyncSave "
-                "(.staged, .committed futures; .result() waits for the commit)",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-        self._deprecated_async = async_save
-        super().__init__(
-            root,
-            config=config,
-            keep_last=keep_last,
-            keep_every=keep_every,
-            storage_options=storage_options,
-            rank_info=rank_info,
-            gc_older_than=gc_older_than,
-            async_writes=async_save,
-        )
 
     def save(self, step: int, state_dict: STATE_DICT, **kwargs: Any) -> str:
         """Save and commit ``step``, then (rank 0) write the ``latest`` hint and apply
@@ -426,29 +433,10 @@ class AsyncCheckpointManager(_StepCheckpoints):
     """A :class:`CheckpointManager` whose ``save`` returns once the state dict is staged;
     the write, the commit, the ``latest`` hint and retention run behind the caller (the
     thread or process writer of ``[process] writer``; see async.md). One save is in flight:
-    the next ``save`` first waits for it."""
+    the next ``save`` first waits for it. Its arguments are :class:`CheckpointManager`'s
+    (``async_save`` changes nothing here)."""
 
-    def __init__(
-        self,
-        root: str | None = None,
-        *,
-        config: CheckpointerConfig | str | os.PathLike[str] | None = None,
-        keep_last: int | None = None,
-        keep_every: int | None = None,
-        storage_options: dict[str, Any] | None = None,
-        rank_info: RankInfo | None = None,
-        gc_older_than: float | None = None,
-    ) -> None:
-        super().__init__(
-            root,
-            config=config,
-            keep_last=keep_last,
-            keep_every=keep_every,
-            storage_options=storage_options,
-            rank_info=rank_info,
-            gc_older_than=gc_older_than,
-            async_writes=True,
-        )
+    _ASYNC = True
 
     def save(self, step: int, state_dict: STATE_DICT, **kwargs: Any) -> AsyncSave:
         """Stage ``step`` now; write and commit it behind the caller. ``kwargs`` go to the

@@ -249,18 +249,19 @@ def _one_slab(views: list[torch.Tensor]) -> bool:
 
 def _collect(value: Any, out: list[torch.Tensor], shards: dict[int, GlobalShard]) -> None:
     """Every tensor of the tree in visit order (a DTensor's local tensor, its layout kept in
-    ``shards``); refuses what the writer would refuse (the tree's rules: :func:`tree.walk`)."""
+    ``shards``; a staged :class:`GlobalShard` the same way, so a staged result hands its slab
+    back whole); refuses what the writer would refuse (the tree's rules: :func:`tree.walk`)."""
 
     def leaf(value: Any, key: str) -> None:
-        if isinstance(value, torch.Tensor):
-            if is_dtensor(value):
-                shard = global_shard_of(value, key or "<root>")
-                check_tensor(key or "<root>", shard.local)
-                shards[id(value)] = shard
-                out.append(shard.local)
-            else:
-                check_tensor(key or "<root>", value)
-                out.append(value)
+        if is_dtensor(value) or isinstance(value, GlobalShard):
+            where = key or "<root>"
+            shard = value if isinstance(value, GlobalShard) else global_shard_of(value, where)
+            check_tensor(where, shard.local)
+            shards[id(value)] = shard
+            out.append(shard.local)
+        elif isinstance(value, torch.Tensor):
+            check_tensor(key or "<root>", value)
+            out.append(value)
 
     walk(value, leaf, None)
 

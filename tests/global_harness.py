@@ -140,16 +140,21 @@ def scenario_load_globals(rank: int, world: int, args: dict[str, Any]) -> dict[s
 
 def scenario_save_globals_async(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
     """Save DTensors and replicated leaves through the async checkpointer (thread or process
-    writer), twice (the second save reuses the staging buffers); training mutates in between."""
+    writer), twice; training mutates in between. Returns where each save staged the DTensor
+    shards (the second save reuses the first one's slab)."""
     _init_group(args, rank, world)
     model = _distribute(_placements("save"), _mesh(world, (world,)), zeros=False)
     cfg = _config({**args, "barrier": "auto"}, rank, world)
     cfg.process_config.writer = args["writer"]
     ckpt = cloudckpt.make_async_checkpointer(cfg)
+    slabs = []  # where each save's staged DTensor shards live
     for step in range(2):
         state = {"model": model, **plain_state()}
         stage_f, write_f = ckpt.save(f"{args['root']}/async-{step}", state, replicated=REPLICATED)
         stage_f.result()
+        staged = ckpt._staged  # type: ignore[attr-defined]
+        staged = staged.result() if hasattr(staged, "result") else staged
+        slabs.append([s.local.untyped_storage().data_ptr() for s in staged["model"].values()])
         kept = {k: dt.to_local().clone() for k, dt in model.items()}
         for dt in model.values():  # staged: the save must not see this
             dt.to_local().add_(1000.0)
@@ -157,7 +162,7 @@ def scenario_save_globals_async(rank: int, world: int, args: dict[str, Any]) -> 
         for k, dt in model.items():
             dt.to_local().copy_(kept[k])
     ckpt.close()
-    return {"ok": True}
+    return {"ok": True, "slabs": slabs}
 
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 6, 32

@@ -289,6 +289,19 @@ def test_close_closes_everything_then_reraises_the_pending_write_error_once(
 
 
 @pytest.mark.parametrize("writer", WRITERS)
+def test_close_leaves_no_thread_or_backend_pool_behind(writer: str, tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    with cloudckpt.make_async_checkpointer(_config(writer)) as ckpt:
+        ckpt.save(str(tmp_path / "c"), {"big": torch.ones(8 << 20)})[1].result()
+        ckpt.save(str(tmp_path / "d"), {"big": torch.ones(8 << 20)})[1].result()
+    new = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    # multiprocessing's resource sharer, which hands the slab's file descriptor to the writer
+    # process, serves for the life of the process (torch's sharing, not a cloudckpt thread)
+    assert [n for n in new if not n.endswith("(_serve)")] == []
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("writer", WRITERS)
 def test_close_does_not_repeat_an_error_the_next_save_reported(writer: str, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")

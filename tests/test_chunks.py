@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from cloudckpt.checkpoint_writer import block_checksums
+from cloudckpt.format import crc32c, crc32c_concat, tensor_bytes
 from cloudckpt.format.chunks import (
     REPLICATE,
     Box,
@@ -155,3 +159,25 @@ def test_strided_shard_boxes_match_torch() -> None:
             assert (box.sizes, box.offsets) == (tuple(size), tuple(offset)), (rows, rank)
             boxes.add(box)
         assert sum(b.numel for b in boxes) == rows * 3
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [7], [0, 5, 0], [1, 1, 1], [1 << 20, 1 << 20, 1234]])
+def test_crc32c_concat_equals_the_crc_of_the_joined_bytes(sizes: list[int]) -> None:
+    g = torch.Generator().manual_seed(len(sizes))
+    bufs = [bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)) for n in sizes]
+    assert crc32c_concat((crc32c(b), len(b)) for b in bufs) == crc32c(b"".join(bufs))
+
+
+@pytest.mark.parametrize(
+    "shape", [(), (0, 4), (3, 0), (5, 7), (2 * (1 << 18) + 3, 1), ((1 << 18) + 1, 2)]
+)
+def test_block_checksums_and_the_whole_crc_in_one_pass(shape: tuple[int, ...]) -> None:
+    t = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+    view = tensor_bytes(t)
+    per_block, crcs, whole = block_checksums(view, shape, 4)
+    assert whole == crc32c(view)
+    rows = shape[0] if shape else 1
+    assert len(crcs) == -(-rows // per_block)
+    step = per_block * (math.prod(shape[1:]) * 4 if shape else 4)
+    for b, crc in enumerate(crcs):
+        assert crc == crc32c(view[b * step : (b + 1) * step])

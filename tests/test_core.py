@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 from types import MappingProxyType
@@ -29,6 +30,7 @@ from state_asserts import same
 import cloudckpt
 from cloudckpt.format.encoding import parse_safetensors_header
 from cloudckpt.protocol.records import MANIFEST_NAME
+from cloudckpt.storage import OwnedBackends
 from cloudckpt.tree import MAX_DEPTH
 
 
@@ -385,12 +387,82 @@ def test_seed_style_checkpointer_api(tmp_path: Path) -> None:
     assert done.result() is None
 
 
+def _new_threads(before: set[int | None]) -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.ident not in before and t.is_alive())
+
+
+def test_a_checkpointer_closes_the_backends_it_opened(tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    sd = {"big": torch.ones(8 << 20)}  # 32 MiB: the local backend writes it through its pool
+    ckpt = cloudckpt.make_sync_checkpointer()
+    ckpt.save(str(tmp_path / "c"), sd)
+    assert torch.equal(ckpt.load(str(tmp_path / "c"))["big"], sd["big"])
+    assert any(n.startswith("cloudckpt-dio") for n in _new_threads(before))  # the pool ran
+    ckpt.close()
+    assert _new_threads(before) == []  # writer, reader and backend pools all gone
+
+
+def test_a_checkpointer_leaves_the_callers_backends_open(tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    mine = OwnedBackends()
+    with cloudckpt.make_sync_checkpointer(backends=mine) as ckpt:
+        ckpt.save(str(tmp_path / "c"), {"big": torch.ones(8 << 20)})
+    (backend,) = mine.open  # still the caller's, still usable
+    assert backend.exists(backend.to_path(str(tmp_path / "c" / "manifest.json")))
+    assert any(n.startswith("cloudckpt-dio") for n in _new_threads(before))
+    mine.close()
+    assert mine.open == [] and _new_threads(before) == []
+
+
+def test_a_manager_closes_its_backends(tmp_path: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    with cloudckpt.CheckpointManager(str(tmp_path / "run"), keep_last=1) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"big": torch.full((8 << 20,), float(step))})
+        assert mgr.steps() == [2]
+    assert _new_threads(before) == []
+
+
 def test_not_found_is_a_file_not_found_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*nothing is stored there"):
         cloudckpt.load(str(tmp_path / "missing"))
 
 
 # -- corruption -------------------------------------------------------------------------------
+
+
+def test_many_tensors_round_trip_with_a_header_and_index_naming_each(tmp_path: Path) -> None:
+    """More tensors than one slice of index rows (1,024), names that need JSON escapes: the
+    index and the safetensors header, both written as text a piece at a time, read back."""
+    sd = {f"t{i}": torch.full((i % 3 + 1,), float(i)) for i in range(1100)}
+    sd['odd "name"\\é'] = torch.arange(4, dtype=torch.int16)
+    uri = str(tmp_path / "many")
+    cloudckpt.save(uri, sd)
+    same(cloudckpt.load(uri), sd)
+    raw = data_file(Path(uri)).read_bytes()
+    header = parse_safetensors_header(raw, len(raw), "f")
+    assert [e.name for e in header][-2:] == ["t1099", 'odd "name"\\é']
+    assert header[-1].dtype == "I16" and header[-1].shape == [4]
+
+
+def test_load_leaves_the_collector_on_and_nothing_frozen(tmp_path: Path) -> None:
+    """A load freezes what it builds while it runs (the index, the tensors) and unfreezes all
+    of it at the end; a process that froze objects itself keeps exactly its own freeze."""
+    import gc
+
+    uri = str(tmp_path / "c")
+    sd = {f"t{i}": torch.ones(2) * i for i in range(3000)}
+    cloudckpt.save(uri, sd)
+    assert gc.get_freeze_count() == 0
+    same(cloudckpt.load(uri), sd)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        same(cloudckpt.load(uri), sd)
+        assert gc.isenabled() and gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
 
 
 def _saved(tmp_path: Path) -> tuple[Path, dict[str, Any]]:

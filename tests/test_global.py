@@ -90,7 +90,9 @@ def test_per_rank_leaves_at_another_world_size_need_rank(saved: str) -> None:
 @pytest.mark.parametrize("writer", ["thread", pytest.param("process", marks=pytest.mark.slow)])
 def test_async_writers_carry_global_leaves(tmp_path: Path, writer: str) -> None:
     root = str(tmp_path)
-    _all_ok(run_ranks("save_globals_async", 2, {"root": root, "writer": writer}))
+    for r in _all_ok(run_ranks("save_globals_async", 2, {"root": root, "writer": writer})):
+        first, second = r["slabs"]
+        assert len({*first, *second}) == 1  # one slab, reused: the second save allocates nothing
     for step in range(2):
         out = cloudckpt.load(f"{root}/async-{step}")
         for name in ("row", "col", "rep", "big", "scalar"):

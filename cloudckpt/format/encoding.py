@@ -13,7 +13,7 @@ import functools
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -218,6 +218,46 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 def crc32c(data: Any, value: int = 0) -> int:
     """CRC32C of a buffer (any object with the buffer protocol), continuing from ``value``."""
     return int(_crc32c.crc32c(data, value))
+
+
+_CRC32C_POLY = 0x82F63B78  # Castagnoli, bit-reflected
+
+
+def _mul_mod_p(a: int, b: int) -> int:
+    """``a(x) * b(x)`` modulo the CRC32C polynomial (bit-reflected: bit 31 is ``x^0``)."""
+    m, p = 1 << 31, 0
+    while a:
+        if a & m:
+            p ^= b
+            a ^= m
+        m >>= 1
+        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
+    return p
+
+
+def _shift(length: int) -> int:
+    """``x^(8 * length)`` modulo the CRC32C polynomial: appending ``length`` bytes."""
+    shift, square = 1 << 31, 1 << 23  # x^0; x^8 (one byte)
+    while length:
+        if length & 1:
+            shift = _mul_mod_p(square, shift)
+        length >>= 1
+        if length:
+            square = _mul_mod_p(square, square)
+    return shift
+
+
+def crc32c_concat(parts: Iterable[tuple[int, int]]) -> int:
+    """CRC32C of consecutive buffers from their own ``(crc32c, length)`` pairs, without reading
+    them: each step multiplies the running value by ``x^(8 * length)`` and adds the next CRC
+    (zlib's ``crc32_combine``). A few integer steps per part; equal lengths share the factor."""
+    value = 0
+    shifts: dict[int, int] = {}
+    for crc, length in parts:
+        if length not in shifts:
+            shifts[length] = _shift(length)
+        value = _mul_mod_p(shifts[length], value) ^ crc
+    return value
 
 
 # -- dtypes ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from ..errors import (
 from ..format.encoding import crc32c
 from ..storage.interface import Backend
 from ..storage.messages import describe_store_error
-from ..storage.registry import resolve
+from ..storage.registry import BackendSource, SharedBackends
 from .records import MANIFEST_NAME, Manifest, RankIndex
 
 T = TypeVar("T")
@@ -93,11 +93,18 @@ def unreadable_name(where: str, e: Exception) -> CorruptCheckpointError:
 
 
 def open_checkpoint(
-    uri: str, backend_name: str | None = None, storage_options: Mapping[str, Any] | None = None
+    uri: str,
+    backend_name: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    backends: BackendSource | None = None,
 ) -> CommittedCheckpoint:
     """Open the committed checkpoint at ``uri``: not found, not committed and damaged
-    manifests are told apart."""
-    backend, root = resolve(uri, backend=backend_name, storage_options=storage_options)
+    manifests are told apart. Its backend comes from ``backends`` (default: the shared
+    cache of :func:`resolve`)."""
+    backend, root = (backends or SharedBackends()).resolve(
+        uri, backend=backend_name, storage_options=storage_options
+    )
     manifest_path = backend.join(root, MANIFEST_NAME)
     try:
         raw = backend.read_bytes(manifest_path)

@@ -27,6 +27,9 @@ from .filesystems import FsspecBackend, LocalBackend
 from .interface import Backend, Capabilities, ObjectInfo, VersionedObject
 from .messages import describe_store_error, plugin_install_hint
 from .registry import (
+    BackendSource,
+    OwnedBackends,
+    SharedBackends,
     available_backends,
     clear_backend_cache,
     open_backend,
@@ -59,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Backend",
+    "BackendSource",
     "Buffer",
     "Capabilities",
     "Deadline",
@@ -67,7 +71,9 @@ __all__ = [
     "ObjectInfo",
     "ObjectStoreBackend",
     "OptionSpec",
+    "OwnedBackends",
     "RetryPolicy",
+    "SharedBackends",
     "StorageConfig",
     "StoreAnswer",
     "VersionedObject",

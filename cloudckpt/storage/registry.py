@@ -273,18 +273,12 @@ def resolve(
 ) -> tuple[Backend, str]:
     """The backend for ``uri`` (shared per backend, scheme and options) and ``uri``'s path.
 
-    Shared backends live in a cache of :data:`CACHE_SIZE` entries; the least recently used one
-    is dropped (not closed: a caller may still hold it) when a new one would exceed it. Use
-    :func:`open_backend` for a backend of your own.
+    Shared backends live in a cache of :data:`CACHE_SIZE` entries, which owns them; the least
+    recently used one is dropped (not closed: a caller may still hold it) when a new one would
+    exceed it, and :func:`clear_backend_cache` closes them all. Use :func:`open_backend` for a
+    backend of your own, or :class:`OwnedBackends` for the backends of one owner.
     """
-    if not isinstance(uri, str) or not uri:
-        raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
-    check_uri(uri)
-    cls = backend_class_for(uri, backend)
-    options = dict(storage_options or {})
-    scheme = split_scheme(uri)
-    _check_options(uri, cls, scheme, options)
-    key = (cls.name, scheme, _options_key(options))
+    key = _backend_key(uri, backend, storage_options)
     with _registry_lock:
         inst = _cache.get(key)
         if inst is not None:
@@ -301,13 +295,87 @@ def resolve(
     return shared, path
 
 
+def _backend_key(
+    uri: str, backend: str | None, storage_options: Mapping[str, Any] | None
+) -> tuple[str, str, str]:
+    """Check ``uri`` and its options; the (backend, scheme, options) one instance serves."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
+    check_uri(uri)
+    cls = backend_class_for(uri, backend)
+    options = dict(storage_options or {})
+    scheme = split_scheme(uri)
+    _check_options(uri, cls, scheme, options)
+    return cls.name, scheme, _options_key(options)
+
+
+class OwnedBackends:
+    """The backends one owner (a checkpointer, a reader, a manager) opened: one per backend,
+    scheme and options, reused for every URI it resolves, all closed by :meth:`close` (which
+    the owner calls from its own ``close``). A later :meth:`resolve` opens anew."""
+
+    def __init__(self) -> None:
+        self._backends: dict[tuple[str, str, str], Backend] = {}
+        self._lock = threading.Lock()
+
+    def resolve(
+        self,
+        uri: str,
+        *,
+        backend: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> tuple[Backend, str]:
+        """As :func:`resolve`, from this owner's backends."""
+        key = _backend_key(uri, backend, storage_options)
+        with self._lock:
+            inst = self._backends.get(key)
+            if inst is None:
+                inst, path = open_backend(uri, backend=backend, storage_options=storage_options)
+                self._backends[key] = inst
+                return inst, path
+        return inst, inst.to_path(uri)
+
+    @property
+    def open(self) -> list[Backend]:
+        """The backends opened and not closed yet."""
+        with self._lock:
+            return list(self._backends.values())
+
+    def close(self) -> None:
+        """Close every backend opened here."""
+        with self._lock:
+            opened = list(self._backends.values())
+            self._backends.clear()
+        _close_all(opened)
+
+
+class SharedBackends:
+    """:func:`resolve`'s process-wide cache as a source of backends, for one-shot calls
+    (``cloudckpt.save``/``load``) that should reuse connections across calls. The backends
+    belong to the cache: :meth:`close` leaves them open (:func:`clear_backend_cache` closes
+    them)."""
+
+    resolve = staticmethod(resolve)
+
+    def close(self) -> None:
+        """Nothing to close: the cache owns its backends."""
+
+
+BackendSource = OwnedBackends | SharedBackends
+"""Where a checkpointer, reader or manager gets its backends."""
+
+
+def _close_all(backends: list[Backend]) -> None:
+    for inst in backends:
+        try:
+            inst.close()
+        except Exception as e:  # one broken close must not keep the others open
+            logger.warning("closing %r failed: %s", inst, e)
+
+
 def clear_backend_cache() -> None:
     """Close and forget every shared backend (call when no save or load is in flight)."""
     with _registry_lock:
         cached = list(_cache.values())
         _cache.clear()
-    for inst in cached:
-        try:
-            inst.close()
-        except Exception as e:  # one broken close must not keep the others open
-            logger.warning("closing %r failed: %s", inst, e)
+    _close_all(cached)
