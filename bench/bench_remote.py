@@ -160,6 +160,11 @@ def child(
     for mod in ("boto3", "fsspec", "torch.distributed.checkpoint", "cloudckpt"):
         importlib.import_module(mod)
     raw_fs()
+    # ... and cloudckpt's plugin for the scheme (it loads on first use, as gcsfs/s3fs would
+    # were raw_fs() not called above); each tool still builds its client inside the clock
+    from cloudckpt.storage.registry import backend_class_for
+
+    backend_class_for(uri)
     base = _rss_mib()
     sampler = _PeakRSS()
     started = time.perf_counter()

@@ -460,7 +460,10 @@ def test_load_leaves_the_collector_on_and_nothing_frozen(tmp_path: Path) -> None
     try:
         mine = gc.get_freeze_count()
         same(cloudckpt.load(uri), sd)
-        assert gc.isenabled() and gc.get_freeze_count() == mine
+        after = gc.get_freeze_count()
+        # nothing of the load's stays frozen, and the caller's freeze is not undone (a frozen
+        # object of the caller's that dies meanwhile leaves the count, so not == mine)
+        assert gc.isenabled() and mine // 2 < after <= mine
     finally:
         gc.unfreeze()
 
