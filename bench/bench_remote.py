@@ -165,6 +165,9 @@ def child(
     from cloudckpt.storage.registry import backend_class_for
 
     backend_class_for(uri)
+    import cloudckpt
+
+    cloudckpt.load, cloudckpt.save  # noqa: B018  (the URI calls load their modules on first use)
     base = _rss_mib()
     sampler = _PeakRSS()
     started = time.perf_counter()
