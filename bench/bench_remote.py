@@ -4,7 +4,8 @@
     python bench/bench_remote.py --store gcs [--runs 3]
 
 S3 runs against a moto server this script starts on 127.0.0.1 (baselines: boto3 upload_file /
-download_file with TransferConfig(max_concurrency=8), s3fs put_file / cat_file, DCP's
+download_file with TransferConfig(max_concurrency=8), boto3-put: torch.save into memory then one
+put_object of those bytes (timed together), s3fs put_file / cat_file, DCP's
 FsspecWriter / FsspecReader); GCS against fake-gcs-server (baselines: gcsfs put_file /
 cat_file). Both servers keep objects in memory or on local disk and are themselves the slowest
 part: read the ratios to the reference client, not the absolute speeds. One run per child
@@ -37,7 +38,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 TOOLS = {
     "s3": {
-        "save": ["boto3", "s3fs", "dcp", "cloudckpt"],
+        "save": ["boto3", "boto3-put", "s3fs", "dcp", "cloudckpt"],
         "load": ["boto3", "s3fs", "dcp", "cloudckpt"],
         "ref": "boto3",
     },
@@ -107,6 +108,15 @@ def child(
             from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
             dcp.save(sd, storage_writer=FsspecWriter(uri, overwrite=True, **opts))
+        elif tool == "boto3-put":
+            import io
+
+            import torch as pt
+
+            buf = io.BytesIO()
+            pt.save(sd, buf)
+            buf.seek(0)
+            s3_client().put_object(Bucket=bucket, Key=key, Body=buf)
         else:
             if not os.path.exists(blob) or os.path.getsize(blob) != size:
                 with open(blob, "wb") as f:

@@ -26,7 +26,7 @@ from .errors import (
     StateDictMismatchError,
 )
 from .format.encoding import crc32c, dtype_from_name, tensor_bytes
-from .gc_pause import paused_gc
+from .gc_pause import freeze_survivors, paused_gc
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import is_dtensor
 from .protocol.committed import CommittedCheckpoint, open_checkpoint
@@ -161,6 +161,7 @@ class CheckpointReader:
         if rank is None:
             rank = 0 if other_world else self._rank_info.global_rank
         index = ckpt.read_index(rank)
+        freeze_survivors()
         relocate = relocation(map_location)
         reads = _Reads()
         dtypes: dict[str, torch.dtype] = {}
@@ -224,6 +225,7 @@ class CheckpointReader:
                     dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
                 early[i] = _empty(rec, dtype, ckpt.uri)
                 ahead.add(rec, early[i])
+            freeze_survivors()
             early_reads = self._submit(ckpt, index, ahead)
         try:
             if state_dict is None:
@@ -244,6 +246,7 @@ class CheckpointReader:
             raise
         if global_requests:
             catalog: Catalog = load_catalog(ckpt, {rank: index}, self._pool)
+        freeze_survivors()
         try:
             nbytes = self._fetch(ckpt, index, reads)
             nbytes += sum(f.result() for f in early_reads)

@@ -55,3 +55,13 @@ def paused_gc() -> Iterator[None]:
                 elif _gc_mode == "frozen":
                     gc.unfreeze()
                 _gc_mode = ""
+
+
+def freeze_survivors() -> None:
+    """Freeze what the running loop has built to keep (a parsed index, the tensors a load
+    returns), so the collections its next phase triggers scan only that phase's objects. Does
+    nothing unless :func:`paused_gc` froze the heap itself; unfrozen with the rest when the last
+    loop ends."""
+    with _gc_lock:
+        if _gc_users and _gc_mode == "frozen":
+            gc.freeze()

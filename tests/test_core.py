@@ -431,6 +431,40 @@ def test_not_found_is_a_file_not_found_error(tmp_path: Path) -> None:
 # -- corruption -------------------------------------------------------------------------------
 
 
+def test_many_tensors_round_trip_with_a_header_and_index_naming_each(tmp_path: Path) -> None:
+    """More tensors than one slice of index rows (1,024), names that need JSON escapes: the
+    index and the safetensors header, both written as text a piece at a time, read back."""
+    sd = {f"t{i}": torch.full((i % 3 + 1,), float(i)) for i in range(1100)}
+    sd['odd "name"\\é'] = torch.arange(4, dtype=torch.int16)
+    uri = str(tmp_path / "many")
+    cloudckpt.save(uri, sd)
+    same(cloudckpt.load(uri), sd)
+    raw = data_file(Path(uri)).read_bytes()
+    header = parse_safetensors_header(raw, len(raw), "f")
+    assert [e.name for e in header][-2:] == ["t1099", 'odd "name"\\é']
+    assert header[-1].dtype == "I16" and header[-1].shape == [4]
+
+
+def test_load_leaves_the_collector_on_and_nothing_frozen(tmp_path: Path) -> None:
+    """A load freezes what it builds while it runs (the index, the tensors) and unfreezes all
+    of it at the end; a process that froze objects itself keeps exactly its own freeze."""
+    import gc
+
+    uri = str(tmp_path / "c")
+    sd = {f"t{i}": torch.ones(2) * i for i in range(3000)}
+    cloudckpt.save(uri, sd)
+    assert gc.get_freeze_count() == 0
+    same(cloudckpt.load(uri), sd)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        same(cloudckpt.load(uri), sd)
+        assert gc.isenabled() and gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
+
+
 def _saved(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     sd = trainer_state()
     cloudckpt.save(str(tmp_path / "c"), sd)

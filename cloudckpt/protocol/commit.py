@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -135,7 +136,10 @@ def discard(
     backend: Backend, root: str, uri: str, names: Iterable[str], *, best_effort: bool = False
 ) -> None:
     """Delete the objects ``names`` of one checkpoint or attempt: whole attempt directories for
-    version-2 names (they belong to that attempt alone), one by one otherwise."""
+    version-2 names (they belong to that attempt alone), one by one otherwise. The deletions
+    run side by side (on an object store each is a listing and deletes: round trips, not
+    work), all of them even when one fails; the first failure is raised unless
+    ``best_effort``."""
     dirs: set[str] = set()
     singles: list[str] = []
     for name in names:
@@ -144,13 +148,27 @@ def discard(
             dirs.add(d)
         else:
             singles.append(name)
-    for rel, recursive in [(d, True) for d in sorted(dirs)] + [(n, False) for n in singles]:
+    jobs = [(d, True) for d in sorted(dirs)] + [(n, False) for n in singles]
+
+    def remove(job: tuple[str, bool]) -> BackendError | None:
+        rel, recursive = job
         try:
             store_call(backend.delete, backend.join(root, rel), uri, recursive=recursive)
         except BackendError as e:
-            if not best_effort:
-                raise
-            logger.warning("%s: could not remove %s (gc removes it later): %s", uri, rel, e)
+            return e
+        return None
+
+    if len(jobs) > 1:
+        with ThreadPoolExecutor(min(8, len(jobs)), thread_name_prefix="cloudckpt-discard") as pool:
+            failures = list(pool.map(remove, jobs))
+    else:
+        failures = [remove(job) for job in jobs]
+    for (rel, _), e in zip(jobs, failures):
+        if e is None:
+            continue
+        if not best_effort:
+            raise e
+        logger.warning("%s: could not remove %s (gc removes it later): %s", uri, rel, e)
 
 
 def remove_checkpoint(backend: Backend, root: str, uri: str) -> None:
