@@ -10,7 +10,9 @@ FsspecWriter / FsspecReader); GCS against fake-gcs-server (baselines: gcsfs put_
 cat_file). Both servers keep objects in memory or on local disk and are themselves the slowest
 part: read the ratios to the reference client, not the absolute speeds. One run per child
 process, tools in shuffled order each round; medians; peak RSS above the state dict.
-``--scale 0.25`` shrinks both workloads for a quick look.
+``--scale 0.25`` shrinks both workloads for a quick look. ``--before DIR`` adds a
+"cloudckpt-before" row: the same child run with ``PYTHONPATH`` on the source tree DIR (e.g.
+``git worktree add DIR <commit>``), interleaved with the others on the same server.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def child(
 
     def save() -> None:
         assert sd is not None
-        if tool == "cloudckpt":
+        if tool.startswith("cloudckpt"):
             import cloudckpt
 
             cloudckpt.save(uri, sd, storage_options=opts, overwrite=True)
@@ -129,7 +131,7 @@ def child(
                 raw_fs().put_file(blob, f"{bucket}/{key}")
 
     def load() -> int:
-        if tool == "cloudckpt":
+        if tool.startswith("cloudckpt"):
             import cloudckpt
 
             return nbytes(cloudckpt.load(uri, storage_options=opts))
@@ -167,7 +169,7 @@ def child(
         size = load()
     took = time.perf_counter() - started
     peak = sampler.stop()
-    allocated = size / 2**20 if op == "load" and tool == "cloudckpt" else 0
+    allocated = size / 2**20 if op == "load" and tool.startswith("cloudckpt") else 0
     return {"time": took, "bytes": size, "over_mib": peak - base - allocated}
 
 
@@ -258,6 +260,7 @@ def main() -> None:
     p.add_argument("--tools", default="", help="comma-separated subset of the tools (default all)")
     p.add_argument("--ops", default="save,load", help="save, load or both")
     p.add_argument("--cap", type=float, default=240.0, help="seconds per run before giving up")
+    p.add_argument("--before", default="", help="source tree measured as cloudckpt-before")
     p.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -272,6 +275,10 @@ def main() -> None:
         tools = {
             k: ([t for t in v if t in keep] if isinstance(v, list) else v) for k, v in tools.items()
         }
+    if a.before:
+        tools = {
+            k: [*v, "cloudckpt-before"] if isinstance(v, list) else v for k, v in tools.items()
+        }
     print(f"{os.cpu_count()} cores; {a.store} server at {server.endpoint}; runs {a.runs}; "
           f"scale {a.scale}; ratio = {tools['ref']} time / tool time\n")  # fmt: skip
     print("| workload | op | tool | median s | GB/s | vs ref | peak RSS over state |")
@@ -280,8 +287,19 @@ def main() -> None:
     def run(tool: str, op: str, workload: str) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "--child", a.store, tool, op, workload, str(a.scale),
                server.endpoint, bucket]  # fmt: skip
+        env = None
+        if tool == "cloudckpt-before":
+            tree = os.path.abspath(a.before)
+            parts = [
+                tree,
+                os.path.join(tree, "backends", "s3"),
+                os.path.join(tree, "backends", "gcs"),
+            ]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(parts))
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.cap, check=True)
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=a.cap, check=True, env=env
+            )
         except subprocess.TimeoutExpired:
             return {"capped": a.cap}
         except subprocess.CalledProcessError as e:

@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,10 +179,8 @@ class CheckpointReader:
             if dtype is None:
                 dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
             if target is None:
-                dest = early.pop(i, None)  # already on its way
-                if dest is None:
-                    dest = _empty(rec, dtype, ckpt.uri)
-                    reads.add(rec, dest)
+                dest = _empty(rec, dtype, ckpt.uri)
+                reads.add(rec, dest)
                 return dest
             if is_dtensor(target):
                 raise StateDictMismatchError(
@@ -213,46 +211,23 @@ class CheckpointReader:
             return value
 
         makers = LeafMakers(take, take_global, per_rank.append if other_world else None)
-        # A whole load of plain tensors reads every tensor the index lists: those reads start
-        # now, so the store sends bytes while this thread builds the tree (per-tensor work).
-        early: dict[int, torch.Tensor] = {}
-        ahead = _Reads()
-        early_reads: list[Future[int]] = []
-        if state_dict is None and not other_world and not index.globals:
-            for i, rec in enumerate(index.tensors):
-                dtype = dtypes.get(rec.dtype)
-                if dtype is None:
-                    dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
-                early[i] = _empty(rec, dtype, ckpt.uri)
-                ahead.add(rec, early[i])
-            freeze_survivors()
-            early_reads = self._submit(ckpt, index, ahead)
-        try:
-            if state_dict is None:
-                result = unflatten(index.tree, makers, ckpt.uri)
-            else:
-                result = _merge(state_dict, index.tree, makers, missing, ckpt.uri)
-            if per_rank:
-                shown = ", ".join(per_rank[:5]) + (" ..." if len(per_rank) > 5 else "")
-                raise CheckpointError(
-                    f"{ckpt.uri} was saved by {saved_world} rank(s) but this job has "
-                    f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's "
-                    f"per-rank leaves ({shown}) (rank=0 for replicated state such as a DDP "
-                    "model), or save such leaves with replicated=[...] patterns; DTensors and "
-                    "replicated leaves load at any world size"
-                )
-        except BaseException:
-            _settle(early_reads)  # nothing of this load still runs when it raises
-            raise
+        if state_dict is None:
+            result = unflatten(index.tree, makers, ckpt.uri)
+        else:
+            result = _merge(state_dict, index.tree, makers, missing, ckpt.uri)
+        if per_rank:
+            shown = ", ".join(per_rank[:5]) + (" ..." if len(per_rank) > 5 else "")
+            raise CheckpointError(
+                f"{ckpt.uri} was saved by {saved_world} rank(s) but this job has "
+                f"{self._rank_info.global_world_size}: pass rank=N to load a chosen rank's "
+                f"per-rank leaves ({shown}) (rank=0 for replicated state such as a DDP model), "
+                "or save such leaves with replicated=[...] patterns; DTensors and replicated "
+                "leaves load at any world size"
+            )
         if global_requests:
             catalog: Catalog = load_catalog(ckpt, {rank: index}, self._pool)
         freeze_survivors()
-        try:
-            nbytes = self._fetch(ckpt, index, reads)
-            nbytes += sum(f.result() for f in early_reads)
-        except BaseException:
-            _settle(early_reads)
-            raise
+        nbytes = self._fetch(ckpt, index, reads)
         if global_requests:
             nbytes += fetch_globals(ckpt, global_requests, catalog, self._pool)
         for dest, target in reads.copies:
@@ -264,7 +239,7 @@ class CheckpointReader:
             "loaded %s rank %d: %d tensors, %s in %.2f s (%.2f GB/s)",
             ckpt.uri,
             rank,
-            len(ahead.records) + len(reads.records) + len(global_requests),
+            len(reads.records) + len(global_requests),
             format_size(nbytes),
             elapsed,
             nbytes / max(elapsed, 1e-9) / 1e9,
@@ -273,17 +248,6 @@ class CheckpointReader:
 
     def _fetch(self, ckpt: CommittedCheckpoint, index: RankIndex, reads: _Reads) -> int:
         """Read every tensor, coalescing per file; returns bytes read."""
-        futures = self._submit(ckpt, index, reads)
-        try:
-            return sum(f.result() for f in futures)
-        finally:
-            _settle(futures)
-
-    def _submit(
-        self, ckpt: CommittedCheckpoint, index: RankIndex, reads: _Reads
-    ) -> list[Future[int]]:
-        """Start reading every tensor of ``reads``, coalesced per file; each future gives the
-        bytes its group read."""
         records = reads.records
         by_file: dict[int, list[int]] = {}  # positions in ``reads``, per file
         for pos, rec in enumerate(records):
@@ -304,7 +268,8 @@ class CheckpointReader:
                     start, cut = rec.offset, n
                 end = rec.offset + rec.length
             jobs.append((file_no, positions[cut:]))
-        return [self._pool.submit(self._read_group, ckpt, index, f, reads, g) for f, g in jobs]
+        futures = [self._pool.submit(self._read_group, ckpt, index, f, reads, g) for f, g in jobs]
+        return sum(f.result() for f in futures)
 
     def _read_group(
         self,
@@ -349,14 +314,6 @@ class CheckpointReader:
         self._pool.shutdown(wait=True)
         if self._own_backends:
             self._backends.close()
-
-
-def _settle(futures: list[Future[int]]) -> None:
-    """Cancel the reads not started yet and wait for the others (their errors are the
-    caller's to raise, or are superseded by the one it raises)."""
-    for f in futures:
-        f.cancel()
-    wait(futures)
 
 
 def _empty(rec: TensorRecord, dtype: torch.dtype, where: str) -> torch.Tensor:

@@ -169,25 +169,3 @@ def test_a_failed_data_file_stops_its_siblings_before_the_save_returns(
     started = {s.path.split("?")[0].rsplit("/", 1)[-1] for s in proxy.seen if s.method == "PUT"}
     assert "rank-00000-0005.safetensors" not in started  # queued siblings never started
     assert _no_uploads_left(moto_server, bucket)
-
-
-def test_a_rank_is_one_object_whose_parts_go_in_parallel(
-    moto_server: S3Server, proxy: FaultProxy
-) -> None:
-    # 40 MiB: a store that spreads a rank over `concurrency` files would write three of 16 MiB;
-    # S3 uploads one object's parts in parallel, so extra objects would only add round trips.
-    bucket = moto_server.new_bucket()
-    uri = f"s3://{bucket}/run/step-1"
-    g = torch.Generator().manual_seed(2)
-    sd = {f"t{i}": torch.randn(1 << 20, generator=g) for i in range(10)}
-    proxy.inject(delay=1.0, times=None, method="PUT", path_re="partNumber=")
-    cloudckpt.save(uri, sd, storage_options=_opts(moto_server, proxy))
-    overlapped = proxy.peak_in_flight
-    data = {s.path.split("?")[0] for s in proxy.seen if "/data/" in s.path}
-    assert len(data) == 1 and next(iter(data)).endswith("rank-00000-0000.safetensors")
-    creates = [s for s in proxy.seen if s.method == "POST" and s.path.endswith("?uploads")]
-    parts = [s for s in proxy.seen if s.method == "PUT" and "partNumber=" in s.path]
-    assert len(creates) == 1 and len(parts) >= 8  # 40 MiB in parts of 5 MiB and more
-    assert overlapped >= 2  # parts of the one object were on their way together
-    out = cloudckpt.load(uri, storage_options=_opts(moto_server, proxy))
-    assert all(torch.equal(out[k], v) for k, v in sd.items())

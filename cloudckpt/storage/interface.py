@@ -26,16 +26,13 @@ class Capabilities:
     for an in-process store such as ``memory://``). ``create_only_commit``:
     :meth:`Backend.put_create_only` is atomic against a concurrent writer. ``conditional_replace``:
     the store can replace an object only if it is still the version read before.
-    ``ranged_reads``: a read of a byte range costs only that range. ``parallel_parts``: one
-    object's parts are uploaded in parallel (S3 multipart), so a rank's data need not be spread
-    over several objects to keep requests in flight; every extra object costs round trips.
+    ``ranged_reads``: a read of a byte range costs only that range.
     """
 
     process_shareable: bool = True
     create_only_commit: bool = True
     conditional_replace: bool = False
     ranged_reads: bool = True
-    parallel_parts: bool = False
 
 
 @dataclass(frozen=True)

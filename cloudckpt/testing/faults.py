@@ -63,8 +63,6 @@ class _State:
     rules: list[Rule] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    active: int = 0  # requests being handled now
-    peak_active: int = 0  # the most handled at once
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -89,17 +87,6 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n else b""
 
     def _handle(self) -> None:
-        st = self.state
-        with st.lock:
-            st.active += 1
-            st.peak_active = max(st.peak_active, st.active)
-        try:
-            self._forward()
-        finally:
-            with st.lock:
-                st.active -= 1
-
-    def _forward(self) -> None:
         body = self._body()
         st = self.state
         rule = None
@@ -197,13 +184,6 @@ class FaultProxy:
         with self._state.lock:
             self._state.rules.clear()
             self._state.seen.clear()
-            self._state.peak_active = self._state.active
-
-    @property
-    def peak_in_flight(self) -> int:
-        """The most requests this proxy handled at once (since it started or was cleared)."""
-        with self._state.lock:
-            return self._state.peak_active
 
     @property
     def seen(self) -> list[Seen]:

@@ -121,9 +121,7 @@ class S3Backend(ObjectStoreBackend):
     name = "s3"
     protocols = ("s3", "s3a")
     scheme = "s3"
-    capabilities = Capabilities(
-        create_only_commit=True, conditional_replace=True, parallel_parts=True
-    )
+    capabilities = Capabilities(create_only_commit=True, conditional_replace=True)
     option_specs = (
         OptionSpec("part_size", "size", DEFAULT_PART, "S3's smallest part is 5 MiB", MIN_PART),
         OptionSpec("read_part_size", "size", DEFAULT_PART, "bytes per ranged GET"),
