@@ -204,26 +204,27 @@ def walk(
         active.add(id(value))
         depth += 1
         try:
+            items: list[Any] = []
+            append = items.append
             if kind == "dict" or kind == "odict":
-                items: list[Any] = []
-                append = items.append
                 for k, v in value.items():
                     tk = type(k)
-                    if tk is str:
-                        r = visit(v, f"{key}.{k}" if key else k if keys else "", depth)
-                    elif tk is int:
-                        r = visit(v, f"{key}.{k}" if key else str(k) if keys else "", depth)
-                    else:
+                    if tk is not str and tk is not int:
                         raise UnsupportedValueError(
                             f"{child_key(key, repr(k), False)}: cannot save a dict key of "
                             f"type {tk.__qualname__}; keys must be str or int"
                         )
+                    ck = (f"{key}.{k}" if key else k if tk is str else str(k)) if keys else ""
+                    # a leaf of a type already met is handled here, without a call of visit
+                    r = leaf(v, ck) if kinds.get(type(v), unseen) is None else visit(v, ck, depth)
                     if build is not None:
                         append((k, r))
             else:
-                items = [
-                    visit(v, f"{key}[{i}]" if keys else "", depth) for i, v in enumerate(value)
-                ]
+                for i, v in enumerate(value):
+                    ck = f"{key}[{i}]" if keys else ""
+                    append(
+                        leaf(v, ck) if kinds.get(type(v), unseen) is None else visit(v, ck, depth)
+                    )
         finally:
             active.discard(id(value))
         return None if build is None else build(kind, value, items)
