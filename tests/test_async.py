@@ -378,15 +378,17 @@ def test_writer_process_init_runs_there_and_its_failure_is_reported(tmp_path: Pa
         write_f.result()
         assert int(marker.read_text()) == ckpt._process.pid != os.getpid()  # type: ignore[attr-defined]
 
-    with cloudckpt.make_async_checkpointer(
+    failing = cloudckpt.make_async_checkpointer(
         _config("process"), subprocess_init_fn=failing_init, subprocess_init_args=("no GPU here",)
-    ) as ckpt:
-        _, write_f = ckpt.save(str(tmp_path / "d"), {"w": torch.ones(2)})
-        with pytest.raises(
-            cloudckpt.WriterProcessError,
-            match=r"^the checkpoint writer process failed to start: no GPU here$",
-        ):
-            write_f.result()
+    )
+    _, write_f = failing.save(str(tmp_path / "d"), {"w": torch.ones(2)})
+    message = r"^the checkpoint writer process failed to start: no GPU here$"
+    with pytest.raises(cloudckpt.WriterProcessError, match=message):
+        write_f.result()
+    # no later save reported it, so close() raises it once (after closing everything) ...
+    with pytest.raises(cloudckpt.WriterProcessError, match=message):
+        failing.close()
+    failing.close()  # ... and a second close is quiet
 
 
 def test_process_writer_config_errors() -> None:
