@@ -17,7 +17,13 @@ import torch
 
 import cloudckpt
 from cloudckpt.storage import LocalBackend
-from cloudckpt.storage.filesystems import DIRECT_ALIGN, DIRECT_AUTO_MIN, DIRECT_BLOCK, READ_PIECE
+from cloudckpt.storage.filesystems import (
+    DIRECT_ALIGN,
+    DIRECT_AUTO_MEAN,
+    DIRECT_AUTO_MIN,
+    DIRECT_BLOCK,
+    READ_PIECE,
+)
 
 SIZES = [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN, DIRECT_ALIGN + 1, DIRECT_BLOCK - 1, DIRECT_BLOCK,
          3 * DIRECT_BLOCK + 12345]  # fmt: skip
@@ -99,6 +105,26 @@ def test_auto_uses_direct_only_for_large_objects(
     assert (tmp_path / "large").read_bytes() == large
     assert _direct_log(caplog) == [
         f"{tmp_path / 'large'}: {len(large)} bytes written with O_DIRECT"
+    ]
+
+
+def test_auto_leaves_many_small_pieces_to_the_page_cache(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A large object of small pieces (many small tensors) is written through the page cache
+    in "auto" (copying 15 KiB pieces one by one into aligned buffers cost more than writev +
+    fsync); ``direct_io = true`` still writes it with O_DIRECT."""
+    data = _pattern(DIRECT_AUTO_MIN + 5)
+    piece = DIRECT_AUTO_MEAN // 4
+    pieces = [data[i : i + piece] for i in range(0, len(data), piece)]
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
+        LocalBackend().write_object(str(tmp_path / "auto"), iter(pieces), len(data))
+        LocalBackend({"direct_io": True}).write_object(
+            str(tmp_path / "forced"), iter(pieces), len(data)
+        )
+    assert (tmp_path / "auto").read_bytes() == data == (tmp_path / "forced").read_bytes()
+    assert _direct_log(caplog) == [
+        f"{tmp_path / 'forced'}: {len(data)} bytes written with O_DIRECT"
     ]
 
 

@@ -51,7 +51,8 @@ DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes
 DIRECT_BLOCK = 4 << 20  # one aligned staging buffer
 DIRECT_DEPTH = 8  # staging buffers in flight per object, at most
 DIRECT_POOL = 16  # staging buffers of one backend in all (64 MiB), shared by its objects
-DIRECT_AUTO_MIN = 16 << 20  # "auto": objects from this size on go through O_DIRECT
+DIRECT_AUTO_MIN = 16 << 20  # "auto": objects from this size on go through O_DIRECT ...
+DIRECT_AUTO_MEAN = 64 << 10  # ... when their pieces average this size or more
 DIRECT_THREADS = 16  # the backend's writer threads, shared by the objects it writes at once
 READ_PIECE = 8 << 20  # reads larger than this go as pieces of this size, in parallel
 READ_THREADS = 16  # the backend's reader threads, shared by the reads in flight
@@ -288,6 +289,11 @@ class LocalBackend(Backend):
 
     def _write_temp(self, path: str, chunks: Iterable[Buffer], size: int | None = None) -> str:
         direct = size is not None and self._wants_direct(size)
+        if direct and self.direct_io is None:
+            # "auto": many small pieces (20,000 tensors of 15 KiB) cost more to copy one by one
+            # into aligned buffers than the page cache's writev + fsync of the same bytes
+            chunks = chunks if isinstance(chunks, (list, tuple)) else list(chunks)
+            direct = size is not None and size >= DIRECT_AUTO_MEAN * max(1, len(chunks))
         tmp, fd, direct = self._open_temp(path, direct)
         try:
             if direct:
