@@ -16,6 +16,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from types import MappingProxyType
 from typing import Any
@@ -252,16 +253,15 @@ def open_backend(
     storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[Backend, str]:
     """A new backend for ``uri`` (the caller owns it and closes it) and ``uri``'s path."""
-    if not isinstance(uri, str) or not uri:
-        raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
-    check_uri(uri)
-    cls = backend_class_for(uri, backend)
-    options = dict(storage_options or {})
-    _check_options(uri, cls, split_scheme(uri), options)
-    if cls is FsspecBackend:
-        inst: Backend = FsspecBackend(options, protocol=split_scheme(uri) or "file")
+    return _make(uri, _checked(uri, backend, storage_options))
+
+
+def _make(uri: str, checked: _Checked) -> tuple[Backend, str]:
+    """A new backend of a checked URI's class and options, and ``uri``'s path."""
+    if checked.cls is FsspecBackend:
+        inst: Backend = FsspecBackend(checked.options, protocol=checked.key[1] or "file")
     else:
-        inst = cls(options)
+        inst = checked.cls(checked.options)
     return inst, inst.to_path(uri)
 
 
@@ -278,13 +278,14 @@ def resolve(
     exceed it, and :func:`clear_backend_cache` closes them all. Use :func:`open_backend` for a
     backend of your own, or :class:`OwnedBackends` for the backends of one owner.
     """
-    key = _backend_key(uri, backend, storage_options)
+    checked = _checked(uri, backend, storage_options)
+    key = checked.key
     with _registry_lock:
         inst = _cache.get(key)
         if inst is not None:
             _cache.move_to_end(key)
             return inst, inst.to_path(uri)
-    inst, path = open_backend(uri, backend=backend, storage_options=storage_options)
+    inst, path = _make(uri, checked)
     with _registry_lock:
         shared = _cache.setdefault(key, inst)
         _cache.move_to_end(key)
@@ -295,10 +296,18 @@ def resolve(
     return shared, path
 
 
-def _backend_key(
-    uri: str, backend: str | None, storage_options: Mapping[str, Any] | None
-) -> tuple[str, str, str]:
-    """Check ``uri`` and its options; the (backend, scheme, options) one instance serves."""
+@dataclass(frozen=True)
+class _Checked:
+    """A URI's backend class and options, checked once; ``key`` is the (backend, scheme,
+    options) one instance serves."""
+
+    cls: type[Backend]
+    options: dict[str, Any]
+    key: tuple[str, str, str]
+
+
+def _checked(uri: str, backend: str | None, storage_options: Mapping[str, Any] | None) -> _Checked:
+    """Check ``uri`` and its options (once per resolve or open)."""
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"a checkpoint URI must be a non-empty string, got {uri!r}")
     check_uri(uri)
@@ -306,7 +315,7 @@ def _backend_key(
     options = dict(storage_options or {})
     scheme = split_scheme(uri)
     _check_options(uri, cls, scheme, options)
-    return cls.name, scheme, _options_key(options)
+    return _Checked(cls, options, (cls.name, scheme, _options_key(options)))
 
 
 class OwnedBackends:
@@ -326,12 +335,12 @@ class OwnedBackends:
         storage_options: Mapping[str, Any] | None = None,
     ) -> tuple[Backend, str]:
         """As :func:`resolve`, from this owner's backends."""
-        key = _backend_key(uri, backend, storage_options)
+        checked = _checked(uri, backend, storage_options)
         with self._lock:
-            inst = self._backends.get(key)
+            inst = self._backends.get(checked.key)
             if inst is None:
-                inst, path = open_backend(uri, backend=backend, storage_options=storage_options)
-                self._backends[key] = inst
+                inst, path = _make(uri, checked)
+                self._backends[checked.key] = inst
                 return inst, path
         return inst, inst.to_path(uri)
 
