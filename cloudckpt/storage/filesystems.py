@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import itertools
 import logging
 import mmap
 import os
@@ -20,7 +21,7 @@ import sys
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -52,7 +53,8 @@ DIRECT_BLOCK = 4 << 20  # one aligned staging buffer
 DIRECT_DEPTH = 8  # staging buffers in flight per object, at most
 DIRECT_POOL = 16  # staging buffers of one backend in all (64 MiB), shared by its objects
 DIRECT_AUTO_MIN = 16 << 20  # "auto": objects from this size on go through O_DIRECT ...
-DIRECT_AUTO_MEAN = 64 << 10  # ... when their pieces average this size or more
+DIRECT_AUTO_MEAN = 64 << 10  # ... when their pieces average this size or more,
+DIRECT_AUTO_PEEK = 64  # judged on this many first pieces (or fewer, once they hold 4 MiB)
 DIRECT_THREADS = 16  # the backend's writer threads, shared by the objects it writes at once
 READ_PIECE = 8 << 20  # reads larger than this go as pieces of this size, in parallel
 READ_THREADS = 16  # the backend's reader threads, shared by the reads in flight
@@ -116,6 +118,22 @@ def _fallocate(fd: int, length: int) -> int:
     if err in (errno.ENOSPC, errno.EDQUOT):
         raise OSError(err, os.strerror(err))
     return 0  # EOPNOTSUPP and the like: write without reserving
+
+
+def _mostly_large(chunks: Iterable[Buffer]) -> tuple[Iterator[Buffer], bool]:
+    """Whether ``chunks`` look like pieces of ``DIRECT_AUTO_MEAN`` bytes or more on average,
+    judged on the first ``DIRECT_AUTO_PEEK`` (fewer once those hold ``DIRECT_AUTO_MEAN *
+    DIRECT_AUTO_PEEK`` bytes, so at most ~4 MiB of pieces is taken ahead); and the chunks to
+    write, the ones looked at first."""
+    rest = iter(chunks)
+    seen: list[Buffer] = []
+    total = 0
+    for chunk in rest:
+        seen.append(chunk)
+        total += memoryview(chunk).nbytes
+        if len(seen) >= DIRECT_AUTO_PEEK or total >= DIRECT_AUTO_MEAN * DIRECT_AUTO_PEEK:
+            break
+    return itertools.chain(seen, rest), total >= DIRECT_AUTO_MEAN * max(1, len(seen))
 
 
 def _address(view: memoryview) -> int | None:
@@ -292,8 +310,7 @@ class LocalBackend(Backend):
         if direct and self.direct_io is None:
             # "auto": many small pieces (20,000 tensors of 15 KiB) cost more to copy one by one
             # into aligned buffers than the page cache's writev + fsync of the same bytes
-            chunks = chunks if isinstance(chunks, (list, tuple)) else list(chunks)
-            direct = size is not None and size >= DIRECT_AUTO_MEAN * max(1, len(chunks))
+            chunks, direct = _mostly_large(chunks)
         tmp, fd, direct = self._open_temp(path, direct)
         try:
             if direct:
