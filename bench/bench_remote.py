@@ -9,7 +9,8 @@ put_object of those bytes (timed together), s3fs put_file / cat_file, DCP's
 FsspecWriter / FsspecReader); GCS against fake-gcs-server (baselines: gcsfs put_file /
 cat_file). Both servers keep objects in memory or on local disk and are themselves the slowest
 part: read the ratios to the reference client, not the absolute speeds. One run per child
-process, tools in shuffled order each round; medians; peak RSS above the state dict.
+process, tools in shuffled order each round; medians (every run's time is printed after the
+tables); peak RSS above the state dict.
 ``--scale 0.25`` shrinks both workloads for a quick look. ``--before DIR`` adds a
 "cloudckpt-before" row: the same child run with ``PYTHONPATH`` on the source tree DIR (e.g.
 ``git worktree add DIR <commit>``), interleaved with the others on the same server.
@@ -314,6 +315,7 @@ def main() -> None:
             return {"error": (e.stderr.strip().splitlines() or ["?"])[-1][:120]}
         return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
+    runs: list[str] = []  # every run's time, printed after the tables
     try:
         for workload in a.workloads.split(","):
             for op in a.ops.split(","):
@@ -344,11 +346,17 @@ def main() -> None:
                         why = f"capped at {r['capped']:.0f} s" if "capped" in r else r.get("error")
                         print(f"| {workload} | {op} | {tool} | {why} | | | |", flush=True)
                         continue
+                    runs.append(
+                        f"{workload} {op} {tool}: " + " ".join(f"{t:.2f}" for t in r["times"])
+                    )
                     med = statistics.median(r["times"])
                     size = r.get("bytes") or nbytes(make_state(workload, a.scale))
                     ratio = f"{ref_t / med:.2f}x" if ref_t else ""
                     print(f"| {workload} | {op} | {tool} | {med:.2f} | {size / med / 1e9:.3f} | "
                           f"{ratio} | {r['over']:.0f} MiB |", flush=True)  # fmt: skip
+        print("\nRuns (s), in the order measured:")
+        for line in runs:
+            print(f"- {line}")
     finally:
         server.stop()
 
