@@ -153,9 +153,9 @@ class LayoutSpec:
     def holders(self, rank: int) -> tuple[int, ...]:
         """The ranks holding the same chunk as ``rank`` (sorted; ``rank`` among them).
 
-        Linear in the ranks, not quadratic: two ranks whose coordinates differ along a sharding
-        mesh dim get disjoint parts there, so a non-empty chunk is held exactly by the ranks
-        that share ``rank``'s coordinate on every sharding dim (any coordinate on the
+        At most linear in the ranks, not quadratic: two ranks whose coordinates differ along a
+        sharding mesh dim get disjoint parts there, so a non-empty chunk is held exactly by the
+        ranks that share ``rank``'s coordinate on every sharding dim (any coordinate on the
         replicating dims). Empty chunks (uneven splits) are grouped by box instead.
         """
         coord = self.coordinate(rank)
