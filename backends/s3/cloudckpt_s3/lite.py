@@ -95,6 +95,10 @@ def plan(options: Mapping[str, Any]) -> Plan | None:
         return None
     if any(os.environ.get(v) or os.environ.get(v.upper()) for v in _PROXY_VARS):
         return None  # botocore's proxy rules (no_proxy, per-scheme) stay botocore's
+    if (options.get("key") and options.get("username")) or (
+        options.get("secret") and options.get("password")
+    ):
+        return None  # s3fs refuses the pair: its error, from the full client
     key = options.get("key") or options.get("username") or client.get("aws_access_key_id")
     secret = options.get("secret") or options.get("password") or client.get("aws_secret_access_key")
     token = options.get("token") or client.get("aws_session_token")
