@@ -128,7 +128,7 @@ def main() -> None:
                     d = resource.getrusage(resource.RUSAGE_CHILDREN)
                     cpu.append(d.ru_utime + d.ru_stime - c.ru_utime - c.ru_stime)
                 child_cpu = (
-                    f"{statistics.median(cpu):.2f}" if "process)" in name else "(in process)"
+                    f"{statistics.median(cpu):.2f}" if "new process" in name else "(in process)"
                 )
                 rows.append((name, statistics.median(times), child_cpu, requests(proxy), result))
 
