@@ -4,7 +4,8 @@ answers exactly as the s3fs path does (names, sizes, errors and their messages).
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -200,3 +201,74 @@ def test_declared_client_options_are_s3fs_options() -> None:
     assert set(S3Backend.client_options) == params  # s3fs changed: update S3FS_OPTIONS
     known = known_options(S3Backend, "s3")
     assert known is not None and set(S3Backend.client_options) <= known
+
+
+class _Captured(Exception):
+    pass
+
+
+def _botocore_request(options: dict[str, Any], op: str, **params: Any) -> Any:
+    """The request botocore's own client signs for ``op`` (captured before it is sent)."""
+    import botocore.session
+    from botocore.config import Config
+
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    client = botocore.session.Session().create_client(
+        "s3",
+        endpoint_url=options["endpoint_url"],
+        aws_access_key_id=options["key"],
+        aws_secret_access_key=options["secret"],
+        config=Config(**(options.get("config_kwargs") or {})),
+        **client_kwargs,
+    )
+    seen: list[Any] = []
+
+    def capture(request: Any, **_: Any) -> None:
+        seen.append(request)
+        raise _Captured
+
+    client.meta.events.register("before-send.s3", capture)
+    with pytest.raises(_Captured):
+        getattr(client, op)(**params)
+    return seen[0]
+
+
+def _parts(url: str, headers: Mapping[str, Any]) -> tuple[Any, ...]:
+    split = urllib.parse.urlsplit(url)
+    auth = str(headers["Authorization"])
+    scope = auth.split("Credential=", 1)[1].split(",", 1)[0].split("/", 2)[2]  # region/s3/...
+    signed = auth.split("SignedHeaders=", 1)[1].split(",", 1)[0]
+    return split.path, sorted(urllib.parse.parse_qsl(split.query)), scope, signed
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"client_kwargs": {"region_name": "eu-central-1"}}],
+)
+@pytest.mark.parametrize("key", ["run/step-1/manifest.json", "odd key+ü~%/x=y&z"])
+def test_requests_are_the_ones_botocore_signs(
+    monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any], key: str
+) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    checksums = {  # as the backend sets them for s3fs
+        "request_checksum_calculation": "when_required",
+        "response_checksum_validation": "when_required",
+    }
+    options = {
+        **BASE, "endpoint_url": "http://127.0.0.1:9000/base", "config_kwargs": checksums, **extra
+    }  # fmt: skip
+    settings = lite.plan(options)
+    assert settings is not None
+    client = lite.PlainClient(settings)
+    origin = "http://127.0.0.1:9000"
+    path, headers = client.signed("GET", "bkt", key)
+    want = _botocore_request(options, "get_object", Bucket="bkt", Key=key)
+    assert _parts(origin + path, headers) == _parts(want.url, want.headers)
+    query = {"list-type": "2", "prefix": key, "delimiter": "/", "encoding-type": "url"}
+    path, headers = client.signed("GET", "bkt", "", query)
+    want = _botocore_request(options, "list_objects_v2", Bucket="bkt", Prefix=key, Delimiter="/")
+    assert _parts(origin + path, headers) == _parts(want.url, want.headers)
+    path, headers = client.signed("HEAD", "bkt")
+    want = _botocore_request(options, "head_bucket", Bucket="bkt")
+    assert _parts(origin + path, headers) == _parts(want.url, want.headers)

@@ -204,21 +204,7 @@ class PlainClient:
     ) -> tuple[int, dict[str, str], bytes]:
         """One signed request; ``(status, headers, body)`` of a 2xx answer, else
         :class:`PlainHTTPError`."""
-        from botocore.auth import S3SigV4Auth
-        from botocore.awsrequest import AWSRequest
-
-        path = f"{self._base_path}/{urllib.parse.quote(bucket, safe='')}"
-        if key:
-            path += "/" + urllib.parse.quote(key, safe="/~")
-        if query:
-            path += "?" + "&".join(
-                f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
-                for k, v in sorted(query.items())
-            )
-        req = AWSRequest(method=method, url=self._origin + path)
-        creds = self._credentials.get_frozen_credentials()
-        S3SigV4Auth(creds, "s3", self.region).add_auth(req)
-        headers = {k: str(v) for k, v in req.headers.items()}
+        path, headers = self.signed(method, bucket, key, query)
         conn = self._connection()
         reusable = False
         try:
@@ -238,6 +224,27 @@ class PlainClient:
         code, message = _error_of(body)
         # botocore's words for a bodiless answer (a HEAD): the status and its reason
         raise PlainHTTPError(status, code or str(status), message or reason)
+
+    def signed(
+        self, method: str, bucket: str, key: str = "", query: Mapping[str, str] | None = None
+    ) -> tuple[str, dict[str, str]]:
+        """The request's path (with its query) and headers, signed as botocore signs them:
+        path-style, the key quoted as botocore quotes it, SigV4 for ``s3`` in the region."""
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        path = f"{self._base_path}/{urllib.parse.quote(bucket, safe='')}"
+        if key:
+            path += "/" + urllib.parse.quote(key, safe="/~")
+        if query:
+            path += "?" + "&".join(
+                f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
+                for k, v in sorted(query.items())
+            )
+        req = AWSRequest(method=method, url=self._origin + path)
+        creds = self._credentials.get_frozen_credentials()
+        S3SigV4Auth(creds, "s3", self.region).add_auth(req)
+        return path, {k: str(v) for k, v in req.headers.items()}
 
     def get(self, bucket: str, key: str) -> bytes:
         return self.request("GET", bucket, key)[2]
