@@ -30,8 +30,8 @@ from typing import Any
 _OPTIONS = frozenset(
     {"endpoint_url", "key", "secret", "token", "username", "password", "client_kwargs",
      "config_kwargs", "use_ssl", "skip_instance_cache", "use_listings_cache", "anon",
-     "default_block_size", "default_fill_cache", "default_cache_type", "max_concurrency",
-     "fixed_upload_size", "local_expiry_check", "listings_expiry_time", "max_paths"}
+     "default_block_size", "default_fill_cache", "default_cache_type", "fixed_upload_size",
+     "local_expiry_check", "listings_expiry_time", "max_paths"}
 )  # fmt: skip
 _CLIENT_KWARGS = frozenset(
     {"endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key",
