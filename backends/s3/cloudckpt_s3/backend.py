@@ -56,6 +56,7 @@ S3FS_OPTIONS = (
     "version_aware", "config_kwargs", "s3_additional_kwargs", "session", "username",
     "password", "cache_regions", "asynchronous", "loop", "max_concurrency",
     "fixed_upload_size", "local_expiry_check",
+    "profile",  # not in s3fs's signature: it hands extra options to aiobotocore's session
 )  # fmt: skip
 _UNSET: Any = object()
 

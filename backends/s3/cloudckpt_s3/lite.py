@@ -22,13 +22,13 @@ import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 #: Storage options the plain client understands (the rest make it stand aside).
 _OPTIONS = frozenset(
-    {"endpoint_url", "key", "secret", "token", "username", "password", "client_kwargs",
+    {"endpoint_url", "key", "secret", "token", "username", "password", "profile", "client_kwargs",
      "config_kwargs", "use_ssl", "skip_instance_cache", "use_listings_cache", "anon",
      "default_block_size", "default_fill_cache", "default_cache_type", "fixed_upload_size",
      "local_expiry_check", "listings_expiry_time", "max_paths"}
@@ -68,7 +68,8 @@ class Plan:
     connect_timeout: float
     read_timeout: float
     verify: bool | str | None
-    keys: tuple[str, str, str | None] | None
+    keys: tuple[str, str, str | None] | None = field(repr=False)  # never in a repr or a log
+    profile: str | None = None
 
 
 def plan(options: Mapping[str, Any]) -> Plan | None:
@@ -112,6 +113,7 @@ def plan(options: Mapping[str, Any]) -> Plan | None:
         read_timeout=float(config.get("read_timeout", 60)),
         verify=client.get("verify"),
         keys=(str(key), str(secret), str(token) if token else None) if key else None,
+        profile=str(options["profile"]) if options.get("profile") else None,
     )
 
 
@@ -136,7 +138,7 @@ class PlainClient:
         from botocore.credentials import Credentials
 
         self.settings = settings
-        session = botocore.session.Session()
+        session = botocore.session.Session(profile=settings.profile)
         if settings.keys is not None:
             self._credentials: Any = Credentials(*settings.keys)
         else:
