@@ -618,13 +618,14 @@ class LocalBackend(Backend):
         copies(run_start, run)
         tasks.sort(key=lambda t: t[0])  # in file order
         straight = sum(t[2][-1].nbytes for t in tasks if t[1] == self._read_straight)
-        logger.debug(
-            "%s: %d bytes at %d read with O_DIRECT, %d of them straight into the destination",
-            path,
-            buffers.total(views) if staged else straight,
-            offset,
-            straight,
-        )
+        if staged or straight:
+            logger.debug(
+                "%s: %d bytes at %d read with O_DIRECT, %d of them straight into the destination",
+                path,
+                buffers.total(views) if staged else straight,
+                offset,
+                straight,
+            )
         self._staging.enter()
         try:
             if len(tasks) == 1:
