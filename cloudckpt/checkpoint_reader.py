@@ -324,6 +324,15 @@ def _numel(rec: TensorRecord) -> int:
     return n
 
 
+def _placed(raw: torch.Tensor, rec: TensorRecord, dtype: torch.dtype) -> torch.Tensor | None:
+    """``raw`` (bytes) seen as ``rec``'s dtype and shape; ``None`` where torch cannot view
+    bytes so (a misaligned element, a dtype such as the quantized ones)."""
+    try:
+        return raw.view(dtype).view(rec.shape)
+    except RuntimeError:
+        return None
+
+
 ALIGNED_MIN = 1 << 20  # tensors from this size on are placed for the backend's read_alignment
 
 
@@ -340,9 +349,9 @@ def _empty(rec: TensorRecord, dtype: torch.dtype, where: str, align: int = 0) ->
         if align and rec.length >= ALIGNED_MIN and rec.length == _numel(rec) * dtype.itemsize:
             raw = torch.empty(rec.length + align, dtype=torch.uint8)
             shift = (rec.offset - raw.data_ptr()) % align
-            if shift % dtype.itemsize == 0:
-                return raw[shift : shift + rec.length].view(dtype).view(rec.shape)
-            return torch.empty(rec.shape, dtype=dtype)
+            placed = _placed(raw[shift : shift + rec.length], rec, dtype)
+            if placed is not None:
+                return placed
         return torch.empty(rec.shape, dtype=dtype)
     except (RuntimeError, MemoryError, ValueError, OverflowError) as e:
         raise CorruptCheckpointError(
