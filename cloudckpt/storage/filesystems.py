@@ -581,6 +581,10 @@ class LocalBackend(Backend):
         then copied (bytes at unaligned addresses cannot be read with ``O_DIRECT`` directly)."""
         tasks: list[tuple[int, Callable[..., None], tuple[Any, ...]]] = []
         staged = self.direct_io is True
+        if not staged and hasattr(os, "posix_fadvise"):
+            # the buffered reads here are heads and tails of a few KiB between direct reads:
+            # no readahead (it would read again what goes straight into the tensors)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
 
         def copies(start: int, run: list[memoryview]) -> None:
             if not run:
