@@ -23,6 +23,8 @@ fsync on), torch_checkpointing's CheckpointManager (see TC_CHANGES), and the dev
 fio with O_DIRECT at queue depth 16 (or, without fio, the same from Python threads). S3 peers:
 s3torchconnector's DCP writer/reader (see S3TC_CHANGES), DCP + fsspec (s3fs), boto3's
 TransferManager on torch.save's bytes. Peers install with ``pip install -e ".[bench]"``.
+``--before DIR`` adds ``cloudckpt-before``: the same child with ``PYTHONPATH`` on the source tree
+DIR (a same-run A/B); ``cloudckpt-buffered`` writes and reads with ``direct_io = false``.
 """
 
 from __future__ import annotations
