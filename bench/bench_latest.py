@@ -75,10 +75,34 @@ def requests(proxy: FaultProxy) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
 
 
+def _merge_rows(rows: list[Any]) -> None:
+    """One row per lookup name: the median of its interleaved single runs."""
+    merged: dict[str, list[Any]] = {}
+    for row in rows:
+        merged.setdefault(row[0], []).append(row)
+    rows[:] = [
+        (
+            name,
+            statistics.median(r[1] for r in group),
+            group[0][2]
+            if len(group) == 1
+            else f"{statistics.median(float(r[2]) for r in group):.2f}",
+            group[-1][3],
+            group[-1][4],
+        )
+        for name, group in merged.items()
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoints", type=int, default=1000)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument(
+        "--before",
+        default="",
+        help="source tree whose command is timed too (PYTHONPATH on it, interleaved runs)",
+    )
     a = p.parse_args()
     server = Server("s3")
     try:
@@ -104,7 +128,7 @@ def main() -> None:
                     d = resource.getrusage(resource.RUSAGE_CHILDREN)
                     cpu.append(d.ru_utime + d.ru_stime - c.ru_utime - c.ru_stime)
                 child_cpu = (
-                    f"{statistics.median(cpu):.2f}" if "process)" in name else "(in process)"
+                    f"{statistics.median(cpu):.2f}" if "new process" in name else "(in process)"
                 )
                 rows.append((name, statistics.median(times), child_cpu, requests(proxy), result))
 
@@ -114,12 +138,22 @@ def main() -> None:
             timed("CheckpointManager.latest_step()", manager.latest_step, a.runs)
             cli = [sys.executable, "-m", "cloudckpt", "latest", root,
                    "--storage-option", f"endpoint_url={endpoint}"]  # fmt: skip
+            here = str(Path(__file__).resolve().parent.parent)
+            trees = {"": here, " before": a.before} if a.before else {"": here}
 
-            def command() -> str:
-                out = subprocess.run(cli, capture_output=True, text=True, check=True)
+            def command(tree: str) -> str:
+                env = dict(os.environ)  # the tree's own sources first, from a neutral cwd
+                paths = [tree, f"{tree}/backends/s3", f"{tree}/backends/gcs"]
+                env["PYTHONPATH"] = os.pathsep.join(paths)
+                out = subprocess.run(
+                    cli, capture_output=True, text=True, check=True, env=env, cwd="/"
+                )
                 return out.stdout.strip()
 
-            timed("cloudckpt latest (new process)", command, a.runs)
+            for _ in range(a.runs):  # interleaved: one run of each tree per round
+                for label, tree in trees.items():
+                    timed(f"cloudckpt latest (new process{label})", lambda t=tree: command(t), 1)
+            _merge_rows(rows)
             timed("CheckpointManager.steps() (opens every manifest)",
                   lambda: f"{len(manager.steps())} steps", 1)  # fmt: skip
             manager.close()

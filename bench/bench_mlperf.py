@@ -23,6 +23,8 @@ fsync on), torch_checkpointing's CheckpointManager (see TC_CHANGES), and the dev
 fio with O_DIRECT at queue depth 16 (or, without fio, the same from Python threads). S3 peers:
 s3torchconnector's DCP writer/reader (see S3TC_CHANGES), DCP + fsspec (s3fs), boto3's
 TransferManager on torch.save's bytes. Peers install with ``pip install -e ".[bench]"``.
+``--before DIR`` adds ``cloudckpt-before``: the same child with ``PYTHONPATH`` on the source tree
+DIR (a same-run A/B); ``cloudckpt-buffered`` writes and reads with ``direct_io = false``.
 """
 
 from __future__ import annotations
@@ -246,7 +248,7 @@ def _python_direct_probe(op: str, path: str, size: int) -> float:
 # -- one write or read, in a child process ----------------------------------------------------
 
 LOCAL_WRITE = ["limit", "cloudckpt", "cloudckpt-buffered", "torch.save", "dcp", "torch_ckpt"]
-LOCAL_READ = ["limit", "cloudckpt", "torch.save", "dcp", "torch_ckpt"]
+LOCAL_READ = ["limit", "cloudckpt", "cloudckpt-buffered", "torch.save", "dcp", "torch_ckpt"]
 S3_WRITE = ["cloudckpt", "s3tc-dcp", "dcp-fsspec", "boto3"]
 S3_READ = S3_WRITE
 
@@ -339,8 +341,9 @@ def child(tool: str, op: str, w: Workload, target: str, endpoint: str) -> dict[s
         else:
             raise SystemExit(f"unknown tool {tool!r}")
     else:
-        if tool == "cloudckpt":
-            sd = cloudckpt.load(target, storage_options=opts)
+        if tool.startswith("cloudckpt"):
+            extra = {"direct_io": False} if tool == "cloudckpt-buffered" else {}
+            sd = cloudckpt.load(target, storage_options={**opts, **extra})
         elif tool == "torch.save":
             sd = torch.load(target, weights_only=True)
         elif tool == "dcp":
@@ -402,10 +405,15 @@ def _target(workdir: str, tool: str, remote: bool) -> str:
     return os.path.join(workdir, tool + (".pt" if tool == "torch.save" else ""))
 
 
-def _run_child(args: list[str], cap: float) -> dict[str, Any]:
+def _run_child(args: list[str], cap: float, before: str = "") -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", json.dumps(args)]
+    env = None
+    if args[0] == "cloudckpt-before":  # the same child, importing cloudckpt from tree DIR
+        tree = os.path.abspath(before)
+        parts = [tree, os.path.join(tree, "backends", "s3"), os.path.join(tree, "backends", "gcs")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(parts))
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=cap, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=cap, check=True, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"capped at {cap:.0f} s"}
     except subprocess.CalledProcessError as e:
@@ -452,7 +460,7 @@ def verdict(rows: dict[tuple[str, str], Row]) -> list[str]:
         if ours is None or not ours.times:
             continue
         peers = [r for (t, o), r in rows.items() if o == op and r.times
-                 and t not in ("cloudckpt", "cloudckpt-buffered", "limit")]  # fmt: skip
+                 and not t.startswith("cloudckpt") and t != "limit"]  # fmt: skip
         if peers:
             best = max(peers, key=Row.mean_gbps)
             lines.append(f"- {op}: cloudckpt {ours.mean_gbps():.2f} GB/s = "
@@ -478,6 +486,7 @@ def main() -> None:
     p.add_argument("--tools", default=None, help="comma-separated subset of the tools")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--cap", type=float, default=600.0, help="seconds per write/read")
+    p.add_argument("--before", default="", help="source tree measured as cloudckpt-before")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -504,8 +513,10 @@ def main() -> None:
         workdir = a.dir or tempfile.mkdtemp(prefix="cloudckpt-mlperf-")
         os.makedirs(workdir, exist_ok=True)
     writers, readers = (S3_WRITE, S3_READ) if remote else (LOCAL_WRITE, LOCAL_READ)
+    if a.before:
+        writers, readers = [*writers, "cloudckpt-before"], [*readers, "cloudckpt-before"]
     if a.tools:
-        keep = set(a.tools.split(","))
+        keep = set(a.tools.split(",")) | ({"cloudckpt-before"} if a.before else set())
         writers, readers = [t for t in writers if t in keep], [t for t in readers if t in keep]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")  # fmt: skip
@@ -525,7 +536,7 @@ def main() -> None:
                     if op == "read" and not remote:
                         cache = drop_caches()
                     args = [tool, op, asdict(w), targets[tool], endpoint]
-                    one = _run_child(args, a.cap)
+                    one = _run_child(args, a.cap, a.before)
                     if "error" in one:
                         row.error = one["error"]
                         print(f"  round {rnd + 1} {op} {tool}: {row.error}", flush=True)

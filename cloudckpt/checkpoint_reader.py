@@ -163,6 +163,7 @@ class CheckpointReader:
         index = ckpt.read_index(rank)
         freeze_survivors()
         relocate = relocation(map_location)
+        align = ckpt.backend.capabilities.read_alignment
         reads = _Reads()
         dtypes: dict[str, torch.dtype] = {}
         global_requests: list[GlobalRequest] = []
@@ -179,7 +180,7 @@ class CheckpointReader:
             if dtype is None:
                 dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
             if target is None:
-                dest = _empty(rec, dtype, ckpt.uri)
+                dest = _empty(rec, dtype, ckpt.uri, align)
                 reads.add(rec, dest)
                 return dest
             if is_dtensor(target):
@@ -316,11 +317,41 @@ class CheckpointReader:
             self._backends.close()
 
 
-def _empty(rec: TensorRecord, dtype: torch.dtype, where: str) -> torch.Tensor:
+def _numel(rec: TensorRecord) -> int:
+    n = 1
+    for d in rec.shape:
+        n *= d
+    return n
+
+
+def _placed(raw: torch.Tensor, rec: TensorRecord, dtype: torch.dtype) -> torch.Tensor | None:
+    """``raw`` (bytes) seen as ``rec``'s dtype and shape; ``None`` where torch cannot view
+    bytes so (a misaligned element, a dtype such as the quantized ones)."""
+    try:
+        return raw.view(dtype).view(rec.shape)
+    except RuntimeError:
+        return None
+
+
+ALIGNED_MIN = 1 << 20  # tensors from this size on are placed for the backend's read_alignment
+
+
+def _empty(rec: TensorRecord, dtype: torch.dtype, where: str, align: int = 0) -> torch.Tensor:
     """The destination of one stored tensor. The index has already bounded its size by the
     file it lies in (and the file's real end stops the read); an allocation the machine refuses
-    means the index claims more than any real checkpoint of this job holds."""
+    means the index claims more than any real checkpoint of this job holds.
+
+    With ``align`` (the backend's ``read_alignment``), a tensor of ``ALIGNED_MIN`` bytes or
+    more is placed ``align`` bytes into a slightly larger allocation so that its address is
+    congruent to its file offset: the backend then reads it without a copy (its storage is at
+    most ``align`` bytes larger than the tensor)."""
     try:
+        if align and rec.length >= ALIGNED_MIN and rec.length == _numel(rec) * dtype.itemsize:
+            raw = torch.empty(rec.length + align, dtype=torch.uint8)
+            shift = (rec.offset - raw.data_ptr()) % align
+            placed = _placed(raw[shift : shift + rec.length], rec, dtype)
+            if placed is not None:
+                return placed
         return torch.empty(rec.shape, dtype=dtype)
     except (RuntimeError, MemoryError, ValueError, OverflowError) as e:
         raise CorruptCheckpointError(

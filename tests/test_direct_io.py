@@ -1,11 +1,14 @@
-"""The local backend's O_DIRECT write path: aligned and unaligned sizes, the page-cache fallback
-where a filesystem refuses O_DIRECT (ramfs; tmpfs too before Linux 6.6), full disks, and the
-``direct_io`` option."""
+"""The local backend's O_DIRECT paths. Writes: aligned and unaligned sizes, the page-cache
+fallback where a filesystem refuses O_DIRECT (ramfs; tmpfs too before Linux 6.6), full disks,
+and the ``direct_io`` option. Reads: unaligned offsets, addresses and lengths, the file's tail,
+the refusal fallback, the page-cache check of "auto", and checksums still caught."""
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
+import mmap
 import os
 import subprocess
 import threading
@@ -22,6 +25,7 @@ from cloudckpt.storage.filesystems import (
     DIRECT_AUTO_MEAN,
     DIRECT_AUTO_MIN,
     DIRECT_BLOCK,
+    DIRECT_READ_MIN,
     READ_PIECE,
 )
 
@@ -238,3 +242,197 @@ def test_large_reads_go_in_parallel_pieces(tmp_path: Path) -> None:
             be.read_into(str(path), 100, too_long)
     finally:
         be.close()
+
+
+def _read_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "read with O_DIRECT" in r.getMessage()]
+
+
+def _evict(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache (written and fsync'd: nothing is lost)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _congruent(size: int, offset: int) -> tuple[mmap.mmap, memoryview]:
+    """A writable view of ``size`` bytes whose address is ``offset`` modulo DIRECT_ALIGN (as
+    the reader places large tensors); the view keeps the map alive."""
+    m = mmap.mmap(-1, size + DIRECT_ALIGN)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    shift = (offset - base) % DIRECT_ALIGN
+    return m, memoryview(m)[shift : shift + size]
+
+
+READ_SIZE = 3 * DIRECT_BLOCK + 12345
+
+
+@pytest.mark.parametrize("offset", [0, 1, 100, DIRECT_ALIGN - 1, DIRECT_ALIGN, DIRECT_BLOCK + 7])
+@pytest.mark.parametrize("congruent", [True, False])
+def test_direct_reads_at_any_offset_address_and_length(
+    tmp_path: Path, offset: int, congruent: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ranges starting anywhere, ending anywhere (the file's unaligned tail included), into
+    views at aligned and unaligned addresses, cut unevenly: every byte arrives, whether read
+    straight into the memory or through the staging buffers."""
+    data = _pattern(READ_SIZE)
+    path = tmp_path / "obj"
+    path.write_bytes(data)
+    _evict(path)
+    keep = []
+    for mode in (
+        True,
+        None,
+    ):  # direct_io = true stages what is not congruent; auto reads it buffered
+        be = LocalBackend({"direct_io": mode})
+        try:
+            for end in (READ_SIZE, READ_SIZE - 1, offset + 2 * DIRECT_BLOCK + 3):
+                length = end - offset
+                if congruent:
+                    m, big = _congruent(length - 5, offset + 5)
+                    keep.append(m)
+                    dest = [memoryview(bytearray(5)), big]
+                else:
+                    cuts = sorted({0, 7, length // 3, length - 1, length})
+                    dest = [memoryview(bytearray(b - a)) for a, b in itertools.pairwise(cuts)]
+                caplog.clear()
+                _evict(path)  # "auto" reads cold ranges only with O_DIRECT
+                with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
+                    be.read_into(str(path), offset, dest)
+                assert b"".join(bytes(d) for d in dest) == data[offset:end], (mode, end)
+                logged = _read_log(caplog)
+                if mode is True:
+                    assert len(logged) == 1 and f"{length} bytes at {offset} read" in logged[0]
+                if congruent:
+                    assert ", 0 of them straight" not in logged[0]
+                elif mode is None:  # nothing congruent: "auto" reads it all buffered
+                    assert logged == []
+        finally:
+            be.close()
+
+
+def test_direct_read_past_the_end_is_an_eoferror(tmp_path: Path) -> None:
+    data = _pattern(DIRECT_BLOCK + 100)
+    path = tmp_path / "obj"
+    path.write_bytes(data)
+    be = LocalBackend({"direct_io": True})
+    try:
+        for congruent in (True, False):
+            if congruent:
+                _, view = _congruent(len(data) + 4000, 0)
+                dest = [view]
+            else:
+                dest = [memoryview(bytearray(len(data) + 4000))]
+            with pytest.raises(
+                EOFError, match=rf"{path}: object ends at byte {len(data)}, \d+ more expected"
+            ):
+                be.read_into(str(path), 0, dest)
+            assert bytes(dest[0][: len(data)]) == data
+    finally:
+        be.close()
+
+
+def test_auto_reads_direct_only_what_the_page_cache_lacks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _pattern(DIRECT_READ_MIN + 4096)
+    path = tmp_path / "obj"
+    path.write_bytes(data)
+    be = LocalBackend()
+    _, view = _congruent(len(data), 0)
+    try:
+        _evict(path)
+        with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
+            be.read_into(str(path), 0, [view])  # cold: O_DIRECT, and it stays cold
+            be.read_into(str(path), 0, [view])
+            assert path.read_bytes() == data  # now in the page cache
+            be.read_into(str(path), 0, [view])  # warm: a memory copy, no disk
+            be.read_into(str(path), 0, [view[:4096]])  # small: buffered
+        assert bytes(view) == data
+        assert (
+            _read_log(caplog)
+            == [
+                f"{path}: {len(data)} bytes at 0 read with O_DIRECT, {len(data)} of them straight "
+                "into the destination"
+            ]
+            * 2
+        )
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
+            LocalBackend({"direct_io": False}).read_into(str(path), 0, [view])
+            _evict(path)
+            LocalBackend({"direct_io": False}).read_into(str(path), 0, [view])
+        assert _read_log(caplog) == []
+    finally:
+        be.close()
+
+
+def test_direct_read_falls_back_where_refused(
+    ramfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _pattern(2 * DIRECT_BLOCK + 5)
+    path = ramfs / "obj"
+    path.write_bytes(data)
+    be = LocalBackend({"direct_io": True})
+    try:
+        with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
+            for _ in range(2):
+                _, view = _congruent(len(data) - 3, 3)
+                be.read_into(str(path), 3, [view])
+                assert bytes(view) == data[3:]
+        assert _read_log(caplog) == []
+        refusals = [r for r in caplog.records if "refuses O_DIRECT" in r.getMessage()]
+        assert len(refusals) == 1 and str(ramfs) in refusals[0].getMessage()
+    finally:
+        be.close()
+
+
+@pytest.mark.parametrize("where", ["interior", "head"])
+@pytest.mark.parametrize("direct_io", ["auto", True])
+def test_direct_reads_still_catch_damaged_bytes(
+    tmp_path: Path, where: str, direct_io: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flipped byte in a tensor read straight into its memory with O_DIRECT (or in its
+    unaligned head, read otherwise) fails the CRC32C check like any other."""
+    uri = str(tmp_path / "c")
+    big = torch.arange(DIRECT_READ_MIN // 4 + 999, dtype=torch.float32)
+    cloudckpt.save(uri, {"small": torch.ones(3), "big": big})
+    index = next((tmp_path / "c" / "index").rglob("rank-00000.json"))
+    import json
+
+    rec = next(t for t in json.loads(index.read_text())["tensors"] if t[0] == "big")
+    offset = rec[4]
+    (data_file,) = (tmp_path / "c" / "data").rglob("*.safetensors")
+    opts = {"direct_io": direct_io}
+    _evict(data_file)
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
+        assert torch.equal(cloudckpt.load(uri, storage_options=opts)["big"], big)
+    assert any("straight into the destination" in m for m in _read_log(caplog))
+    pos = offset + (1 if where == "head" else DIRECT_BLOCK + 10)
+    with open(data_file, "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)
+        f.seek(pos)
+        f.write(bytes([byte[0] ^ 0x10]))
+    _evict(data_file)
+    with pytest.raises(cloudckpt.CorruptCheckpointError, match=r"CRC32C mismatch for key big"):
+        cloudckpt.load(uri, storage_options=opts)
+
+
+def test_loaded_tensors_are_placed_for_direct_reads(tmp_path: Path) -> None:
+    """Large tensors the reader allocates sit at their file offset modulo DIRECT_ALIGN, in a
+    storage at most DIRECT_ALIGN bytes larger; small ones and other backends get plain ones."""
+    uri = str(tmp_path / "c")
+    sd = {"big": torch.randn(1 << 19), "half": torch.randn(1 << 19).half(), "small": torch.ones(5)}
+    cloudckpt.save(uri, sd)
+    out = cloudckpt.load(uri)
+    for k, v in sd.items():
+        assert torch.equal(out[k], v)
+        assert out[k].untyped_storage().nbytes() - out[k].nbytes <= DIRECT_ALIGN
+    assert out["small"].storage_offset() == 0
+    for k in ("big", "half"):
+        assert out[k].is_contiguous()
+        out[k].add_(1)  # an ordinary, writable tensor

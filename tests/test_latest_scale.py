@@ -3,6 +3,7 @@ the command open the newest manifests only, however many checkpoints there are."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -88,3 +89,28 @@ def test_latest_command_reads_only_the_newest_manifests(
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"{root}/step-{COUNT - 1:010d}"
     assert len(_manifest_reads(proxy)) == 2
+
+
+def test_latest_command_imports_no_async_client_and_no_torch(moto_server: S3Server) -> None:
+    """The command's process loads neither torch nor s3fs and its async stack: listings and
+    manifests go through the S3 backend's plain client (cloudckpt_s3.lite)."""
+    bucket = moto_server.new_bucket()
+    root = f"s3://{bucket}/run"
+    cloudckpt.save(
+        f"{root}/step-0000000007", {"w": torch.ones(2)}, storage_options=moto_server.options()
+    )
+    code = (
+        "import json, sys\n"
+        "from cloudckpt.cli import main\n"
+        f"rc = main(['latest', {root!r}, '--storage-option', 'endpoint_url={moto_server.endpoint}'])\n"
+        "heavy = ('torch', 's3fs', 'aiobotocore', 'aiohttp', 'fsspec', 'numpy')\n"
+        "print(json.dumps([rc, sorted(m for m in sys.modules if m.split('.')[0] in heavy)]))\n"
+    )
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    printed, report = out.stdout.strip().splitlines()
+    assert printed == f"{root}/step-0000000007"
+    assert json.loads(report) == [0, []]

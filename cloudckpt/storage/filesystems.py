@@ -1,8 +1,8 @@
 """The backends the core ships, both over filesystems:
 
 - ``local`` (:class:`LocalBackend`): plain paths and ``file://``, written to a temporary name,
-  fsynced, then linked or renamed into place; data files of 16 MiB and more go through
-  ``O_DIRECT`` from a pool of page-aligned staging buffers;
+  fsynced, then linked or renamed into place; data files of 16 MiB and more are written, and
+  large uncached ranges read, with ``O_DIRECT`` through a pool of page-aligned buffers;
 - ``fsspec`` (:class:`FsspecBackend`): any protocol fsspec knows (``memory://`` included);
   commits are create-only only as far as the store allows.
 """
@@ -21,7 +21,7 @@ import sys
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -56,8 +56,11 @@ DIRECT_AUTO_MIN = 16 << 20  # "auto": objects from this size on go through O_DIR
 DIRECT_AUTO_MEAN = 64 << 10  # ... when their pieces average this size or more,
 DIRECT_AUTO_PEEK = 64  # judged on this many first pieces (or fewer, once they hold 4 MiB)
 DIRECT_THREADS = 16  # the backend's writer threads, shared by the objects it writes at once
-READ_PIECE = 8 << 20  # reads larger than this go as pieces of this size, in parallel
+READ_PIECE = 8 << 20  # buffered reads larger than this go as pieces of this size, in parallel
 READ_THREADS = 16  # the backend's reader threads, shared by the reads in flight
+DIRECT_READ_MIN = 8 << 20  # "auto": ranges from this size on are read with O_DIRECT ...
+DIRECT_READ_CACHED = 0.5  # ... unless this fraction of their pages is in the page cache
+DIRECT_READ_SPAN = 64 << 10  # the least aligned interior of a view read straight into it
 
 
 def parse_direct_io(value: Any) -> bool | None:
@@ -120,6 +123,46 @@ def _fallocate(fd: int, length: int) -> int:
     return 0  # EOPNOTSUPP and the like: write without reserving
 
 
+_SYS_CACHESTAT = 451  # the same number on every Linux architecture (added after the unified table)
+_libc_syscall: Any = None
+_no_cachestat = False
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        ("nr_cache", ctypes.c_uint64),
+        ("nr_dirty", ctypes.c_uint64),
+        ("nr_writeback", ctypes.c_uint64),
+        ("nr_evicted", ctypes.c_uint64),
+        ("nr_recently_evicted", ctypes.c_uint64),
+    ]
+
+
+def _cached_fraction(fd: int, offset: int, length: int) -> float | None:
+    """The fraction of the pages of ``[offset, offset + length)`` that are in the page cache
+    (``cachestat(2)``, Linux 6.5+; it starts no IO); ``None`` where the kernel cannot say."""
+    global _libc_syscall, _no_cachestat
+    if _no_cachestat or length <= 0 or not sys.platform.startswith("linux"):
+        return None
+    if _libc_syscall is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syscall
+        fn.restype = ctypes.c_long
+        _libc_syscall = fn
+    rng, out = _CachestatRange(offset, length), _Cachestat()
+    args = (ctypes.c_long(_SYS_CACHESTAT), ctypes.c_long(fd))
+    if _libc_syscall(*args, ctypes.byref(rng), ctypes.byref(out), ctypes.c_long(0)) != 0:
+        if ctypes.get_errno() == errno.ENOSYS:
+            _no_cachestat = True
+        return None
+    first, last = offset // mmap.PAGESIZE, (offset + length - 1) // mmap.PAGESIZE
+    return min(1.0, out.nr_cache / (last - first + 1))
+
+
 def _mostly_large(chunks: Iterable[Buffer]) -> tuple[Iterator[Buffer], bool]:
     """Whether ``chunks`` look like pieces of ``DIRECT_AUTO_MEAN`` bytes or more on average,
     judged on the first ``DIRECT_AUTO_PEEK`` (fewer once those hold ``DIRECT_AUTO_MEAN *
@@ -156,6 +199,20 @@ class _Staging:
     address: int
 
 
+def _copy_out(buf: _Staging, pos: int, views: list[memoryview], n: int) -> None:
+    """Copy ``n`` bytes of ``buf`` from ``pos`` on into ``views``, in order."""
+    for view in views:
+        if n <= 0:
+            break
+        k = min(view.nbytes, n)
+        dst = _address(view)
+        if dst is not None:  # memmove lets the other threads run meanwhile
+            ctypes.memmove(dst, buf.address + pos, k)
+        else:
+            view[:k] = buf.view[pos : pos + k]
+        pos, n = pos + k, n - k
+
+
 class _StagingPool:
     """At most ``limit`` staging buffers shared by the objects a backend writes at once, all
     unmapped when the last of those objects is done (an idle backend holds no memory).
@@ -182,6 +239,12 @@ class _StagingPool:
                 self._free.clear()  # the maps go with their last reference
                 self._count = 0
             self._cond.notify_all()
+
+    def give(self, buf: _Staging) -> None:
+        """Return one buffer taken with :meth:`take` (by a user that has entered)."""
+        with self._cond:
+            self._free.append(buf)
+            self._cond.notify()
 
     def try_take(self) -> _Staging | None:
         with self._cond:
@@ -221,6 +284,8 @@ class LocalBackend(Backend):
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
         super().__init__(storage_options)
         self.direct_io = parse_direct_io(self.storage_options.get("direct_io", "auto"))
+        if _O_DIRECT and self.direct_io is not False:
+            self.capabilities = Capabilities(read_alignment=DIRECT_ALIGN)
         self._pool: ThreadPoolExecutor | None = None
         self._read_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -298,12 +363,13 @@ class LocalBackend(Backend):
                     pass
         return tmp, os.open(tmp, flags, 0o644), False
 
-    def _refused_direct(self, parent: str) -> None:
-        dev = os.stat(parent).st_dev
+    def _refused_direct(self, parent: str, dev: int | None = None) -> None:
+        if dev is None:
+            dev = os.stat(parent).st_dev
         if dev not in self._no_direct:
             self._no_direct.add(dev)
             log = logger.warning if self.direct_io else logger.debug
-            log("%s: the filesystem refuses O_DIRECT; writing through the page cache", parent)
+            log("%s: the filesystem refuses O_DIRECT; using the page cache", parent)
 
     def _write_temp(self, path: str, chunks: Iterable[Buffer], size: int | None = None) -> str:
         direct = size is not None and self._wants_direct(size)
@@ -433,29 +499,197 @@ class LocalBackend(Backend):
         self._fsync_dir(os.path.dirname(path))
 
     def read_into(self, path: str, offset: int, dest: Sequence[memoryview]) -> None:
-        """``preadv`` into ``dest``; a range over ``READ_PIECE`` bytes is read as pieces of
-        that size on the backend's threads, ``READ_THREADS`` at a time across the reads in
-        flight (one sequential read of a cold file waits on the disk one request at a time)."""
-        views = [b for b in dest if b.nbytes]
+        """Fill ``dest`` from ``path`` at ``offset``: with ``O_DIRECT`` through aligned staging
+        buffers where :meth:`_wants_direct_read` says so, else with buffered ``preadv``."""
+        views = [buffers.byte_view(b) for b in dest if b.nbytes]
+        length = buffers.total(views)
         fd = os.open(path, os.O_RDONLY)
         try:
-            if buffers.total(views) <= READ_PIECE:
-                _pread_all(fd, path, offset, views)
+            dev = os.fstat(fd).st_dev
+            dfd = (
+                self._open_direct(path, dev)
+                if self._wants_direct_read(fd, dev, offset, length)
+                else None
+            )
+            if dfd is None:
+                self._read_buffered(fd, path, offset, views)
                 return
-            pool = self._reader_pool()
-            futures: list[Future[None]] = []
-            for piece in buffers.split(views, READ_PIECE):
-                futures.append(pool.submit(_pread_all, fd, path, offset, piece))
-                offset += buffers.total(piece)
             try:
-                for future in futures:
-                    future.result()
-            finally:  # on an error: nothing may still read into ``dest`` once this returns
-                for future in futures:
-                    future.cancel()
-                wait(futures)
+                self._read_direct(fd, dfd, dev, path, offset, views)
+            finally:
+                os.close(dfd)
         finally:
             os.close(fd)
+
+    def _wants_direct_read(self, fd: int, dev: int, offset: int, length: int) -> bool:
+        """``direct_io = true``: every read; ``"auto"``: ranges of ``DIRECT_READ_MIN`` bytes and
+        more of which less than ``DIRECT_READ_CACHED`` is in the page cache (a warm file is a
+        memory copy away; the disk is not); never where the filesystem refused ``O_DIRECT``."""
+        if not _O_DIRECT or self.direct_io is False or not length or dev in self._no_direct:
+            return False
+        if self.direct_io is None:
+            if length < DIRECT_READ_MIN:
+                return False
+            cached = _cached_fraction(fd, offset, length)
+            if cached is not None and cached >= DIRECT_READ_CACHED:
+                return False
+        return True
+
+    def _open_direct(self, path: str, dev: int) -> int | None:
+        """A second, ``O_DIRECT`` descriptor of ``path``; ``None`` where the filesystem refuses."""
+        try:
+            return os.open(path, os.O_RDONLY | _O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._refused_direct(os.path.dirname(path), dev)
+            return None
+
+    def _read_buffered(self, fd: int, path: str, offset: int, views: list[memoryview]) -> None:
+        """``preadv`` into ``views``; a range over ``READ_PIECE`` bytes is read as pieces of
+        that size on the backend's threads, ``READ_THREADS`` at a time across the reads in
+        flight (one sequential read of a cold file waits on the disk one request at a time)."""
+        if buffers.total(views) <= READ_PIECE:
+            _pread_all(fd, path, offset, views)
+            return
+        tasks = []
+        for piece in buffers.split(views, READ_PIECE):
+            tasks.append((_pread_all, (fd, path, offset, piece)))
+            offset += buffers.total(piece)
+        self._run_pieces(tasks)
+
+    def _run_pieces(self, tasks: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+        """Run ``tasks`` on the backend's reader threads and wait for all of them."""
+        pool = self._reader_pool()
+        futures = [pool.submit(fn, *args) for fn, args in tasks]
+        try:
+            for future in futures:
+                future.result()
+        finally:  # on an error: nothing may still read into ``dest`` once this returns
+            for future in futures:
+                future.cancel()
+            wait(futures)
+
+    def _read_direct(
+        self, fd: int, dfd: int, dev: int, path: str, offset: int, views: list[memoryview]
+    ) -> None:
+        """Read ``views`` with ``O_DIRECT`` where the memory allows it: the block-aligned
+        interior of a view whose address is congruent to its file offset (the reader allocates
+        tensors so, see ``Capabilities.read_alignment``) goes straight into it in
+        ``DIRECT_BLOCK`` pieces. The rest (heads and tails of such views, other views) is read
+        buffered in ``"auto"``, and with ``direct_io = true`` through aligned staging buffers
+        then copied (bytes at unaligned addresses cannot be read with ``O_DIRECT`` directly)."""
+        tasks: list[tuple[int, Callable[..., None], tuple[Any, ...]]] = []
+        staged = self.direct_io is True
+        if not staged and hasattr(os, "posix_fadvise"):
+            # the buffered reads here are heads and tails of a few KiB between direct reads:
+            # no readahead (it would read again what goes straight into the tensors)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+        def copies(start: int, run: list[memoryview]) -> None:
+            if not run:
+                return
+            if not staged:
+                for piece in buffers.split(run, READ_PIECE):
+                    tasks.append((start, _pread_all, (fd, path, start, piece)))
+                    start += buffers.total(piece)
+                return
+            end = start + buffers.total(run)
+            a, edge = start, start - start % DIRECT_BLOCK + DIRECT_BLOCK
+            while a < end:
+                b = min(end, edge)
+                piece = buffers.window(run, a - start, b - a)
+                tasks.append((a, self._read_staged, (fd, dfd, dev, path, a, b, piece)))
+                a, edge = b, edge + DIRECT_BLOCK
+
+        pos, run_start, run = offset, offset, []
+        for view in views:
+            addr = _address(view)
+            lo = -(-pos // DIRECT_ALIGN) * DIRECT_ALIGN
+            hi = (pos + view.nbytes) // DIRECT_ALIGN * DIRECT_ALIGN
+            if addr is None or (addr - pos) % DIRECT_ALIGN or hi - lo < DIRECT_READ_SPAN:
+                run.append(view)
+                pos += view.nbytes
+                continue
+            if lo > pos:
+                run.append(view[: lo - pos])
+            copies(run_start, run)
+            for k in range(lo, hi, DIRECT_BLOCK):
+                piece = view[k - pos : min(hi, k + DIRECT_BLOCK) - pos]
+                tasks.append((k, self._read_straight, (fd, dfd, dev, path, k, piece)))
+            run_start, run = hi, ([view[hi - pos :]] if hi < pos + view.nbytes else [])
+            pos += view.nbytes
+        copies(run_start, run)
+        tasks.sort(key=lambda t: t[0])  # in file order
+        straight = sum(t[2][-1].nbytes for t in tasks if t[1] == self._read_straight)
+        if staged or straight:
+            logger.debug(
+                "%s: %d bytes at %d read with O_DIRECT, %d of them straight into the destination",
+                path,
+                buffers.total(views) if staged else straight,
+                offset,
+                straight,
+            )
+        self._staging.enter()
+        try:
+            if len(tasks) == 1:
+                _, fn, args = tasks[0]
+                fn(*args)
+            else:
+                self._run_pieces([(fn, args) for _, fn, args in tasks])
+        finally:
+            self._staging.leave([])
+
+    def _read_straight(
+        self, fd: int, dfd: int, dev: int, path: str, offset: int, view: memoryview
+    ) -> None:
+        """``view`` (aligned address and length) from ``offset`` (aligned) with ``O_DIRECT``;
+        what it did not deliver (the file's end, a refusal) is read buffered, which raises
+        ``EOFError`` at a short file."""
+        got = 0
+        if dev not in self._no_direct:
+            try:
+                while got < view.nbytes:
+                    n = os.preadv(dfd, [view[got:]], offset + got)
+                    got += n
+                    if n <= 0 or n % DIRECT_ALIGN:  # the file ends here
+                        break
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._refused_direct(os.path.dirname(path), dev)
+        if got < view.nbytes:
+            _pread_all(fd, path, offset + got, [view[got:]])
+
+    def _read_staged(
+        self, fd: int, dfd: int, dev: int, path: str, a: int, b: int, views: list[memoryview]
+    ) -> None:
+        """Bytes ``[a, b)`` of the file into ``views``; what ``O_DIRECT`` did not deliver (the
+        file's end, a refusal) is read buffered, which raises ``EOFError`` at a short file."""
+        lo = a - a % DIRECT_ALIGN
+        hi = -(-b // DIRECT_ALIGN) * DIRECT_ALIGN
+        have = 0
+        if dev not in self._no_direct:
+            buf = self._staging.take()
+            try:
+                got = 0
+                try:
+                    while got < b - lo:
+                        n = os.preadv(dfd, [buf.view[got : hi - lo]], lo + got)
+                        got += n
+                        if n <= 0 or n % DIRECT_ALIGN:  # the file ends here
+                            break
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._refused_direct(os.path.dirname(path), dev)
+                    got = 0
+                have = max(0, min(got, b - lo) - (a - lo))
+                _copy_out(buf, a - lo, views, have)
+            finally:
+                self._staging.give(buf)
+        if have < b - a:
+            _pread_all(fd, path, a + have, buffers.skip(views, have))
 
     def read_bytes(self, path: str) -> bytes:
         with open(path, "rb") as f:

@@ -26,13 +26,16 @@ class Capabilities:
     for an in-process store such as ``memory://``). ``create_only_commit``:
     :meth:`Backend.put_create_only` is atomic against a concurrent writer. ``conditional_replace``:
     the store can replace an object only if it is still the version read before.
-    ``ranged_reads``: a read of a byte range costs only that range.
+    ``ranged_reads``: a read of a byte range costs only that range. ``read_alignment``: a
+    destination buffer whose address is congruent to its object offset modulo this many bytes
+    is read without an intermediate copy (local ``O_DIRECT``); 0 where alignment gains nothing.
     """
 
     process_shareable: bool = True
     create_only_commit: bool = True
     conditional_replace: bool = False
     ranged_reads: bool = True
+    read_alignment: int = 0
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,9 @@ class ObjectStoreBackend(Backend):
         OptionSpec("read_part_size", "size", 8 << 20, "bytes per ranged GET"),
         OptionSpec("max_inflight_parts", "int", 8, "requests in flight per operation"),
     )
+    #: Options of the store's client, declared so that checking them needs no import of the
+    #: client (``known_options`` still asks the client's class about any other option).
+    client_options: ClassVar[tuple[str, ...]] = ()
     #: Store error codes that mean "try again" whatever the status says.
     retryable_codes: ClassVar[frozenset[str]] = frozenset()
     #: Store error codes for a bucket that does not exist.
@@ -155,9 +158,9 @@ class ObjectStoreBackend(Backend):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # What config validation accepts: the options declared here (the store client's own
-        # are added from fsspec_class).
-        cls.accepted_options = frozenset(cls.own_options())
+        # What config validation accepts: the options declared here (the rest of the store
+        # client's own are added from fsspec_class).
+        cls.accepted_options = frozenset((*cls.own_options(), *cls.client_options))
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
         super().__init__(storage_options)

@@ -200,7 +200,11 @@ def known_options(cls: type[Backend], protocol: str) -> frozenset[str] | None:
 def unknown_options(
     cls: type[Backend], protocol: str, options: Mapping[str, Any]
 ) -> tuple[list[str], frozenset[str]]:
-    """The keys of ``options`` that ``cls`` does not take, and the ones it takes."""
+    """The keys of ``options`` that ``cls`` does not take, and the ones it takes. Options the
+    backend declares itself are checked without importing its client's class."""
+    declared = cls.accepted_options
+    if declared is not None and all(k in declared or k in FSSPEC_COMMON_OPTIONS for k in options):
+        return [], declared | FSSPEC_COMMON_OPTIONS
     known = known_options(cls, protocol)
     if known is None:
         return [], frozenset()

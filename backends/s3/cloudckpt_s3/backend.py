@@ -1,5 +1,11 @@
 """The S3 backend: s3fs for credentials, endpoint and its event loop; the requests are our own.
 
+Clients are made on first use. Listings, small GETs and HEADs made before anything needed
+s3fs go through :mod:`cloudckpt_s3.lite` (``http.client`` with botocore's credentials and
+signer) where the options allow it, so a process that only looks (``cloudckpt latest``) never
+imports s3fs, aiobotocore or aiohttp; the first request that needs s3fs (a write, a ranged read,
+a delete) makes its client, and from then on every request goes through it.
+
 On :class:`cloudckpt.storage.objectstore.ObjectStoreBackend`, which owns options, retries, error
 mapping and parallel ranged reads. What is S3's own:
 
@@ -31,8 +37,6 @@ from collections.abc import AsyncGenerator, Iterable
 from concurrent.futures import Future
 from typing import Any
 
-from aiohttp import payload
-
 from cloudckpt.errors import BackendError
 from cloudckpt.storage import buffers
 from cloudckpt.storage.buffers import Buffer
@@ -40,74 +44,26 @@ from cloudckpt.storage.interface import Capabilities, ObjectInfo, VersionedObjec
 from cloudckpt.storage.objectstore import ObjectStoreBackend, OptionSpec, StoreAnswer
 from cloudckpt.storage.retry import Deadline
 
+from . import lite
+
 logger = logging.getLogger(__name__)
+
+#: s3fs's own options (``S3FileSystem``'s parameters), declared so that checking them does not
+#: import s3fs; any other option is checked against s3fs itself.
+S3FS_OPTIONS = (
+    "anon", "endpoint_url", "key", "secret", "token", "use_ssl", "client_kwargs",
+    "requester_pays", "default_block_size", "default_fill_cache", "default_cache_type",
+    "version_aware", "config_kwargs", "s3_additional_kwargs", "session", "username",
+    "password", "cache_regions", "asynchronous", "loop", "max_concurrency",
+    "fixed_upload_size", "local_expiry_check",
+    "profile",  # not in s3fs's signature: it hands extra options to aiobotocore's session
+)  # fmt: skip
+_UNSET: Any = object()
 
 MIN_PART = 5 << 20  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000
 DEFAULT_PART = 8 << 20
 NO_RETRIES = {"total_max_attempts": 1, "mode": "standard"}
-
-
-_SLICE = 256 << 10
-
-
-class PartBody(payload.Payload):
-    """An object's or a part's bytes, views of tensor memory, as a request body (no copy).
-
-    aiohttp hands a whole ``bytes``/``memoryview`` body to the socket layer at once, which
-    copies every byte the socket does not take right away: a part's worth of memory per part in
-    flight. This body is written in slices of about 256 KiB (large views cut, small ones
-    gathered), each after the previous one drained. It is also seekable and readable, which is
-    what botocore needs to sign it and to rewind it.
-    """
-
-    def __init__(self, views: list[memoryview]) -> None:
-        super().__init__(views, content_type="application/octet-stream")
-        self.views = [v for v in views if v.nbytes]
-        self._size = buffers.total(self.views)
-        self.pos = 0
-
-    def __len__(self) -> int:
-        return self._size or 0
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else len(self) + pos)
-        return self.pos
-
-    def read(self, n: int | None = -1) -> bytes:
-        end = len(self) if n is None or n < 0 else min(len(self), self.pos + n)
-        out = b"".join(buffers.window(self.views, self.pos, end - self.pos))
-        self.pos = end
-        return out
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        raise TypeError("a checkpoint part is binary")
-
-    async def write(self, writer: Any) -> None:
-        await self.write_with_length(writer, None)
-
-    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        views = self.views
-        if content_length is not None and content_length < len(self):
-            views = buffers.window(views, 0, content_length)
-        batch: list[memoryview] = []
-        held = 0
-        for v in views:
-            for i in range(0, v.nbytes, _SLICE):
-                piece = v[i : i + _SLICE]
-                if not batch and piece.nbytes == _SLICE:
-                    await writer.write(piece)  # a whole slice of one tensor: as it is
-                    continue
-                batch.append(piece)
-                held += piece.nbytes
-                if held >= _SLICE:
-                    await writer.write(b"".join(batch))
-                    batch, held = [], 0
-        if batch:
-            await writer.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
 
 class S3Backend(ObjectStoreBackend):
@@ -127,6 +83,7 @@ class S3Backend(ObjectStoreBackend):
         OptionSpec("read_part_size", "size", DEFAULT_PART, "bytes per ranged GET"),
         OptionSpec("max_inflight_parts", "int", 8, "requests in flight"),
     )
+    client_options = S3FS_OPTIONS
     retryable_codes = frozenset(
         {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
          "ConditionalRequestConflict", "OperationAborted"}
@@ -139,8 +96,6 @@ class S3Backend(ObjectStoreBackend):
         return s3fs.S3FileSystem
 
     def open_client(self, options: dict[str, Any]) -> None:
-        import s3fs
-
         config = dict(options.pop("config_kwargs", None) or {})
         # Our policy decides about retries; botocore's and s3fs's would multiply them.
         # ("max_attempts" counts retries, not attempts: 1 would mean one botocore retry.)
@@ -157,12 +112,44 @@ class S3Backend(ObjectStoreBackend):
         config.setdefault("response_checksum_validation", "when_required")
         # Parts are memoryviews of tensor memory, which botocore's validator does not know.
         config.setdefault("parameter_validation", False)
-        self.fs = s3fs.S3FileSystem(
-            config_kwargs=config, skip_instance_cache=True, use_listings_cache=False, **options
-        )
-        self.fs.retries = 1
+        self._fs_options = {**options, "config_kwargs": config}
+        self._fs: Any = None
+        self._plain: lite.PlainClient | None = _UNSET  # made with the first metadata request
+        self._clients = threading.Lock()
         self._inflight = threading.BoundedSemaphore(self.max_inflight_parts)
         self._if_match = True  # until the store answers If-Match with 501
+
+    @property
+    def fs(self) -> Any:
+        """The s3fs filesystem (made on first use; the plain client is closed then)."""
+        if self._fs is None:
+            import s3fs
+
+            with self._clients:
+                if self._fs is None:
+                    fs = s3fs.S3FileSystem(
+                        skip_instance_cache=True, use_listings_cache=False, **self._fs_options
+                    )
+                    fs.retries = 1
+                    self._fs = fs
+                    plain, self._plain = self._plain, None
+                    if plain is not None and plain is not _UNSET:
+                        plain.close()
+        return self._fs
+
+    def _plain_client(self) -> lite.PlainClient | None:
+        """The plain client for a metadata request, or ``None`` once s3fs is in use (or where
+        the options need s3fs: see :func:`cloudckpt_s3.lite.plan`)."""
+        if self._plain is _UNSET:
+            with self._clients:
+                if self._plain is _UNSET:
+                    self._plain = None
+                    if self._fs is None and (settings := lite.plan(self._fs_options)):
+                        try:
+                            self._plain = lite.PlainClient(settings)
+                        except Exception as e:  # s3fs's client reports it in its own words
+                            logger.debug("s3: plain metadata client unavailable: %s", e)
+        return self._plain
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -208,6 +195,8 @@ class S3Backend(ObjectStoreBackend):
     # -- writes -------------------------------------------------------------------------------
 
     def write_object(self, path: str, chunks: Iterable[Buffer], size: int) -> None:
+        from .parts import PartBody
+
         bucket, key = self.split(path)
         what = self.to_uri(path)
         deadline = self.retrier.deadline()
@@ -294,6 +283,8 @@ class S3Backend(ObjectStoreBackend):
         deadline: Deadline,
     ) -> Future[Any]:
         """Queue one part; blocks while ``max_inflight_parts`` are already on their way."""
+        from .parts import PartBody
+
         self._inflight.acquire()
 
         async def send() -> dict[str, Any]:
@@ -421,6 +412,9 @@ class S3Backend(ObjectStoreBackend):
 
     def read_bytes(self, path: str) -> bytes:
         bucket, key = self.split(path)
+        plain = self._plain_client()
+        if plain is not None:
+            return self.call_sync(lambda: plain.get(bucket, key), self.to_uri(path))
 
         async def get() -> bytes:
             resp = await self._req("get_object", Bucket=bucket, Key=key)
@@ -457,27 +451,34 @@ class S3Backend(ObjectStoreBackend):
     def list_dir(self, path: str) -> list[ObjectInfo]:
         bucket, key = self.split(path)
         prefix = self._prefix(key)
-        objects, prefixes = self.run(
-            self.call(lambda: self._list(bucket, prefix, delimiter=True), self.to_uri(path))
-        )
+        what = self.to_uri(path)
+        plain = self._plain_client()
+        found: list[tuple[str, int, float | None]]
+        if plain is not None:
+            listing = self.call_sync(lambda: plain.list(bucket, prefix, delimiter=True), what)
+            found, prefixes = listing.objects, listing.prefixes
+        else:
+            objects, prefixes = self.run(
+                self.call(lambda: self._list(bucket, prefix, delimiter=True), what)
+            )
+            found = []
+            for o in objects:
+                mtime = o.get("LastModified")
+                found.append(
+                    (
+                        str(o["Key"]),
+                        int(o.get("Size", 0)),
+                        mtime.timestamp() if hasattr(mtime, "timestamp") else None,
+                    )
+                )
         out = [
             ObjectInfo(f"{bucket}/{p.rstrip('/')}", p.rstrip("/").rsplit("/", 1)[-1], 0, True)
             for p in prefixes
         ]
-        for o in objects:
-            name = str(o["Key"])
+        for name, size, mtime in found:
             if name == prefix or name.endswith("/"):  # directory markers
                 continue
-            mtime = o.get("LastModified")
-            out.append(
-                ObjectInfo(
-                    f"{bucket}/{name}",
-                    name.rsplit("/", 1)[-1],
-                    int(o.get("Size", 0)),
-                    False,
-                    mtime.timestamp() if hasattr(mtime, "timestamp") else None,
-                )
-            )
+            out.append(ObjectInfo(f"{bucket}/{name}", name.rsplit("/", 1)[-1], size, False, mtime))
         return sorted(out, key=lambda i: i.name)
 
     def delete(self, path: str, *, recursive: bool = False) -> None:
@@ -508,6 +509,9 @@ class S3Backend(ObjectStoreBackend):
 
     def exists(self, path: str) -> bool:
         bucket, key = self.split(path)
+        plain = self._plain_client()
+        if plain is not None:
+            return self.call_sync(lambda: self._plain_exists(plain, bucket, key), self.to_uri(path))
 
         async def check() -> bool:
             if key:
@@ -523,11 +527,27 @@ class S3Backend(ObjectStoreBackend):
 
         return self.run(self.call(check, self.to_uri(path)))
 
+    def _plain_exists(self, plain: lite.PlainClient, bucket: str, key: str) -> bool:
+        if key:
+            try:
+                plain.head(bucket, key)
+                return True
+            except lite.PlainHTTPError as e:
+                answer = self.answer_of(e)
+                if answer is None or answer.status != 404:
+                    raise
+        listing = plain.list(bucket, self._prefix(key), delimiter=True, limit=1)
+        return bool(listing.objects or listing.prefixes)
+
     def check_location(self, path: str) -> None:
         bucket, _ = self.split(path)
         what = self.to_uri(path)
+        plain = self._plain_client()
         try:
-            self._do("head_bucket", what, Bucket=bucket)
+            if plain is not None:
+                self.call_sync(lambda: plain.head(bucket), what)
+            else:
+                self._do("head_bucket", what, Bucket=bucket)
         except FileNotFoundError:  # HEAD has no body: a bare 404 is the bucket
             raise self.missing_bucket(what, bucket, "HTTP 404 on HeadBucket") from None
 
@@ -537,10 +557,15 @@ class S3Backend(ObjectStoreBackend):
         return int(head["ContentLength"])
 
     def close(self) -> None:
-        """Close the client's connections (the backend is unusable afterwards)."""
-        creator = getattr(self.fs, "_s3creator", None)
+        """Close the clients' connections (the backend is unusable afterwards)."""
+        with self._clients:
+            plain, self._plain = self._plain, None
+        if plain is not None and plain is not _UNSET:
+            plain.close()
+        fs = self._fs
+        creator = getattr(fs, "_s3creator", None)
         if creator is not None:
-            self.fs._s3 = None
-            self.fs._s3creator = None
+            fs._s3 = None
+            fs._s3creator = None
             with contextlib.suppress(Exception):
                 self.run(creator.__aexit__(None, None, None))

@@ -1,0 +1,325 @@
+"""S3 metadata requests without s3fs: listings, small GETs and HEADs over ``http.client``.
+
+A new process that only looks (``cloudckpt latest``, ``ls``, ``info``) spent most of its time
+importing s3fs, aiobotocore and aiohttp and loading botocore's S3 service model before its
+first request. This client takes what must match the full client from botocore itself, which
+is cheap to import without a client: the credentials (botocore's session and its whole chain:
+explicit keys, environment, profiles, SSO, roles, instance metadata), the region, the CA
+bundle and the SigV4 signer. What it does itself is small: build four kinds of requests
+(``ListObjectsV2``, ``GetObject``, ``HeadObject``, ``HeadBucket``), send them, parse the XML.
+
+It is used only where the options leave nothing for the full client to decide differently:
+an explicit ``endpoint_url`` (path-style addressing, as botocore uses for one), no proxy, no
+anonymous access, no option it does not know. :func:`plan` returns ``None`` otherwise, and the
+backend uses s3fs for everything, as before.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import threading
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+#: Storage options the plain client understands (the rest make it stand aside).
+_OPTIONS = frozenset(
+    {"endpoint_url", "key", "secret", "token", "username", "password", "profile", "client_kwargs",
+     "config_kwargs", "use_ssl", "skip_instance_cache", "use_listings_cache", "anon",
+     "default_block_size", "default_fill_cache", "default_cache_type", "fixed_upload_size",
+     "local_expiry_check", "listings_expiry_time", "max_paths"}
+)  # fmt: skip
+_CLIENT_KWARGS = frozenset(
+    {"endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key",
+     "aws_session_token", "use_ssl", "verify"}
+)  # fmt: skip
+#: botocore Config keys that change nothing for these requests (the backend sets most of them).
+_CONFIG_KWARGS = frozenset(
+    {"connect_timeout", "read_timeout", "retries", "request_checksum_calculation",
+     "response_checksum_validation", "parameter_validation", "region_name",
+     "signature_version", "s3", "max_pool_connections", "tcp_keepalive"}
+)  # fmt: skip
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy")
+
+
+class PlainHTTPError(Exception):
+    """A store's error answer, shaped like botocore's ``ClientError.response`` so that the
+    backend's ``answer_of`` reads it the same way."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}".strip())
+        self.response = {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the plain client needs, from the storage options: endpoint, region, timeouts,
+    TLS verification, and the explicit keys or profile handed to botocore's session."""
+
+    endpoint: urllib.parse.SplitResult
+    region: str | None
+    connect_timeout: float
+    read_timeout: float
+    verify: bool | str | None
+    keys: tuple[str, str, str | None] | None = field(repr=False)  # never in a repr or a log
+    profile: str | None = None
+
+
+def plan(options: Mapping[str, Any]) -> Plan | None:
+    """The plain client's settings for these storage options (s3fs's names, as the backend
+    hands them to s3fs), or ``None`` where only the full client resolves them the same way."""
+    if set(options) - _OPTIONS or options.get("anon"):
+        return None
+    client = dict(options.get("client_kwargs") or {})
+    config = dict(options.get("config_kwargs") or {})
+    if set(client) - _CLIENT_KWARGS or set(config) - _CONFIG_KWARGS:
+        return None
+    if config.get("signature_version") not in (None, "s3v4"):
+        return None
+    s3_config = config.get("s3") or {}
+    if not isinstance(s3_config, dict) or set(s3_config) - {"addressing_style"}:
+        return None
+    if s3_config.get("addressing_style") == "virtual":
+        return None
+    endpoint = options.get("endpoint_url") or client.get("endpoint_url")
+    if not isinstance(endpoint, str) or client.get("endpoint_url") not in (None, endpoint):
+        return None
+    split = urllib.parse.urlsplit(endpoint)
+    if split.scheme not in ("http", "https") or not split.hostname or split.query:
+        return None
+    if any(os.environ.get(v) or os.environ.get(v.upper()) for v in _PROXY_VARS):
+        return None  # botocore's proxy rules (no_proxy, per-scheme) stay botocore's
+    if (options.get("key") and options.get("username")) or (
+        options.get("secret") and options.get("password")
+    ):
+        return None  # s3fs refuses the pair: its error, from the full client
+    key = options.get("key") or options.get("username") or client.get("aws_access_key_id")
+    secret = options.get("secret") or options.get("password") or client.get("aws_secret_access_key")
+    token = options.get("token") or client.get("aws_session_token")
+    if bool(key) != bool(secret):
+        return None  # botocore's PartialCredentialsError, from the full client
+    region = client.get("region_name") or config.get("region_name")
+    return Plan(
+        endpoint=split,
+        region=str(region) if region else None,
+        connect_timeout=float(config.get("connect_timeout", 60)),
+        read_timeout=float(config.get("read_timeout", 60)),
+        verify=client.get("verify"),
+        keys=(str(key), str(secret), str(token) if token else None) if key else None,
+        profile=str(options["profile"]) if options.get("profile") else None,
+    )
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One ``ListObjectsV2`` answer, every page: ``(key, size, mtime)`` and common prefixes."""
+
+    objects: list[tuple[str, int, float | None]]
+    prefixes: list[str]
+
+
+class PlainClient:
+    """Signed S3 requests over ``http.client`` with botocore's credentials and signer.
+
+    Thread-safe: each request takes an idle connection or opens one. Raises
+    :class:`PlainHTTPError` for a store's error answer and the socket's own exceptions
+    otherwise; the backend retries and maps both, as for the full client.
+    """
+
+    def __init__(self, settings: Plan) -> None:
+        import botocore.session
+        from botocore.credentials import Credentials
+
+        self.settings = settings
+        session = botocore.session.Session(profile=settings.profile)
+        if settings.keys is not None:
+            self._credentials: Any = Credentials(*settings.keys)
+        else:
+            self._credentials = session.get_credentials()
+        if self._credentials is None:
+            raise LookupError("no credentials")  # the full client says it in its own words
+        self.region = settings.region or session.get_config_variable("region") or "us-east-1"
+        self._ca_bundle = session.get_config_variable("ca_bundle")
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        base = settings.endpoint
+        self._base_path = base.path.rstrip("/")
+        self._origin = f"{base.scheme}://{base.netloc}"
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        ep = self.settings.endpoint
+        conn: http.client.HTTPConnection
+        if ep.scheme == "https":
+            conn = http.client.HTTPSConnection(
+                ep.hostname or "", ep.port, timeout=self.settings.connect_timeout,
+                context=self._tls_context(),
+            )  # fmt: skip
+        else:
+            conn = http.client.HTTPConnection(
+                ep.hostname or "", ep.port, timeout=self.settings.connect_timeout
+            )
+        conn.connect()
+        if conn.sock is not None:
+            conn.sock.settimeout(self.settings.read_timeout)
+        return conn
+
+    def _tls_context(self) -> Any:
+        """TLS as botocore verifies it: ``client_kwargs.verify``, else the configured CA
+        bundle (``AWS_CA_BUNDLE``, the profile's ``ca_bundle``), else certifi's or botocore's."""
+        import ssl
+
+        verify = self.settings.verify
+        if verify is False:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            return ctx
+        cafile = verify if isinstance(verify, str) else self._ca_bundle
+        if not cafile:
+            from botocore.httpsession import get_cert_path
+
+            cafile = get_cert_path(True)
+        return ssl.create_default_context(cafile=cafile)
+
+    def _release(self, conn: http.client.HTTPConnection, reusable: bool) -> None:
+        with self._lock:
+            if reusable and not self._closed:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def request(
+        self, method: str, bucket: str, key: str = "", query: Mapping[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One signed request; ``(status, headers, body)`` of a 2xx answer, else
+        :class:`PlainHTTPError`."""
+        path, headers = self.signed(method, bucket, key, query)
+        conn = self._connection()
+        reusable = False
+        try:
+            conn.request(method, path, headers=headers)
+            resp = conn.getresponse()
+            try:
+                body = resp.read()
+            except http.client.IncompleteRead as e:
+                raise ConnectionResetError(f"the answer was cut short ({e})") from e
+            reusable = not resp.will_close
+            status, reason = resp.status, resp.reason
+            answer = {k.lower(): v for k, v in resp.getheaders()}
+        finally:
+            self._release(conn, reusable)
+        if 200 <= status < 300:
+            return status, answer, body
+        code, message = _error_of(body)
+        # botocore's words for a bodiless answer (a HEAD): the status and its reason
+        raise PlainHTTPError(status, code or str(status), message or reason)
+
+    def signed(
+        self, method: str, bucket: str, key: str = "", query: Mapping[str, str] | None = None
+    ) -> tuple[str, dict[str, str]]:
+        """The request's path (with its query) and headers, signed as botocore signs them:
+        path-style, the key quoted as botocore quotes it, SigV4 for ``s3`` in the region."""
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        path = f"{self._base_path}/{urllib.parse.quote(bucket, safe='')}"
+        if key:
+            path += "/" + urllib.parse.quote(key, safe="/~")
+        if query:
+            path += "?" + "&".join(
+                f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
+                for k, v in sorted(query.items())
+            )
+        req = AWSRequest(method=method, url=self._origin + path)
+        creds = self._credentials.get_frozen_credentials()
+        S3SigV4Auth(creds, "s3", self.region).add_auth(req)
+        return path, {k: str(v) for k, v in req.headers.items()}
+
+    def get(self, bucket: str, key: str) -> bytes:
+        return self.request("GET", bucket, key)[2]
+
+    def head(self, bucket: str, key: str = "") -> dict[str, str]:
+        return self.request("HEAD", bucket, key)[1]
+
+    def list(self, bucket: str, prefix: str, *, delimiter: bool, limit: int = 0) -> Listing:
+        """Every page of ``ListObjectsV2`` under ``prefix`` (or the first ``limit`` keys),
+        with ``encoding-type=url`` as botocore sends it (names decoded here)."""
+        query = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
+        if delimiter:
+            query["delimiter"] = "/"
+        if limit:
+            query["max-keys"] = str(limit)
+        out = Listing([], [])
+        while True:
+            page = ET.fromstring(self.get_listing(bucket, query))
+            decode = _text(page, "EncodingType") == "url"
+            for item in _children(page, "Contents"):
+                name = _text(item, "Key")
+                name = urllib.parse.unquote_plus(name) if decode else name
+                when = _text(item, "LastModified")
+                out.objects.append((name, int(_text(item, "Size") or 0), _timestamp(when)))
+            for item in _children(page, "CommonPrefixes"):
+                p = _text(item, "Prefix")
+                out.prefixes.append(urllib.parse.unquote_plus(p) if decode else p)
+            token = _text(page, "NextContinuationToken")
+            if limit or _text(page, "IsTruncated") != "true" or not token:
+                return out
+            query["continuation-token"] = token
+
+    def get_listing(self, bucket: str, query: Mapping[str, str]) -> bytes:
+        return self.request("GET", bucket, "", query)[2]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _children(node: ET.Element, name: str) -> list[ET.Element]:
+    return [c for c in node if _local(c.tag) == name]
+
+
+def _text(node: ET.Element, name: str) -> str:
+    for c in node:
+        if _local(c.tag) == name:
+            return c.text or ""
+    return ""
+
+
+def _timestamp(text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _error_of(body: bytes) -> tuple[str, str]:
+    """``(code, message)`` of an S3 error document (empty for a HEAD's bodiless answer)."""
+    if not body:
+        return "", ""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return "", body[:200].decode("utf-8", "replace")
+    return _text(root, "Code"), _text(root, "Message")

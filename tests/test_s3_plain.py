@@ -1,0 +1,300 @@
+"""The S3 backend's plain metadata client (cloudckpt_s3.lite): when it is used, and that it
+answers exactly as the s3fs path does (names, sizes, errors and their messages)."""
+
+from __future__ import annotations
+
+import socket
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+import torch
+from faults import FaultProxy
+from stores.s3 import S3Server
+
+import cloudckpt
+from cloudckpt.storage import open_backend
+from cloudckpt.storage.registry import known_options
+
+pytestmark = pytest.mark.s3
+
+lite = pytest.importorskip("cloudckpt_s3.lite")
+
+NAMES = ["a", "b c", "x+y", "per%cent", "ünï", "tilde~", "q?=&", "deep/er/obj"]
+
+
+@pytest.fixture
+def proxy(moto_server: S3Server) -> Iterator[FaultProxy]:
+    with FaultProxy(moto_server.host, moto_server.port) as p:
+        yield p
+
+
+def _backends(options: dict[str, Any], uri: str) -> tuple[Any, Any, str]:
+    """A backend on the plain client and one on s3fs (made to use it first), same options."""
+    plain, path = open_backend(uri, storage_options=options)
+    full, _ = open_backend(uri, storage_options=options)
+    assert full.fs is not None  # s3fs from the start: the plain client is never made
+    return plain, full, path
+
+
+def test_metadata_requests_answer_as_the_s3fs_path(moto_server: S3Server) -> None:
+    bucket = moto_server.new_bucket()
+    s3 = moto_server.client()
+    for name in NAMES:
+        s3.put_object(Bucket=bucket, Key=f"root/{name}", Body=name.encode() * 3)
+    s3.put_object(Bucket=bucket, Key="root/dir/", Body=b"")  # a directory marker
+    plain, full, path = _backends(moto_server.options(), f"s3://{bucket}/root")
+    try:
+        assert plain.list_dir(path) == full.list_dir(path)
+        assert plain._plain is not None and plain._fs is None  # no s3fs made
+        for name in NAMES:
+            p = plain.join(path, name)
+            assert plain.read_bytes(p) == full.read_bytes(p) == name.encode() * 3
+            assert plain.exists(p) and full.exists(p)
+        for p in (plain.join(path, "deep"), plain.join(path, "nothing"), path):
+            assert plain.exists(p) == full.exists(p)
+        plain.check_location(path)
+        many = [f"root/many/{i:04d}" for i in range(1005)]  # two pages
+        for key in many:
+            s3.put_object(Bucket=bucket, Key=key, Body=b"")
+        listed = plain.list_dir(plain.join(path, "many"))
+        assert [i.name for i in listed] == [k.rsplit("/", 1)[1] for k in many]
+        assert listed == full.list_dir(full.join(path, "many"))
+        assert plain._fs is None
+    finally:
+        plain.close()
+        full.close()
+
+
+def test_the_first_write_moves_every_request_to_s3fs(moto_server: S3Server) -> None:
+    bucket = moto_server.new_bucket()
+    backend, path = open_backend(f"s3://{bucket}/r", storage_options=moto_server.options())
+    try:
+        assert backend.list_dir(path) == []
+        plain = backend._plain
+        assert plain is not None
+        backend.write_object(backend.join(path, "obj"), [b"data"], 4)
+        assert backend._plain is None and plain._closed  # closed, s3fs from now on
+        assert backend.read_bytes(backend.join(path, "obj")) == b"data"
+    finally:
+        backend.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _said(e: BaseException) -> tuple[str, str]:
+    """An error's message without the transport's own words in it (the client's exception
+    name and text differ: ``EndpointConnectionError`` vs ``ConnectionRefusedError``)."""
+    text = str(e)
+    if "cannot reach the store" not in text:
+        return text, ""
+    return text.split(" (", 1)[0], text.rsplit("). ", 1)[1]
+
+
+def _error(backend: Any, call: str, path: str) -> BaseException:
+    with pytest.raises(Exception) as info:
+        getattr(backend, call)(path)
+    return info.value
+
+
+@pytest.mark.parametrize("call", ["list_dir", "read_bytes", "check_location", "exists"])
+def test_errors_are_the_s3fs_paths_errors(
+    moto_server: S3Server, proxy: FaultProxy, call: str
+) -> None:
+    bucket = moto_server.new_bucket()
+    cases = {
+        "missing bucket": (moto_server.options(), f"s3://nobucket-{bucket}/r/x"),
+        "unreachable": (moto_server.options(f"http://127.0.0.1:{_closed_port()}"), "s3://b/r/x"),
+    }
+    for case, (opts, uri) in cases.items():
+        plain, full, path = _backends(opts, uri)
+        try:
+            if call == "check_location" and case == "unreachable":
+                continue
+            got, want = _error(plain, call, path), _error(full, call, path)
+            assert plain._fs is None, case
+            assert type(got) is type(want), (case, got, want)
+            assert _said(got) == _said(want), case
+        finally:
+            plain.close()
+            full.close()
+    body = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+    proxy.inject(status=403, times=None, body=body, method="GET")
+    plain, full, path = _backends(moto_server.options(proxy.url), f"s3://{bucket}/r/x")
+    try:
+        if call in ("list_dir", "read_bytes"):  # GETs (the proxy's fault has a body)
+            got, want = _error(plain, call, path), _error(full, call, path)
+            assert isinstance(got, cloudckpt.BackendError)
+            assert type(got) is type(want) and str(got) == str(want)
+            assert "the store refused the request (HTTP 403 AccessDenied" in str(got)
+    finally:
+        plain.close()
+        full.close()
+
+
+def test_retries_apply_to_the_plain_client(moto_server: S3Server, proxy: FaultProxy) -> None:
+    bucket = moto_server.new_bucket()
+    moto_server.client().put_object(Bucket=bucket, Key="r/obj", Body=b"x")
+    proxy.inject(status=503, times=2, method="GET")
+    backend, path = open_backend(f"s3://{bucket}/r", storage_options=moto_server.options(proxy.url))
+    try:
+        assert backend.read_bytes(backend.join(path, "obj")) == b"x"
+        assert backend.retry_total() == 2 and backend._fs is None
+    finally:
+        backend.close()
+
+
+BASE = {"endpoint_url": "http://127.0.0.1:9000", "key": "k", "secret": "s"}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {**BASE, "anon": True},
+        {k: v for k, v in BASE.items() if k != "endpoint_url"},  # AWS's own endpoints
+        {**BASE, "config_kwargs": {"s3": {"addressing_style": "virtual"}}},
+        {**BASE, "config_kwargs": {"proxies": {"http": "http://proxy:1"}}},
+        {**BASE, "requester_pays": True},
+        {**BASE, "s3_additional_kwargs": {"SSECustomerKey": "x"}},
+        {**BASE, "client_kwargs": {"endpoint_url": "http://elsewhere:9000"}},
+        {"endpoint_url": "http://127.0.0.1:9000", "key": "k"},  # no secret: botocore's error
+        {**BASE, "endpoint_url": "127.0.0.1:9000"},  # no scheme: botocore's error
+    ],
+)
+def test_options_the_plain_client_leaves_to_s3fs(options: dict[str, Any]) -> None:
+    assert lite.plan(options) is None
+
+
+def test_a_proxy_in_the_environment_leaves_it_to_s3fs(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert lite.plan(BASE) is not None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert lite.plan(BASE) is None
+
+
+def test_plan_reads_what_botocore_would() -> None:
+    plan = lite.plan(
+        {
+            "client_kwargs": {"endpoint_url": "https://s3.example:8443/base", "region_name": "eu"},
+            "config_kwargs": {"connect_timeout": 3, "read_timeout": 7},
+        }
+    )
+    assert plan is not None
+    assert (plan.endpoint.hostname, plan.endpoint.port, plan.endpoint.path) == (
+        "s3.example",
+        8443,
+        "/base",
+    )
+    assert (plan.region, plan.connect_timeout, plan.read_timeout, plan.keys) == ("eu", 3, 7, None)
+
+
+def test_declared_client_options_are_s3fs_options() -> None:
+    import inspect
+
+    import s3fs
+    from cloudckpt_s3 import S3Backend
+
+    params = set(inspect.signature(s3fs.S3FileSystem.__init__).parameters) - {"self", "kwargs"}
+    # profile: s3fs hands options it does not name to aiobotocore's session (its docs' example)
+    assert set(S3Backend.client_options) == params | {"profile"}  # s3fs changed: update them
+    known = known_options(S3Backend, "s3")
+    assert known is not None and set(S3Backend.client_options) <= known
+
+
+class _Captured(Exception):
+    pass
+
+
+def _botocore_request(options: dict[str, Any], op: str, **params: Any) -> Any:
+    """The request botocore's own client signs for ``op`` (captured before it is sent)."""
+    import botocore.session
+    from botocore.config import Config
+
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    client = botocore.session.Session().create_client(
+        "s3",
+        endpoint_url=options["endpoint_url"],
+        aws_access_key_id=options["key"],
+        aws_secret_access_key=options["secret"],
+        config=Config(**(options.get("config_kwargs") or {})),
+        **client_kwargs,
+    )
+    seen: list[Any] = []
+
+    def capture(request: Any, **_: Any) -> None:
+        seen.append(request)
+        raise _Captured
+
+    client.meta.events.register("before-send.s3", capture)
+    with pytest.raises(_Captured):
+        getattr(client, op)(**params)
+    return seen[0]
+
+
+def _parts(url: str, headers: Mapping[str, Any]) -> tuple[Any, ...]:
+    split = urllib.parse.urlsplit(url)
+    auth = str(headers["Authorization"])
+    scope = auth.split("Credential=", 1)[1].split(",", 1)[0].split("/", 2)[2]  # region/s3/...
+    signed = auth.split("SignedHeaders=", 1)[1].split(",", 1)[0]
+    return split.path, sorted(urllib.parse.parse_qsl(split.query)), scope, signed
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"client_kwargs": {"region_name": "eu-central-1"}}],
+)
+@pytest.mark.parametrize("key", ["run/step-1/manifest.json", "odd key+ü~%/x=y&z"])
+def test_requests_are_the_ones_botocore_signs(
+    monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any], key: str
+) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    checksums = {  # as the backend sets them for s3fs
+        "request_checksum_calculation": "when_required",
+        "response_checksum_validation": "when_required",
+    }
+    options = {
+        **BASE, "endpoint_url": "http://127.0.0.1:9000/base", "config_kwargs": checksums, **extra
+    }  # fmt: skip
+    settings = lite.plan(options)
+    assert settings is not None
+    client = lite.PlainClient(settings)
+    origin = "http://127.0.0.1:9000"
+    path, headers = client.signed("GET", "bkt", key)
+    want = _botocore_request(options, "get_object", Bucket="bkt", Key=key)
+    assert _parts(origin + path, headers) == _parts(want.url, want.headers)
+    query = {"list-type": "2", "prefix": key, "delimiter": "/", "encoding-type": "url"}
+    path, headers = client.signed("GET", "bkt", "", query)
+    want = _botocore_request(options, "list_objects_v2", Bucket="bkt", Prefix=key, Delimiter="/")
+    assert _parts(origin + path, headers) == _parts(want.url, want.headers)
+    path, headers = client.signed("HEAD", "bkt")
+    want = _botocore_request(options, "head_bucket", Bucket="bkt")
+    assert _parts(origin + path, headers) == _parts(want.url, want.headers)
+
+
+def test_a_named_profile_signs_both_paths(
+    moto_server: S3Server, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``profile`` (documented in docs/backends/s3.md) was refused by the option check; now a
+    save (s3fs) and a load take it, and the plain client signs with the profile's keys."""
+    creds = tmp_path / "credentials"
+    creds.write_text("[ckpt]\naws_access_key_id = PROFILEKEY\naws_secret_access_key = s\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent"))
+    options = {"endpoint_url": moto_server.options()["endpoint_url"], "profile": "ckpt"}
+    bucket = moto_server.new_bucket()
+    uri = f"s3://{bucket}/run/step-1"
+    cloudckpt.save(uri, {"w": torch.arange(4)}, storage_options=options)
+    assert lite.plan(options) is not None and "PROFILEKEY" not in repr(lite.plan(options))
+    backend, path = open_backend(uri, storage_options=options)
+    try:
+        assert backend.exists(backend.join(path, "manifest.json"))
+        assert backend._plain is not None and backend._fs is None
+        assert backend._plain._credentials.access_key == "PROFILEKEY"
+    finally:
+        backend.close()
+    assert torch.equal(cloudckpt.load(uri, storage_options=options)["w"], torch.arange(4))
