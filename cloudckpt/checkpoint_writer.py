@@ -428,9 +428,11 @@ class CheckpointWriter:
     ) -> None:
         """A save through a barrier that can only wait (``execute_barrier``). Each rank writes
         its files and index, then its outcome as a small object (``pending_outcome_name``);
-        all meet at the barrier; rank 0 reads every rank's outcome from the store and commits.
-        No failure travels: a rank that fails raises alone and never reaches the barrier, and
-        the other ranks do not learn how rank 0's commit went."""
+        all meet at the barrier; rank 0 reads every rank's outcome from the store, commits and
+        removes the outcomes; all meet again (several ranks), so no rank writes its next
+        save's outcome under the same name before rank 0 has read this one. No failure
+        travels: a rank that fails raises alone and never reaches the barrier, and the other
+        ranks do not learn how rank 0's commit went (only that it is over)."""
         barrier = self._barrier
         assert barrier is not None
         rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
@@ -445,15 +447,22 @@ class CheckpointWriter:
         if self._commit_hook is not None:
             self._commit_hook.pre_commit(uri, **kwargs)
         barrier.execute_barrier()
-        if rank == 0:
-            outcomes = [self._pending_outcome(backend, root, uri, r) for r in range(world)]
-            manifest = _manifest_for(world, outcomes, metadata, attempt)
-            commit(backend, root, uri, manifest, overwrite=overwrite)
-            for r in range(world):
-                try:
-                    backend.delete(backend.join(root, pending_outcome_name(r)))
-                except OSError:  # only a leftover: the checkpoint is committed
-                    logger.debug("%s: could not remove rank %d's pending outcome", uri, r)
+        try:
+            if rank == 0:
+                outcomes = [self._pending_outcome(backend, root, uri, r) for r in range(world)]
+                manifest = _manifest_for(world, outcomes, metadata, attempt)
+                commit(backend, root, uri, manifest, overwrite=overwrite)
+                for r in range(world):
+                    try:
+                        backend.delete(backend.join(root, pending_outcome_name(r)))
+                    except OSError:  # only a leftover: the checkpoint is committed
+                        logger.debug("%s: could not remove rank %d's pending outcome", uri, r)
+        finally:
+            # the outcomes' names are the same for every save of this URI: until rank 0 is done
+            # with them, no rank may start its next save (a rank racing ahead would replace its
+            # outcome before rank 0 read it, and rank 0 would then remove the new one)
+            if world > 1:
+                barrier.execute_barrier()
         if self._commit_hook is not None:
             self._commit_hook.post_commit(uri, **kwargs)
         logger.info(

@@ -203,7 +203,9 @@ class UserWaitOnlyBarrier(cloudckpt.Barrier):
 
 
 def scenario_wait_only_barrier(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
-    """Saves through a user's wait-only barrier: rank 0 commits after the rendezvous."""
+    """Saves through a user's wait-only barrier: rank 0 commits after the rendezvous. With
+    ``rank0_pause``, rank 0 sleeps that long after each rendezvous before reading the outcomes,
+    leaving the others time to run ahead into their next save if anything lets them."""
     import torch.distributed as dist
 
     _init_group(args, rank, world)
@@ -212,6 +214,16 @@ def scenario_wait_only_barrier(rank: int, world: int, args: dict[str, Any]) -> d
     writer = cloudckpt.CheckpointWriter(
         cloudckpt.CheckpointWriterConfig(file_size="64KiB"), info, barrier=barrier
     )
+    pause = float(args.get("rank0_pause", 0.0))
+    if rank == 0 and pause:
+        read_outcome = writer._pending_outcome
+
+        def slow_read(backend: Any, root: str, uri: str, r: int) -> Any:
+            if r == 0:
+                time.sleep(pause)
+            return read_outcome(backend, root, uri, r)
+
+        writer._pending_outcome = slow_read  # type: ignore[method-assign]
     reader = cloudckpt.CheckpointReader(info)
     ckpt = cloudckpt.SyncCheckpointer(writer, reader)
     calls = []
@@ -222,7 +234,6 @@ def scenario_wait_only_barrier(rank: int, world: int, args: dict[str, Any]) -> d
     before = barrier.calls
     ckpt.save(f"{args['root']}/step-1", rank_state(rank, 5), overwrite=True)
     calls.append(barrier.calls - before)
-    dist.barrier()  # rank 0 has committed: the others may read
     for step, state_step in ((0, 0), (1, 5)):
         out = ckpt.load(f"{args['root']}/step-{step}")
         assert _same(out, rank_state(rank, state_step)), f"rank {rank} step {step} differs"

@@ -98,6 +98,94 @@ def test_replicated_chunk_written_once_over_a_2d_mesh() -> None:
     assert per_rank == {0: 0, 1: 0, 2: 2, 3: 2}
 
 
+def _holders_by_scan(spec: LayoutSpec, rank: int) -> tuple[int, ...]:
+    """The definition: every rank whose box equals ``rank``'s."""
+    mine = spec.box_of(rank)
+    return tuple(sorted(r for r, b in spec.boxes().items() if b == mine))
+
+
+def _writers_by_scan(items: list[ChunkItem]) -> dict[tuple[str, Box], int]:
+    """The plain greedy: per holder set, biggest chunk first to the least-loaded holder."""
+    groups: dict[tuple[int, ...], dict[tuple[str, Box], ChunkItem]] = {}
+    for it in items:
+        groups.setdefault(it.holders, {})[(it.key, it.box)] = it
+    out = {}
+    for holders, chunks in groups.items():
+        load = dict.fromkeys(holders, 0)
+        for ident, it in sorted(
+            chunks.items(), key=lambda kv: (-kv[1].nbytes, kv[0][0], kv[0][1].offsets)
+        ):
+            writer = min(holders, key=lambda r: (load[r], r))
+            load[writer] += it.nbytes
+            out[ident] = writer
+    return out
+
+
+def test_holders_equal_the_ranks_holding_an_equal_box() -> None:
+    """Every kind of layout (uneven and empty chunks, two mesh dims on one tensor dim, right to
+    left order, shuffled ranks): the holders are exactly the ranks with the same box."""
+    g = torch.Generator().manual_seed(7)
+    placements = [REPLICATE, ShardOn(0), ShardOn(1)]
+    for case in range(300):
+        ndim = 1 + case % 3
+        mesh_shape = tuple(int(n) for n in torch.randint(1, 5, (ndim,), generator=g))
+        ranks = tuple(int(r) for r in torch.randperm(math.prod(mesh_shape), generator=g))
+        shape = tuple(int(n) for n in torch.randint(0, 9, (2,), generator=g))
+        ours = tuple(placements[int(i)] for i in torch.randint(0, 3, (ndim,), generator=g))
+        order = tuple(int(d) for d in torch.randperm(ndim, generator=g)) if case % 2 else ()
+        spec = LayoutSpec(shape, ranks, mesh_shape, ours, order)
+        for rank in ranks:
+            assert spec.holders(rank) == _holders_by_scan(spec, rank), (spec, rank)
+        by_box = spec.holders_by_box()
+        assert sorted(r for h in by_box.values() for r in h) == sorted(ranks)
+        assert all(spec.holders(h[0]) == h for h in by_box.values())
+
+
+def test_writers_equal_the_plain_greedy_assignment() -> None:
+    g = torch.Generator().manual_seed(3)
+    groups = [(0, 1, 2, 3), (2,), (4, 5), (1, 3, 5, 7, 9), tuple(range(16))]
+    for _ in range(50):
+        items = []
+        for n in range(int(torch.randint(1, 40, (1,), generator=g))):
+            holders = groups[int(torch.randint(0, len(groups), (1,), generator=g))]
+            size = int(torch.randint(1, 6, (1,), generator=g)) * 8  # many ties
+            items.append(ChunkItem(f"k{n % 7}", Box((n,), (size,)), size, holders))
+        assert assign_writers(items) == _writers_by_scan(items)
+
+
+@pytest.mark.parametrize("side", [32, pytest.param(64, marks=pytest.mark.slow)])
+def test_thousands_of_ranks_write_every_chunk_once_balanced(side: int) -> None:
+    """A 32x32 (and, slow, 64x64) mesh, ``Shard(0)`` x ``Replicate``: every rank plans alone
+    (its own chunks and their holders, as the writer does); every chunk gets one writer, the one
+    all its holders agree on, and bytes written per rank differ by at most one chunk."""
+    spec_of = {
+        f"layer{n}.w": LayoutSpec(
+            (side * rows, 16), tuple(range(side * side)), (side, side), (ShardOn(0), REPLICATE)
+        )
+        for n, rows in enumerate([9, 1, 4, 7, 2, 2, 5, 3, 8] * 8)
+    }
+    planned: dict[tuple[str, Box], set[int]] = {}
+    load = dict.fromkeys(range(side * side), 0)
+    biggest = 0
+    for rank in range(side * side):
+        items = []
+        for key, spec in spec_of.items():
+            box = spec.box_of(rank)
+            items.append(ChunkItem(key, box, box.numel * 4, spec.holders(rank)))
+        for (key, box), writer in assign_writers(items).items():
+            planned.setdefault((key, box), set()).add(writer)
+            if writer == rank:
+                load[rank] += box.numel * 4
+                biggest = max(biggest, box.numel * 4)
+    every_chunk = {(k, b) for k, spec in spec_of.items() for b in spec.holders_by_box()}
+    assert set(planned) == every_chunk and len(every_chunk) == side * len(spec_of)
+    assert all(len(writers) == 1 for writers in planned.values())  # holders agree
+    written = sum(load.values())
+    assert written == sum(math.prod(s.shape) * 4 for s in spec_of.values())  # each chunk once
+    assert max(load.values()) - min(load.values()) <= biggest
+    assert min(load.values()) > 0  # 72 chunks per `side` holders: everyone writes
+
+
 def test_read_pieces_take_only_intersecting_rows_in_whole_blocks() -> None:
     stored = [(Box((0, 0), (100, 8)), 10), (Box((100, 0), (50, 8)), 10)]
     pieces = read_pieces(Box((95, 2), (20, 3)), stored)

@@ -339,11 +339,15 @@ def test_a_barrier_is_called_once_with_one_rank(tmp_path: Path) -> None:
 def test_a_wait_only_barrier_at_world_size_three_commits_after_the_rendezvous(
     tmp_path: Path,
 ) -> None:
+    """Two saves to one URI in a row: the ranks other than 0 leave the first save only after
+    rank 0 has read their outcomes, however long rank 0 takes (it pauses here); otherwise
+    their next outcome would replace the one rank 0 is about to commit."""
     root = str(tmp_path / "run")
-    ranks = run_ranks("wait_only_barrier", 3, {"root": root}, timeout=240)
+    ranks = run_ranks("wait_only_barrier", 3, {"root": root, "rank0_pause": 0.5}, timeout=240)
     for rank, r in ranks.items():
         assert r["code"] == 0 and r["result"]["ok"], (rank, r)
-        assert r["result"]["calls"] == [1, 1, 1]  # one rendezvous per save, overwrite too
+        # two rendezvous per save (written, then rank 0 done), overwrite too
+        assert r["result"]["calls"] == [2, 2, 2]
     for step, state_step in ((0, 0), (1, 5)):
         pending = tmp_path / "run" / f"step-{step}" / "index" / "pending"
         assert not pending.exists() or not any(pending.iterdir())  # rank 0 removed them

@@ -21,6 +21,7 @@ without talking to the others, and the ``cloudckpt`` command can read the record
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -116,7 +117,13 @@ class LayoutSpec:
 
     def coordinate(self, rank: int) -> tuple[int, ...]:
         """``rank``'s coordinate in the mesh."""
-        pos = self.mesh_ranks.index(rank)
+        pos = rank - self.mesh_ranks[0] if self.mesh_ranks else -1
+        if not 0 <= pos < len(self.mesh_ranks) or self.mesh_ranks[pos] != rank:
+            pos = self.mesh_ranks.index(rank)  # not a run of consecutive ranks: search
+        return self._coordinate_at(pos)
+
+    def _coordinate_at(self, pos: int) -> tuple[int, ...]:
+        """The mesh coordinate of position ``pos`` in ``mesh_ranks``."""
         coord = []
         for n in reversed(self.mesh_shape):
             coord.append(pos % n)
@@ -141,17 +148,60 @@ class LayoutSpec:
 
     def boxes(self) -> dict[int, Box]:
         """Every mesh rank's chunk."""
-        return {r: self.box_of(r) for r in self.mesh_ranks}
+        return {r: self.box_at(self._coordinate_at(p)) for p, r in enumerate(self.mesh_ranks)}
 
     def holders(self, rank: int) -> tuple[int, ...]:
-        """The ranks holding the same chunk as ``rank`` (sorted; ``rank`` among them)."""
-        mine = self.box_of(rank)
-        return tuple(sorted(r for r, b in self.boxes().items() if b == mine))
+        """The ranks holding the same chunk as ``rank`` (sorted; ``rank`` among them).
+
+        At most linear in the ranks, not quadratic: two ranks whose coordinates differ along a
+        sharding mesh dim get disjoint parts there, so a non-empty chunk is held exactly by the
+        ranks that share ``rank``'s coordinate on every sharding dim (any coordinate on the
+        replicating dims). Empty chunks (uneven splits) are grouped by box instead.
+        """
+        coord = self.coordinate(rank)
+        mine = self.box_at(coord)
+        if mine.empty:
+            return self.holders_by_box()[mine]
+        strides = _row_major_strides(self.mesh_shape)
+        base = sum(
+            c * s for c, s, p in zip(coord, strides, self.placements) if isinstance(p, ShardOn)
+        )
+        free = [
+            (n, s)
+            for n, s, p in zip(self.mesh_shape, strides, self.placements)
+            if not isinstance(p, ShardOn)
+        ]
+        if not free:
+            return (rank,)
+        *outer, (n_last, s_last) = free
+        starts = [base]
+        for n, s in outer:
+            starts = [q + i * s for q in starts for i in range(n)]
+        ranks: list[int] = []
+        for q in starts:  # the last replicating dim: a strided slice of the mesh
+            ranks.extend(self.mesh_ranks[q : q + n_last * s_last : s_last])
+        return tuple(sorted(ranks))
+
+    def holders_by_box(self) -> dict[Box, tuple[int, ...]]:
+        """Every distinct chunk of the mesh and its holders (sorted), in one pass."""
+        groups: dict[Box, list[int]] = {}
+        for rank, box in self.boxes().items():
+            groups.setdefault(box, []).append(rank)
+        return {box: tuple(sorted(ranks)) for box, ranks in groups.items()}
 
     @classmethod
     def replicated(cls, shape: Sequence[int], world_size: int) -> LayoutSpec:
         """A plain tensor identical on all ``world_size`` ranks."""
         return cls(tuple(shape), tuple(range(world_size)), (world_size,), (REPLICATE,))
+
+
+def _row_major_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """Position steps per dimension of a row-major array of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 # -- who writes what ------------------------------------------------------------------------
@@ -179,12 +229,14 @@ def assign_writers(items: Iterable[ChunkItem]) -> dict[tuple[str, Box], int]:
         groups.setdefault(it.holders, {})[(it.key, it.box)] = it
     out: dict[tuple[str, Box], int] = {}
     for holders, chunks in groups.items():
-        load = dict.fromkeys(holders, 0)
+        # (bytes so far, rank) of every holder; the smallest pair is the writer (a sorted list
+        # is already a heap), so a chunk costs log(holders), not a scan of them
+        load = [(0, r) for r in sorted(set(holders))]
         for ident, it in sorted(
             chunks.items(), key=lambda kv: (-kv[1].nbytes, kv[0][0], kv[0][1].offsets)
         ):
-            writer = min(holders, key=lambda r: (load[r], r))
-            load[writer] += it.nbytes
+            written, writer = load[0]
+            heapq.heapreplace(load, (written + it.nbytes, writer))
             out[ident] = writer
     return out
 
