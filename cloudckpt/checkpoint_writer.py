@@ -116,12 +116,14 @@ class PlannedFile:
     nbytes: int = 0
 
 
-def target_file_size(total: int, file_size: int, concurrency: int, spread_min: int) -> int:
+MIN_SPREAD_FILE = 16 << 20
+
+
+def target_file_size(total: int, file_size: int, concurrency: int) -> int:
     """The size to pack files to: ``file_size``, or less so that ``concurrency`` files share the
-    work when there is enough data (never below ``spread_min``, the backend's
-    ``Capabilities.spread_min_bytes``, so small saves stay one file)."""
+    work when there is enough data (never below 16 MiB, so small saves stay one file)."""
     spread = -(-total // max(1, concurrency))
-    return max(1, min(file_size, max(spread, spread_min)))
+    return max(1, min(file_size, max(spread, MIN_SPREAD_FILE)))
 
 
 def plan_files(
@@ -529,12 +531,7 @@ class CheckpointWriter:
     ) -> tuple[list[FileRecord], list[TensorRecord], list[GlobalRecord]]:
         to_write, chunk_of, globals_ = plan_global_leaves(leaves, rank)
         total = sum(leaf.tensor.numel() * leaf.tensor.element_size() for leaf in to_write)
-        size = target_file_size(
-            total,
-            self._config.file_size_bytes,
-            self._config.concurrency,
-            backend.capabilities.spread_min_bytes,
-        )
+        size = target_file_size(total, self._config.file_size_bytes, self._config.concurrency)
         plan = plan_files(to_write, rank, size, attempt)
         records: list[TensorRecord | None] = [None] * len(to_write)
         blocks: dict[int, tuple[int, list[int]]] = {}

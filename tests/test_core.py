@@ -150,41 +150,6 @@ def test_file_size_packs_and_splits(tmp_path: Path) -> None:
     same(cloudckpt.load(str(tmp_path / "c"), config=cfg), sd)
 
 
-def test_local_disk_writes_a_rank_as_fewer_larger_files(tmp_path: Path) -> None:
-    """The local backend declares spread_min_bytes = 64 MiB (one file is already written many
-    blocks at a time; each file costs an fsync, a rename and a directory fsync): 40 MiB at
-    concurrency 8 is one data file there, where a store at the default 16 MiB gets three."""
-    import fsspec
-
-    from cloudckpt.checkpoint_writer import target_file_size
-    from cloudckpt.storage import Capabilities
-    from cloudckpt.storage.filesystems import FsspecBackend, LocalBackend
-
-    mib = 1 << 20
-    assert LocalBackend.capabilities.spread_min_bytes == 64 * mib
-    assert Capabilities().spread_min_bytes == 16 * mib
-    assert FsspecBackend().capabilities.spread_min_bytes == 16 * mib
-    # spread over `concurrency` files, never below the backend's minimum nor above file_size
-    assert target_file_size(40 * mib, 256 * mib, 8, 16 * mib) == 16 * mib
-    assert target_file_size(40 * mib, 256 * mib, 8, 64 * mib) == 64 * mib
-    assert target_file_size(1024 * mib, 256 * mib, 8, 64 * mib) == 128 * mib
-    assert target_file_size(40 * mib, 32 * mib, 8, 64 * mib) == 32 * mib
-
-    sd = {f"t{i}": torch.full((2 * mib,), float(i)) for i in range(5)}  # 5 x 8 MiB
-    cloudckpt.save(str(tmp_path / "c"), sd)
-    assert len(data_files(tmp_path / "c")) == 1
-    same(cloudckpt.load(str(tmp_path / "c")), sd)
-
-    uri = f"memory://spread-{os.getpid()}/c"
-    try:
-        cloudckpt.save(uri, sd)
-        manifest = json.loads(fsspec.filesystem("memory").cat_file(f"{uri}/{MANIFEST_NAME}"))
-        assert [len(r["files"]) for r in manifest["ranks"]] == [3]  # 16 + 16 + 8 MiB
-        same(cloudckpt.load(uri), sd)
-    finally:
-        fsspec.filesystem("memory").rm(uri.split("/c")[0], recursive=True)
-
-
 def test_data_files_open_with_safetensors(tmp_path: Path) -> None:
     from safetensors import safe_open
 

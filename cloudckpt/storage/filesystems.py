@@ -58,7 +58,6 @@ DIRECT_AUTO_PEEK = 64  # judged on this many first pieces (or fewer, once they h
 DIRECT_THREADS = 16  # the backend's writer threads, shared by the objects it writes at once
 READ_PIECE = 8 << 20  # reads larger than this go as pieces of this size, in parallel
 READ_THREADS = 16  # the backend's reader threads, shared by the reads in flight
-SPREAD_MIN = 64 << 20  # the smallest data file a save is split into (Capabilities.spread_min_bytes)
 
 
 def parse_direct_io(value: Any) -> bool | None:
@@ -218,9 +217,6 @@ class LocalBackend(Backend):
     name = "local"
     protocols = ("", "file", "local")
     accepted_options: ClassVar[frozenset[str] | None] = frozenset({"direct_io"})
-    # One file is written DIRECT_DEPTH blocks at a time already, and each file costs an fsync,
-    # a rename and a directory fsync: a rank's data is split only into files of 64 MiB or more.
-    capabilities = Capabilities(spread_min_bytes=SPREAD_MIN)
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
         super().__init__(storage_options)

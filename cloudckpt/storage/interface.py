@@ -26,18 +26,13 @@ class Capabilities:
     for an in-process store such as ``memory://``). ``create_only_commit``:
     :meth:`Backend.put_create_only` is atomic against a concurrent writer. ``conditional_replace``:
     the store can replace an object only if it is still the version read before.
-    ``ranged_reads``: a read of a byte range costs only that range. ``spread_min_bytes``: the
-    smallest object worth splitting one rank's data into so that several objects upload at once
-    (the writer spreads a rank's data over up to ``concurrency`` objects, none smaller than
-    this); a store that writes one object with many requests in flight and pays a fixed cost per
-    object (local disk: fsync, rename, directory fsync) declares more than the default.
+    ``ranged_reads``: a read of a byte range costs only that range.
     """
 
     process_shareable: bool = True
     create_only_commit: bool = True
     conditional_replace: bool = False
     ranged_reads: bool = True
-    spread_min_bytes: int = 16 << 20
 
 
 @dataclass(frozen=True)
