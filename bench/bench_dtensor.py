@@ -1,6 +1,6 @@
 """Global tensors against torch.distributed.checkpoint (DCP), on the same DTensor state.
 
-    python bench/bench_dtensor.py [--runs 3] [--mib 256] [--dir DIR]
+    python bench/bench_dtensor.py [--runs 3] [--mib 256] [--dir DIR] [--before TREE]
 
 A global state of ``--mib`` MiB in 32 float32 tensors (half ``Shard(0)``, a quarter
 ``Shard(1)``, a quarter ``Replicate``) is saved by 4 ranks (gloo, one process each) and loaded
@@ -10,6 +10,13 @@ fresh processes; rank 0's time between two barriers around the call; medians ove
 read syscalls, index and metadata included) during the load, over the bytes of the rank's own
 shard: 1.00 means nothing beyond the shard was read. Saves are durable for both (cloudckpt
 fsyncs; DCP's FileSystemWriter syncs files by default); loads read a hot page cache alike.
+
+Outside the clock, for both tools: process start, ``import torch``, the process group and the
+state; the tool's modules are imported first (DCP's ``torch.distributed.checkpoint``,
+cloudckpt's lazily loaded URI calls). Inside it: everything a save or load call does, first-call
+costs included (config, writer/reader objects, thread pools, backend, barrier or collectives).
+``--before TREE`` adds a "cloudckpt-before" row: the same children with ``PYTHONPATH`` on the
+source tree TREE (e.g. ``git worktree add TREE <commit>``), interleaved with the others.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import time
 from typing import Any
 
 TOOLS = ["dcp", "cloudckpt"]
+BEFORE = "cloudckpt-before"
 N_TENSORS = 32
 
 
@@ -84,6 +92,8 @@ def rank_main(tool: str, op: str, mib: int, path: str) -> dict[str, Any]:
 
     import cloudckpt
 
+    # cloudckpt loads the URI calls' modules on first use; DCP's are imported above
+    cloudckpt.save, cloudckpt.load  # noqa: B018
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}", rank=rank,
@@ -110,19 +120,32 @@ def rank_main(tool: str, op: str, mib: int, path: str) -> dict[str, Any]:
             local = state["model"][f"layer{i}.weight"].to_local()
             assert local.numel() > 0 and torch.all(local == float(i + 1)), (tool, i)
     dist.destroy_process_group()
-    return {"rank": rank, "secs": elapsed, "read": read, "shard": shard}
+    return {
+        "rank": rank,
+        "secs": elapsed,
+        "read": read,
+        "shard": shard,
+        "module": cloudckpt.__file__,
+    }
 
 
-def measure(tool: str, op: str, world: int, mib: int, path: str) -> list[dict[str, Any]]:
-    """Start ``world`` rank processes; their results."""
+def measure(
+    tool: str, op: str, world: int, mib: int, path: str, before: str = ""
+) -> list[dict[str, Any]]:
+    """Start ``world`` rank processes; their results. ``cloudckpt-before`` runs cloudckpt
+    from the source tree ``before``."""
     env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_PORT": str(_free_port())}
+    child = tool
+    if tool == BEFORE:
+        env["PYTHONPATH"], child = os.path.abspath(before), "cloudckpt"
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, "--child", tool, op, str(mib), path],
+            [sys.executable, os.path.abspath(__file__), "--child", child, op, str(mib), path],
             env={**env, "RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            cwd=tempfile.gettempdir(),  # so the working directory never shadows PYTHONPATH
         )
         for r in range(world)
     ]
@@ -132,6 +155,8 @@ def measure(tool: str, op: str, world: int, mib: int, path: str) -> list[dict[st
         if p.returncode != 0:
             raise RuntimeError(f"{tool} {op} rank failed: {stderr[-2000:]}")
         out.append(json.loads(stdout.strip().splitlines()[-1]))
+    if tool == BEFORE and not out[0]["module"].startswith(os.path.abspath(before)):
+        raise RuntimeError(f"{BEFORE} imported {out[0]['module']}, not {before}")
     return out
 
 
@@ -140,6 +165,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--mib", type=int, default=256, help="global state size")
     p.add_argument("--dir", default=None)
+    p.add_argument("--before", default="", help="source tree measured as cloudckpt-before")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -151,13 +177,14 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
     )
     print(f"{a.mib} MiB global state, 32 tensors; save at 4 ranks, load at 2; runs: {a.runs}\n")
+    tools = [*TOOLS, BEFORE] if a.before else TOOLS
     results: dict[tuple[str, str], list[float]] = {}
     reads: dict[str, list[float]] = {}
     for run in range(a.runs):
-        for tool in TOOLS if run % 2 == 0 else reversed(TOOLS):
+        for tool in tools if run % 2 == 0 else reversed(tools):
             path = os.path.join(workdir, f"{tool}-{run}")
-            saves = measure(tool, "save", 4, a.mib, path)
-            loads = measure(tool, "load", 2, a.mib, path)
+            saves = measure(tool, "save", 4, a.mib, path, a.before)
+            loads = measure(tool, "load", 2, a.mib, path, a.before)
             results.setdefault((tool, "save"), []).append(saves[0]["secs"])
             results.setdefault((tool, "load"), []).append(loads[0]["secs"])
             reads.setdefault(tool, []).extend(r["read"] / r["shard"] for r in loads)
@@ -166,7 +193,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for op in ("save", "load"):
         ref = statistics.median(results[("dcp", op)])
-        for tool in TOOLS:
+        for tool in tools:
             med = statistics.median(results[(tool, op)])
             ratio = f"{max(reads[tool]):.2f}" if op == "load" else ""
             print(

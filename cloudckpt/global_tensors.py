@@ -39,13 +39,33 @@ def is_dtensor(value: Any) -> bool:
     return module is not None and isinstance(value, module.DTensor)
 
 
-def layout_of(dt: Any, key: str) -> LayoutSpec:
+MeshCache = dict[int, tuple[tuple[int, ...], tuple[int, ...]]]
+"""Meshes already read during one walk: ``id(mesh)`` -> (global ranks row-major, mesh shape).
+Made per walk and dropped with it (the meshes it names are alive meanwhile)."""
+
+
+def mesh_ranks(
+    mesh: Any, cache: MeshCache | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``mesh``'s global ranks (row-major) and shape. ``DeviceMesh.mesh`` builds a new tensor
+    from the mesh's layout on every access (~1 ms), so a walk over many DTensors of one mesh
+    reads it once through ``cache``."""
+    if cache is not None and (known := cache.get(id(mesh))) is not None:
+        return known
+    grid = mesh.mesh
+    found = tuple(int(r) for r in grid.flatten().tolist()), tuple(grid.shape)
+    if cache is not None:
+        cache[id(mesh)] = found
+    return found
+
+
+def layout_of(dt: Any, key: str, meshes: MeshCache | None = None) -> LayoutSpec:
     """The plain-data layout of DTensor ``dt``; placements other than ``Shard`` and
-    ``Replicate`` are refused with the key path and what to do."""
+    ``Replicate`` are refused with the key path and what to do. ``meshes``: the walk's
+    :data:`MeshCache`, if it keeps one."""
     from torch.distributed.tensor import Replicate, Shard
 
-    mesh = dt.device_mesh
-    mesh_shape = tuple(mesh.mesh.shape)
+    ranks, mesh_shape = mesh_ranks(dt.device_mesh, meshes)
     placements: list[Placement] = []
     strided: list[int] = []  # mesh dims of _StridedShard placements
     for mesh_dim, p in enumerate(dt.placements):
@@ -67,7 +87,6 @@ def layout_of(dt: Any, key: str) -> LayoutSpec:
                 f"{key}: cannot save a DTensor with placement {p!r} ({what}); only Shard and "
                 f"Replicate are stored as global chunks; {hint}"
             )
-    ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
     order: tuple[int, ...] = ()
     if strided:  # FSDP2 over TP: the plain shards first, then the strided ones right to left
         plain = [d for d in range(len(placements)) if d not in strided]
@@ -87,10 +106,12 @@ def layout_of(dt: Any, key: str) -> LayoutSpec:
     return LayoutSpec(tuple(dt.shape), ranks, mesh_shape, tuple(placements), order)
 
 
-def global_shard_of(dt: Any, key: str) -> GlobalShard:
-    """A DTensor as a :class:`GlobalShard` (its local tensor, not a copy)."""
-    layout = layout_of(dt, key)
-    local = dt.to_local()
+def global_shard_of(dt: Any, key: str, meshes: MeshCache | None = None) -> GlobalShard:
+    """A DTensor as a :class:`GlobalShard` (its local tensor, not a copy, and not through
+    autograd: with grad enabled ``to_local`` is an autograd function call, ~1 ms a tensor)."""
+    layout = layout_of(dt, key, meshes)
+    with torch.no_grad():
+        local = dt.to_local()
     rank = torch.distributed.get_rank()
     expected = layout.box_of(rank).sizes
     if tuple(local.shape) != expected:

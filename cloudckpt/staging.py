@@ -24,7 +24,7 @@ import torch
 
 from .config_types import CheckpointStagerConfig
 from .errors import StagingError
-from .global_tensors import GlobalShard, global_shard_of, is_dtensor
+from .global_tensors import GlobalShard, MeshCache, global_shard_of, is_dtensor
 from .tree import check_tensor, walk
 from .types import STATE_DICT
 from .units import format_size
@@ -251,11 +251,14 @@ def _collect(value: Any, out: list[torch.Tensor], shards: dict[int, GlobalShard]
     """Every tensor of the tree in visit order (a DTensor's local tensor, its layout kept in
     ``shards``; a staged :class:`GlobalShard` the same way, so a staged result hands its slab
     back whole); refuses what the writer would refuse (the tree's rules: :func:`tree.walk`)."""
+    meshes: MeshCache = {}  # each device mesh read once per walk
 
     def leaf(value: Any, key: str) -> None:
         if is_dtensor(value) or isinstance(value, GlobalShard):
             where = key or "<root>"
-            shard = value if isinstance(value, GlobalShard) else global_shard_of(value, where)
+            shard = (
+                value if isinstance(value, GlobalShard) else global_shard_of(value, where, meshes)
+            )
             check_tensor(where, shard.local)
             shards[id(value)] = shard
             out.append(shard.local)

@@ -29,7 +29,7 @@ import torch
 from .errors import CheckpointError, CorruptCheckpointError, UnsupportedValueError
 from .format.chunks import LayoutSpec, glob_match
 from .format.encoding import MAX_TREE_DEPTH
-from .global_tensors import GlobalShard, global_shard_of, is_dtensor
+from .global_tensors import GlobalShard, MeshCache, global_shard_of, is_dtensor
 
 Node = dict[str, Any]
 
@@ -252,6 +252,7 @@ def flatten(
     """
     tensors: list[TensorLeaf] = []
     counts = {"tensor": 0, "global": 0}
+    meshes: MeshCache = {}  # each device mesh read once per walk
 
     def add(leaf: TensorLeaf) -> Node:
         kind = "tensor" if leaf.shard is None else "global"
@@ -274,7 +275,7 @@ def flatten(
             check_tensor(key, value.local)
             return add(TensorLeaf(key, value.local, value))
         if is_dtensor(value):
-            shard = global_shard_of(value, key or "<root>")
+            shard = global_shard_of(value, key or "<root>", meshes)
             check_tensor(key, shard.local)
             return add(TensorLeaf(key, shard.local, shard))
         if isinstance(value, torch.Tensor):
