@@ -646,20 +646,31 @@ class LocalBackend(Backend):
         """``view`` (aligned address and length) from ``offset`` (aligned) with ``O_DIRECT``;
         what it did not deliver (the file's end, a refusal) is read buffered, which raises
         ``EOFError`` at a short file."""
-        got = 0
-        if dev not in self._no_direct:
-            try:
-                while got < view.nbytes:
-                    n = os.preadv(dfd, [view[got:]], offset + got)
-                    got += n
-                    if n <= 0 or n % DIRECT_ALIGN:  # the file ends here
-                        break
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self._refused_direct(os.path.dirname(path), dev)
+        got = self._pread_direct(dfd, dev, path, offset, view, view.nbytes)
         if got < view.nbytes:
             _pread_all(fd, path, offset + got, [view[got:]])
+
+    def _pread_direct(
+        self, dfd: int, dev: int, path: str, offset: int, view: memoryview, need: int
+    ) -> int:
+        """Bytes read with ``O_DIRECT`` into ``view`` (aligned) from ``offset`` (aligned), until
+        ``need`` of them are in or the file ends; 0 where the filesystem refuses ``O_DIRECT``
+        (remembered for its device, so the caller reads buffered)."""
+        if dev in self._no_direct:
+            return 0
+        got = 0
+        try:
+            while got < need:
+                n = os.preadv(dfd, [view[got:]], offset + got)
+                got += n
+                if n <= 0 or n % DIRECT_ALIGN:  # the file ends here
+                    break
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._refused_direct(os.path.dirname(path), dev)
+            return 0
+        return got
 
     def _read_staged(
         self, fd: int, dfd: int, dev: int, path: str, a: int, b: int, views: list[memoryview]
@@ -672,18 +683,7 @@ class LocalBackend(Backend):
         if dev not in self._no_direct:
             buf = self._staging.take()
             try:
-                got = 0
-                try:
-                    while got < b - lo:
-                        n = os.preadv(dfd, [buf.view[got : hi - lo]], lo + got)
-                        got += n
-                        if n <= 0 or n % DIRECT_ALIGN:  # the file ends here
-                            break
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    self._refused_direct(os.path.dirname(path), dev)
-                    got = 0
+                got = self._pread_direct(dfd, dev, path, lo, buf.view[: hi - lo], b - lo)
                 have = max(0, min(got, b - lo) - (a - lo))
                 _copy_out(buf, a - lo, views, have)
             finally:
