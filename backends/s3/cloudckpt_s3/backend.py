@@ -453,7 +453,7 @@ class S3Backend(ObjectStoreBackend):
         prefix = self._prefix(key)
         what = self.to_uri(path)
         plain = self._plain_client()
-        found: list[tuple[str, int, float | None]]
+        found: list[lite.ListedObject]
         if plain is not None:
             listing = self.call_sync(lambda: plain.list(bucket, prefix, delimiter=True), what)
             found, prefixes = listing.objects, listing.prefixes
@@ -464,21 +464,17 @@ class S3Backend(ObjectStoreBackend):
             found = []
             for o in objects:
                 mtime = o.get("LastModified")
-                found.append(
-                    (
-                        str(o["Key"]),
-                        int(o.get("Size", 0)),
-                        mtime.timestamp() if hasattr(mtime, "timestamp") else None,
-                    )
-                )
+                when = mtime.timestamp() if hasattr(mtime, "timestamp") else None
+                found.append(lite.ListedObject(str(o["Key"]), int(o.get("Size", 0)), when))
         out = [
             ObjectInfo(f"{bucket}/{p.rstrip('/')}", p.rstrip("/").rsplit("/", 1)[-1], 0, True)
             for p in prefixes
         ]
-        for name, size, mtime in found:
-            if name == prefix or name.endswith("/"):  # directory markers
+        for o in found:
+            if o.key == prefix or o.key.endswith("/"):  # directory markers
                 continue
-            out.append(ObjectInfo(f"{bucket}/{name}", name.rsplit("/", 1)[-1], size, False, mtime))
+            name = o.key.rsplit("/", 1)[-1]
+            out.append(ObjectInfo(f"{bucket}/{o.key}", name, o.size, False, o.mtime))
         return sorted(out, key=lambda i: i.name)
 
     def delete(self, path: str, *, recursive: bool = False) -> None:

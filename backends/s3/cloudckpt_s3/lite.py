@@ -118,10 +118,19 @@ def plan(options: Mapping[str, Any]) -> Plan | None:
 
 
 @dataclass(frozen=True)
-class Listing:
-    """One ``ListObjectsV2`` answer, every page: ``(key, size, mtime)`` and common prefixes."""
+class ListedObject:
+    """One object of a listing: its whole key, size in bytes, and modification time."""
 
-    objects: list[tuple[str, int, float | None]]
+    key: str
+    size: int
+    mtime: float | None
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One ``ListObjectsV2`` answer, every page: the objects and the common prefixes."""
+
+    objects: list[ListedObject]
     prefixes: list[str]
 
 
@@ -270,7 +279,9 @@ class PlainClient:
                 name = _text(item, "Key")
                 name = urllib.parse.unquote_plus(name) if decode else name
                 when = _text(item, "LastModified")
-                out.objects.append((name, int(_text(item, "Size") or 0), _timestamp(when)))
+                out.objects.append(
+                    ListedObject(name, int(_text(item, "Size") or 0), _timestamp(when))
+                )
             for item in _children(page, "CommonPrefixes"):
                 p = _text(item, "Prefix")
                 out.prefixes.append(urllib.parse.unquote_plus(p) if decode else p)
