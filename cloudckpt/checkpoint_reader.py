@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -317,13 +318,6 @@ class CheckpointReader:
             self._backends.close()
 
 
-def _numel(rec: TensorRecord) -> int:
-    n = 1
-    for d in rec.shape:
-        n *= d
-    return n
-
-
 def _placed(raw: torch.Tensor, rec: TensorRecord, dtype: torch.dtype) -> torch.Tensor | None:
     """``raw`` (bytes) seen as ``rec``'s dtype and shape; ``None`` where torch cannot view
     bytes so (a misaligned element, a dtype such as the quantized ones)."""
@@ -346,7 +340,11 @@ def _empty(rec: TensorRecord, dtype: torch.dtype, where: str, align: int = 0) ->
     congruent to its file offset: the backend then reads it without a copy (its storage is at
     most ``align`` bytes larger than the tensor)."""
     try:
-        if align and rec.length >= ALIGNED_MIN and rec.length == _numel(rec) * dtype.itemsize:
+        if (
+            align
+            and rec.length >= ALIGNED_MIN
+            and rec.length == math.prod(rec.shape) * dtype.itemsize
+        ):
             raw = torch.empty(rec.length + align, dtype=torch.uint8)
             shift = (rec.offset - raw.data_ptr()) % align
             placed = _placed(raw[shift : shift + rec.length], rec, dtype)
