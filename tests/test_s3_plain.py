@@ -298,3 +298,17 @@ def test_a_named_profile_signs_both_paths(
     finally:
         backend.close()
     assert torch.equal(cloudckpt.load(uri, storage_options=options)["w"], torch.arange(4))
+
+
+def test_an_unknown_profile_is_a_backend_error_naming_it(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent"))
+    options = {"endpoint_url": "http://127.0.0.1:9", "profile": "nope"}
+    with pytest.raises(cloudckpt.BackendError) as e:
+        cloudckpt.load("s3://b/run/step-1", storage_options=options)
+    assert str(e.value) == (
+        "s3://b/run/step-1/manifest.json: ProfileNotFound: "
+        "The config profile (nope) could not be found"
+    )
