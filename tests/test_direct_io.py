@@ -100,16 +100,59 @@ def test_direct_write_round_trips_every_size(
 def test_auto_uses_direct_only_for_large_objects(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    backend = LocalBackend()  # direct_io = "auto"
-    small, large = _pattern(100_000), _pattern(DIRECT_AUTO_MIN + 5)
+    """"auto" writes objects of ``direct_io_min`` bytes and more with O_DIRECT (default 64 MiB,
+    here set lower so the test stays small), smaller ones through the page cache."""
+    assert LocalBackend().direct_io_min == DIRECT_AUTO_MIN == 64 << 20
+    cut = 1 << 20
+    backend = LocalBackend({"direct_io_min": "1MiB"})
+    small, edge, large = _pattern(100_000), _pattern(cut - 1), _pattern(cut)
     with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
-        backend.write_object(str(tmp_path / "small"), [small], len(small))
-        backend.write_object(str(tmp_path / "large"), _chunks(large), len(large))
-    assert (tmp_path / "small").read_bytes() == small
-    assert (tmp_path / "large").read_bytes() == large
-    assert _direct_log(caplog) == [
-        f"{tmp_path / 'large'}: {len(large)} bytes written with O_DIRECT"
-    ]
+        for name, data in (("small", small), ("edge", edge), ("large", large)):
+            backend.write_object(str(tmp_path / name), _chunks(data), len(data))
+    for name, data in (("small", small), ("edge", edge), ("large", large)):
+        assert (tmp_path / name).read_bytes() == data
+    assert _direct_log(caplog) == [f"{tmp_path / 'large'}: {cut} bytes written with O_DIRECT"]
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("16MiB", 16 << 20), (0, 0), ("4096", 4096)])
+def test_direct_io_min_values(value: object, parsed: int) -> None:
+    assert LocalBackend({"direct_io_min": value}).direct_io_min == parsed
+
+
+@pytest.mark.parametrize("value", ["big", -1, True, "16 parsecs"])
+def test_bad_direct_io_min_is_a_config_error(tmp_path: Path, value: object) -> None:
+    with pytest.raises(
+        cloudckpt.ConfigError,
+        match=r"storage option direct_io_min = .* is not valid for the local backend: .*"
+        r"smallest data file written with O_DIRECT",
+    ):
+        cloudckpt.save(str(tmp_path / "c"), {"x": 1}, storage_options={"direct_io_min": value})
+
+
+def test_both_write_paths_store_the_same_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same state saved through the page cache (default cut-over) and with O_DIRECT
+    (``direct_io_min = 0``) gives byte-identical data files and the same loaded state."""
+    g = torch.Generator().manual_seed(5)
+    state = {"w": torch.randn(1000, 1001, generator=g), "b": torch.randn(7, generator=g), "n": 3}
+    with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
+        cloudckpt.save(str(tmp_path / "buffered"), state)
+        assert _direct_log(caplog) == []
+        cloudckpt.save(str(tmp_path / "direct"), state, storage_options={"direct_io_min": 0})
+        assert any("data" in m for m in _direct_log(caplog))
+
+    def data_files(name: str) -> list[bytes]:
+        files = sorted((tmp_path / name).rglob("*.safetensors"))
+        assert files
+        return [f.read_bytes() for f in files]
+
+    assert data_files("buffered") == data_files("direct")
+    for name in ("buffered", "direct"):
+        assert cloudckpt.verify(str(tmp_path / name)).ok
+        out = cloudckpt.load(str(tmp_path / name))
+        assert torch.equal(out["w"], state["w"]) and torch.equal(out["b"], state["b"])
+        assert out["n"] == 3
 
 
 def test_auto_leaves_many_small_pieces_to_the_page_cache(
@@ -118,11 +161,12 @@ def test_auto_leaves_many_small_pieces_to_the_page_cache(
     """A large object of small pieces (many small tensors) is written through the page cache
     in "auto" (copying 15 KiB pieces one by one into aligned buffers cost more than writev +
     fsync); ``direct_io = true`` still writes it with O_DIRECT."""
-    data = _pattern(DIRECT_AUTO_MIN + 5)
+    data = _pattern(DIRECT_BLOCK + 5)
     piece = DIRECT_AUTO_MEAN // 4
     pieces = [data[i : i + piece] for i in range(0, len(data), piece)]
+    auto = LocalBackend({"direct_io_min": DIRECT_BLOCK})
     with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
-        LocalBackend().write_object(str(tmp_path / "auto"), iter(pieces), len(data))
+        auto.write_object(str(tmp_path / "auto"), iter(pieces), len(data))
         LocalBackend({"direct_io": True}).write_object(
             str(tmp_path / "forced"), iter(pieces), len(data)
         )
@@ -135,8 +179,8 @@ def test_auto_leaves_many_small_pieces_to_the_page_cache(
 def test_direct_io_false_never_uses_direct(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    backend = LocalBackend({"direct_io": False})
-    data = _pattern(DIRECT_AUTO_MIN + 1)
+    backend = LocalBackend({"direct_io": False, "direct_io_min": 0})
+    data = _pattern(DIRECT_BLOCK + 1)
     with caplog.at_level(logging.DEBUG, logger="cloudckpt.storage.filesystems"):
         backend.write_object(str(tmp_path / "obj"), _chunks(data), len(data))
     assert (tmp_path / "obj").read_bytes() == data

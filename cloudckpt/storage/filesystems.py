@@ -1,7 +1,7 @@
 """The backends the core ships, both over filesystems:
 
 - ``local`` (:class:`LocalBackend`): plain paths and ``file://``, written to a temporary name,
-  fsynced, then linked or renamed into place; data files of 16 MiB and more are written, and
+  fsynced, then linked or renamed into place; data files of 64 MiB and more are written, and
   large uncached ranges read, with ``O_DIRECT`` through a pool of page-aligned buffers;
 - ``fsspec`` (:class:`FsspecBackend`): any protocol fsspec knows (``memory://`` included);
   commits are create-only only as far as the store allows.
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import BackendError, ConfigError
+from ..units import parse_size
 from . import buffers
 from .buffers import Buffer
 from .interface import Backend, Capabilities, ObjectInfo, VersionedObject
@@ -52,7 +53,7 @@ DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes
 DIRECT_BLOCK = 4 << 20  # one aligned staging buffer
 DIRECT_DEPTH = 8  # staging buffers in flight per object, at most
 DIRECT_POOL = 16  # staging buffers of one backend in all (64 MiB), shared by its objects
-DIRECT_AUTO_MIN = 16 << 20  # "auto": objects from this size on go through O_DIRECT ...
+DIRECT_AUTO_MIN = 64 << 20  # "auto": objects from this size on go through O_DIRECT ...
 DIRECT_AUTO_MEAN = 64 << 10  # ... when their pieces average this size or more,
 DIRECT_AUTO_PEEK = 64  # judged on this many first pieces (or fewer, once they hold 4 MiB)
 DIRECT_THREADS = 16  # the backend's writer threads, shared by the objects it writes at once
@@ -76,6 +77,19 @@ def parse_direct_io(value: Any) -> bool | None:
         '"auto" (the default: O_DIRECT for large objects where the filesystem accepts it), '
         "true or false"
     )
+
+
+def parse_direct_io_min(value: Any) -> int:
+    """The ``direct_io_min`` storage option: the smallest object ``"auto"`` writes with
+    ``O_DIRECT``, in bytes (an int or a size such as ``"16MiB"``)."""
+    try:
+        return parse_size(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"storage option direct_io_min = {value!r} is not valid for the local backend: "
+            f"{e}. It is the smallest data file written with O_DIRECT when direct_io is "
+            '"auto" (default "64MiB")'
+        ) from None
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -279,11 +293,14 @@ class LocalBackend(Backend):
 
     name = "local"
     protocols = ("", "file", "local")
-    accepted_options: ClassVar[frozenset[str] | None] = frozenset({"direct_io"})
+    accepted_options: ClassVar[frozenset[str] | None] = frozenset({"direct_io", "direct_io_min"})
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
         super().__init__(storage_options)
         self.direct_io = parse_direct_io(self.storage_options.get("direct_io", "auto"))
+        self.direct_io_min = parse_direct_io_min(
+            self.storage_options.get("direct_io_min", DIRECT_AUTO_MIN)
+        )
         if _O_DIRECT and self.direct_io is not False:
             self.capabilities = Capabilities(read_alignment=DIRECT_ALIGN)
         self._pool: ThreadPoolExecutor | None = None
@@ -328,7 +345,7 @@ class LocalBackend(Backend):
     def _wants_direct(self, size: int) -> bool:
         if not _O_DIRECT or self.direct_io is False:
             return False
-        return self.direct_io is True or size >= DIRECT_AUTO_MIN
+        return self.direct_io is True or size >= self.direct_io_min
 
     def _writer_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
