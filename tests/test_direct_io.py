@@ -100,7 +100,7 @@ def test_direct_write_round_trips_every_size(
 def test_auto_uses_direct_only_for_large_objects(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """"auto" writes objects of ``direct_io_min`` bytes and more with O_DIRECT (default 64 MiB,
+    """In "auto", objects of ``direct_io_min`` bytes and more go O_DIRECT (default 64 MiB,
     here set lower so the test stays small), smaller ones through the page cache."""
     assert LocalBackend().direct_io_min == DIRECT_AUTO_MIN == 64 << 20
     cut = 1 << 20
