@@ -387,14 +387,21 @@ def test_seed_style_checkpointer_api(tmp_path: Path) -> None:
     assert done.result() is None
 
 
+def _direct_from_16mib() -> cloudckpt.CheckpointerConfig:
+    """A config whose local backend writes objects of 16 MiB and more with O_DIRECT (through
+    its thread pool; the default cut-over is 64 MiB)."""
+    storage = cloudckpt.StorageConfig(options={"direct_io_min": "16MiB"})
+    return cloudckpt.CheckpointerConfig(storage=storage)
+
+
 def _new_threads(before: set[int | None]) -> list[str]:
     return sorted(t.name for t in threading.enumerate() if t.ident not in before and t.is_alive())
 
 
 def test_a_checkpointer_closes_the_backends_it_opened(tmp_path: Path) -> None:
     before = {t.ident for t in threading.enumerate()}
-    sd = {"big": torch.ones(8 << 20)}  # 32 MiB: the local backend writes it through its pool
-    ckpt = cloudckpt.make_sync_checkpointer()
+    sd = {"big": torch.ones(8 << 20)}  # 32 MiB: written with O_DIRECT, through the pool
+    ckpt = cloudckpt.make_sync_checkpointer(_direct_from_16mib())
     ckpt.save(str(tmp_path / "c"), sd)
     assert torch.equal(ckpt.load(str(tmp_path / "c"))["big"], sd["big"])
     assert any(n.startswith("cloudckpt-dio") for n in _new_threads(before))  # the pool ran
@@ -405,7 +412,7 @@ def test_a_checkpointer_closes_the_backends_it_opened(tmp_path: Path) -> None:
 def test_a_checkpointer_leaves_the_callers_backends_open(tmp_path: Path) -> None:
     before = {t.ident for t in threading.enumerate()}
     mine = OwnedBackends()
-    with cloudckpt.make_sync_checkpointer(backends=mine) as ckpt:
+    with cloudckpt.make_sync_checkpointer(_direct_from_16mib(), backends=mine) as ckpt:
         ckpt.save(str(tmp_path / "c"), {"big": torch.ones(8 << 20)})
     (backend,) = mine.open  # still the caller's, still usable
     assert backend.exists(backend.to_path(str(tmp_path / "c" / "manifest.json")))
