@@ -250,6 +250,13 @@ def scenario_wait_only_barrier(rank: int, world: int, args: dict[str, Any]) -> d
     return {"ok": True, "calls": calls}
 
 
+def scenario_save_with_config_file(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Each rank saves with its own config file (``args["configs"][rank]``) and nothing else."""
+    state = {"w": torch.full((4,), float(rank)), "rank": rank}
+    cloudckpt.save(args["uri"], state, config=args["configs"][rank])
+    return {"ok": True}
+
+
 SCENARIOS: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]] = {
     "save_load": scenario_save_load,
     "one_rank_raises": scenario_one_rank_raises,
@@ -257,6 +264,7 @@ SCENARIOS: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]] = {
     "async_process": scenario_async_process,
     "save_per_call": scenario_save_per_call,
     "wait_only_barrier": scenario_wait_only_barrier,
+    "save_with_config_file": scenario_save_with_config_file,
 }
 
 
