@@ -250,6 +250,33 @@ def scenario_wait_only_barrier(rank: int, world: int, args: dict[str, Any]) -> d
     return {"ok": True, "calls": calls}
 
 
+def race_state(n: int) -> dict[str, Any]:
+    """State number ``n`` of the racing first saves (tests/test_commit.py)."""
+    return {"n": n, "t": torch.full((50_000,), float(n)), "u": torch.arange(n, n + 1000)}
+
+
+def scenario_race_first_save(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Each rank is a job of one rank of its own saving state ``rank + 1`` to the same URI, all
+    starting at one moment: 50 ms after the last rank is ready (a file each under
+    ``args["sync"]``), every rank spinning until then."""
+    cfg = cloudckpt.CheckpointerConfig(
+        writer_config=cloudckpt.CheckpointWriterConfig(file_size="64KiB", concurrency=2)
+    )
+    state = race_state(rank + 1)
+    sync = Path(args["sync"])
+    (sync / f"ready-{rank}").touch()
+    while len(ready := list(sync.glob("ready-*"))) < world:
+        time.sleep(0.001)
+    go = max(p.stat().st_mtime for p in ready) + 0.05  # the same moment for every rank
+    while time.time() < go:
+        time.sleep(0.001)
+    try:
+        cloudckpt.save(args["uri"], state, config=cfg, storage_options=args["storage_options"])
+    except cloudckpt.CheckpointExistsError as e:
+        return {"ok": False, "error": str(e)}
+    return {"ok": True}
+
+
 def scenario_save_with_config_file(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
     """Each rank saves with its own config file (``args["configs"][rank]``) and nothing else."""
     state = {"w": torch.full((4,), float(rank)), "rank": rank}
@@ -265,6 +292,7 @@ SCENARIOS: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]] = {
     "save_per_call": scenario_save_per_call,
     "wait_only_barrier": scenario_wait_only_barrier,
     "save_with_config_file": scenario_save_with_config_file,
+    "race_first_save": scenario_race_first_save,
 }
 
 

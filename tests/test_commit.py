@@ -21,6 +21,7 @@ import pytest
 import torch
 from faults import FaultProxy
 from layout_helpers import all_objects
+from multirank_harness import race_state, run_ranks
 from stores import StoreTarget
 from stores.s3 import S3Server
 
@@ -28,49 +29,21 @@ import cloudckpt
 from cloudckpt.protocol import list_orphans, open_checkpoint
 from cloudckpt.storage import resolve
 
-# A child that saves state number N (argv) to URI once GO exists; prints one JSON line.
-_RACER = textwrap.dedent(
-    """
-    import json, os, sys, time, torch, cloudckpt
-    uri, n, go, opts = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
-    state = {"n": n, "t": torch.full((50_000,), float(n)), "u": torch.arange(n, n + 1000)}
-    cfg = cloudckpt.CheckpointerConfig(
-        writer_config=cloudckpt.CheckpointWriterConfig(file_size="64KiB", concurrency=2))
-    print("ready", flush=True)
-    while not os.path.exists(go):
-        time.sleep(0.001)
-    try:
-        cloudckpt.save(uri, state, config=cfg, storage_options=opts)
-        print(json.dumps({"ok": True}))
-    except cloudckpt.CheckpointExistsError as e:
-        print(json.dumps({"ok": False, "error": str(e)}))
-    """
-)
-
 
 def _state(n: int) -> dict[str, Any]:
-    return {"n": n, "t": torch.full((50_000,), float(n)), "u": torch.arange(n, n + 1000)}
+    return race_state(n)
 
 
-def _race(uri: str, go: Path, opts: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _RACER, uri, str(n), str(go), json.dumps(opts)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for n in (1, 2)
-    ]
-    for p in procs:  # both past `import torch`, spinning on GO
-        assert p.stdout is not None
-        assert p.stdout.readline().strip() == b"ready"
-    go.touch()
+def _race(uri: str, sync: Path, opts: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+    """Two one-rank jobs (forked processes) save states 1 and 2 to ``uri`` at the same moment."""
+    sync.mkdir()
+    ranks = run_ranks(
+        "race_first_save", 2, {"uri": uri, "sync": str(sync), "storage_options": opts}, timeout=300
+    )
     results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()
-        results.append(json.loads(out.decode().strip().splitlines()[-1]))
-    go.unlink()
+    for rank in (0, 1):
+        assert ranks[rank]["code"] == 0, ranks[rank]
+        results.append(ranks[rank]["result"])
     winners = [n for n, r in zip((1, 2), results) if r["ok"]]
     assert len(winners) == 1, results
     return winners[0], results
@@ -81,7 +54,7 @@ def _check_race(store: StoreTarget, uri: str, trials: int, tmp_path: Path) -> No
     raced = 0
     for trial in range(trials):
         u = f"{uri}-{trial}"
-        winner, results = _race(u, tmp_path / "go", opts)
+        winner, results = _race(u, tmp_path / f"sync-{trial}", opts)
         loser = next(r for r in results if not r["ok"])
         assert re.search(
             r"another save committed .* first, while this save ran; this save's objects were "
