@@ -405,7 +405,12 @@ class RankLauncher:
             line = stdout.readline() if ready else ""
         except OSError:
             line = ""
-        if not line:
+        except BaseException:  # interrupted (a test timeout): its reply must not answer the next
+            self._proc.kill()
+            self.close()
+            raise
+        if not line:  # it died, or hangs past the request's own timeout
+            self._proc.kill()
             self.close()
             self._log.seek(0)
             raise RuntimeError(f"launcher failed: {self._log.read()[-3000:]}")
