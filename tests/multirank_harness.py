@@ -277,6 +277,32 @@ def scenario_race_first_save(rank: int, world: int, args: dict[str, Any]) -> dic
     return {"ok": True}
 
 
+def scenario_overwrite_killed(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 overwrites ``args["uri"]`` with state 2 (tests/test_commit.py), timing its save;
+    rank 1, if there is one, SIGKILLs it ``args["delay"]`` seconds after it said it was ready
+    (its pid in the file ``args["ready"]``)."""
+    ready = Path(args["ready"])
+    if rank == 1:
+        while not ready.exists() or not ready.read_text():
+            time.sleep(0.001)
+        pid = int(ready.read_text())
+        time.sleep(args["delay"])
+        os.kill(pid, signal.SIGKILL)
+        return {"ok": True}
+    cfg = cloudckpt.CheckpointerConfig(
+        writer_config=cloudckpt.CheckpointWriterConfig(file_size="256KiB", concurrency=2)
+    )
+    state = {"n": 2, "t": torch.full((400_000,), 2.0), "u": torch.arange(2, 1002)}
+    tmp = ready.with_suffix(".tmp")
+    tmp.write_text(str(os.getpid()))
+    tmp.rename(ready)  # whole, at once
+    started = time.monotonic()
+    cloudckpt.save(
+        args["uri"], state, config=cfg, storage_options=args["storage_options"], overwrite=True
+    )
+    return {"ok": True, "secs": time.monotonic() - started}
+
+
 def scenario_save_with_config_file(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
     """Each rank saves with its own config file (``args["configs"][rank]``) and nothing else."""
     state = {"w": torch.full((4,), float(rank)), "rank": rank}
@@ -293,6 +319,7 @@ SCENARIOS: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]] = {
     "wait_only_barrier": scenario_wait_only_barrier,
     "save_with_config_file": scenario_save_with_config_file,
     "race_first_save": scenario_race_first_save,
+    "overwrite_killed": scenario_overwrite_killed,
 }
 
 

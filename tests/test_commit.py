@@ -8,10 +8,9 @@ import logging
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
-import textwrap
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,19 +199,6 @@ def test_replace_on_seaweedfs(s3_seaweed_store: StoreTarget) -> None:
 
 # -- SIGKILL at random points of an overwrite ------------------------------------------------------
 
-_OVERWRITER = textwrap.dedent(
-    """
-    import json, sys, torch, cloudckpt
-    uri, opts = sys.argv[1], json.loads(sys.argv[2])
-    cfg = cloudckpt.CheckpointerConfig(
-        writer_config=cloudckpt.CheckpointWriterConfig(file_size="256KiB", concurrency=2))
-    state = {"n": 2, "t": torch.full((400_000,), 2.0), "u": torch.arange(2, 1002)}
-    print("ready", flush=True)
-    cloudckpt.save(uri, state, config=cfg, storage_options=opts, overwrite=True)
-    print("done", flush=True)
-    """
-)
-
 
 def _big_state(n: int) -> dict[str, Any]:
     return {"n": n, "t": torch.full((400_000,), float(n)), "u": torch.arange(n, n + 1000)}
@@ -223,26 +209,23 @@ def _kill_overwrites(store: StoreTarget, trials: int, seed: int) -> list[int]:
     opts = store.storage_options
     found = []
     # one unkilled run measures how long the overwrite takes after "ready"
-    durations = []
+    durations: list[float] = []
+    scratch = tempfile.TemporaryDirectory(prefix="cloudckpt-kill-")
+    sync = Path(scratch.name)
     for trial in range(trials + 1):
         uri = store.uri(f"k{trial}")
         cloudckpt.save(uri, _big_state(1), storage_options=opts)
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _OVERWRITER, uri, json.dumps(opts)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == b"ready", proc.stderr.read() if proc.stderr else ""
-        started = time.monotonic()
+        # a forked process overwrites with state 2; from trial 1 on, a second one SIGKILLs it
+        args = {"uri": uri, "storage_options": opts, "ready": str(sync / f"ready-{trial}")}
         if trial == 0:
-            assert proc.stdout.readline().strip() == b"done"
-            durations.append(time.monotonic() - started)
-            proc.wait(timeout=60)
+            (r,) = run_ranks("overwrite_killed", 1, args).values()
+            assert r["code"] == 0 and r["result"]["ok"], r
+            durations.append(r["result"]["secs"])
         else:
-            time.sleep(rng.uniform(0, durations[0] * 1.2))
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+            args["delay"] = rng.uniform(0, durations[0] * 1.2)
+            ranks = run_ranks("overwrite_killed", 2, args)
+            assert ranks[1]["code"] == 0, ranks[1]
+            assert ranks[0]["code"] in (0, -9), ranks[0]  # killed, or done just before
         out = cloudckpt.load(uri, storage_options=opts)  # never "not committed"
         n = out["n"]
         assert n in (1, 2)
@@ -252,6 +235,7 @@ def _kill_overwrites(store: StoreTarget, trials: int, seed: int) -> list[int]:
         found.append(n)
         m = open_checkpoint(uri, None, opts).manifest
         assert m.metadata == {}
+    scratch.cleanup()
     return found
 
 
