@@ -280,10 +280,11 @@ def scenario_race_first_save(rank: int, world: int, args: dict[str, Any]) -> dic
 def scenario_overwrite_killed(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
     """Rank 0 overwrites ``args["uri"]`` with state 2 (tests/test_commit.py), timing its save;
     rank 1, if there is one, SIGKILLs it ``args["delay"]`` seconds after it said it was ready
-    (its pid in the file ``args["ready"]``)."""
+    (its pid in the file ``args["ready"]``). A rank 0 done before then waits to be killed, so
+    the pid is still its own."""
     ready = Path(args["ready"])
     if rank == 1:
-        while not ready.exists() or not ready.read_text():
+        while not ready.exists():
             time.sleep(0.001)
         pid = int(ready.read_text())
         time.sleep(args["delay"])
@@ -300,7 +301,10 @@ def scenario_overwrite_killed(rank: int, world: int, args: dict[str, Any]) -> di
     cloudckpt.save(
         args["uri"], state, config=cfg, storage_options=args["storage_options"], overwrite=True
     )
-    return {"ok": True, "secs": time.monotonic() - started}
+    secs = time.monotonic() - started
+    while world > 1:
+        time.sleep(0.01)
+    return {"ok": True, "secs": secs}
 
 
 def scenario_save_with_config_file(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
