@@ -77,7 +77,8 @@ class S3Backend(ObjectStoreBackend):
 
     Storage options are s3fs's (``endpoint_url``, ``profile``, ``client_kwargs``,
     ``config_kwargs``, ...), plus ``part_size``, ``multipart_threshold``,
-    ``max_inflight_parts``, ``read_part_size`` and the ``retry_*`` options of :meth:`cloudckpt.storage.retry.RetryPolicy.from_options`.
+    ``max_inflight_parts``, ``read_part_size`` and the ``retry_*`` options of
+    :meth:`cloudckpt.storage.retry.RetryPolicy.from_options`.
     """
 
     name = "s3"
@@ -209,7 +210,6 @@ class S3Backend(ObjectStoreBackend):
     # -- writes -------------------------------------------------------------------------------
 
     def write_object(self, path: str, chunks: Iterable[Buffer], size: int) -> None:
-
         bucket, key = self.split(path)
         what = self.to_uri(path)
         deadline = self.retrier.deadline()

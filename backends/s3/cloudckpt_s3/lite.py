@@ -29,6 +29,7 @@ import base64
 import hashlib
 import http.client
 import os
+import socket
 import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -194,6 +195,9 @@ class PlainClient:
         conn.connect()
         if conn.sock is not None:
             conn.sock.settimeout(self.settings.read_timeout)
+            # A PUT's headers and body go in separate sends: without this, Nagle's algorithm
+            # holds a small body back until the headers are acknowledged (aiohttp sets it too).
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
     def _tls_context(self) -> Any:
