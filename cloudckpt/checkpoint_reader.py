@@ -182,7 +182,7 @@ class CheckpointReader:
         relocate = relocation(map_location)
         align = ckpt.backend.capabilities.read_alignment
         reads = _Reads()
-        dtypes: dict[str, torch.dtype] = {}
+        dtypes: dict[str, tuple[torch.dtype, int]] = {}  # by name: dtype, _share_size
         global_requests: list[GlobalRequest] = []
         missing: list[str] = []
         per_rank: list[str] = []
@@ -193,11 +193,15 @@ class CheckpointReader:
             if not 0 <= i < len(index.tensors):
                 raise CorruptCheckpointError(f"{ckpt.uri}: tree names tensor #{i}, not in index")
             rec = index.tensors[i]
-            dtype = dtypes.get(rec.dtype)
-            if dtype is None:
-                dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
+            known = dtypes.get(rec.dtype)
+            if known is None:
+                dt = dtype_from_name(rec.dtype, ckpt.uri)
+                known = dtypes[rec.dtype] = (dt, _share_size(rec.dtype, dt))
+            dtype, share = known
             if target is None:
-                if _shareable(rec, dtype):
+                # shareable: small, and stored at a multiple of its item size (the index has
+                # checked that its length is item size x shape)
+                if share and 0 < rec.length < SHARED_MAX and rec.offset % share == 0:
                     dest = torch.empty(0, dtype=dtype)  # placed by _share before the read
                     reads.add(rec, dest, True)
                     return dest
@@ -367,21 +371,14 @@ _SHARED_DTYPES = frozenset(PLAIN_ITEMSIZES) | {
 }
 
 
-def _shareable(rec: TensorRecord, dtype: torch.dtype) -> bool:
-    """Whether a fresh destination for ``rec`` may be a view of a shared storage: small, of a
-    plain dtype, stored at an offset that is a multiple of its item size, and exactly as long
-    as its shape says (anything else gets its own allocation from :func:`_empty`)."""
-    size = dtype.itemsize
-    return (
-        0 < rec.length < SHARED_MAX
-        and rec.offset % size == 0
-        and rec.dtype in _SHARED_DTYPES
-        and rec.length == math.prod(rec.shape) * size
-    )
+def _share_size(name: str, dtype: torch.dtype) -> int:
+    """The item size of ``dtype`` (named ``name``) if its fresh small tensors may be views of a
+    shared storage, else 0 (each gets its own allocation from :func:`_empty`)."""
+    return dtype.itemsize if name in _SHARED_DTYPES else 0
 
 
 def _units(records: list[TensorRecord], shared: list[bool], positions: list[int]) -> list[_Unit]:
-    """``positions`` (one file's, by offset) as read units: each shareable tensor joins the
+    """``positions`` (one file's, by offset) as read units: each tensor to share joins the
     shared unit before it when it starts where that one ends and the unit stays within
     ``SHARED_SPAN``; every other tensor is a unit of its own."""
     units: list[_Unit] = []
@@ -413,7 +410,7 @@ def _share(reads: _Reads, unit: _Unit) -> memoryview:
     for p in unit.positions:
         rec = reads.records[p]
         dest = reads.dests[p]
-        at = lead + rec.offset - unit.start  # a multiple of the item size (_shareable)
+        at = lead + rec.offset - unit.start  # a multiple of the item size (see take)
         # contiguous strides when none are given (torch's documented default; its stub
         # lists the overload with stride only)
         dest.set_(storage, at // dest.itemsize, rec.shape)  # type: ignore[call-overload]
