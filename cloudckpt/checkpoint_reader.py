@@ -29,7 +29,7 @@ from .errors import (
 from .format.encoding import PLAIN_ITEMSIZES, crc32c, dtype_from_name, tensor_bytes
 from .gc_pause import freeze_survivors, paused_gc
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
-from .global_tensors import is_dtensor
+from .global_tensors import MeshCache, is_dtensor
 from .protocol.committed import CommittedCheckpoint, open_checkpoint
 from .protocol.records import RankIndex, TensorRecord
 from .storage.config import StorageConfig
@@ -227,11 +227,13 @@ class CheckpointReader:
                 reads.copies.append((dest, target))
             return target
 
+        meshes: MeshCache = {}  # each device mesh read once per load
+
         def take_global(j: int, key: str, target: Any = None) -> Any:
             if not 0 <= j < len(index.globals):
                 raise CorruptCheckpointError(f"{ckpt.uri}: tree names global #{j}, not in index")
             req, value = global_request(
-                index.globals[j], key, target, self._rank_info.global_rank, ckpt.uri
+                index.globals[j], key, target, self._rank_info.global_rank, ckpt.uri, meshes
             )
             global_requests.append(req)
             return value

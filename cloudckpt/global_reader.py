@@ -18,7 +18,7 @@ import torch
 from .errors import CorruptCheckpointError, StateDictMismatchError
 from .format.chunks import Box, ChunkRecord, GlobalRecord, ReadPiece, read_pieces
 from .format.encoding import crc32c, dtype_from_name, tensor_bytes
-from .global_tensors import is_dtensor, layout_of
+from .global_tensors import MeshCache, is_dtensor, layout_of
 from .protocol.committed import CommittedCheckpoint
 from .protocol.records import RankIndex
 
@@ -77,10 +77,16 @@ class GlobalRequest:
 
 
 def global_request(
-    record: GlobalRecord, key: str, target: Any, rank: int, where: str
+    record: GlobalRecord,
+    key: str,
+    target: Any,
+    rank: int,
+    where: str,
+    meshes: MeshCache | None = None,
 ) -> tuple[GlobalRequest, Any]:
     """The request filling ``target`` (a DTensor: its local shard; a plain tensor or ``None``:
-    the whole tensor) and what the loaded state dict holds at ``key``."""
+    the whole tensor) and what the loaded state dict holds at ``key``. ``meshes`` is the load's
+    :data:`MeshCache`: each device mesh read once per load."""
     dtype = dtype_from_name(record.dtype, where)
     shape = tuple(record.shape)
     full = Box((0,) * len(shape), shape)
@@ -94,8 +100,9 @@ def global_request(
             "and dtype mismatches always raise)"
         )
     if is_dtensor(target):
-        box = layout_of(target, key).box_of(rank)
-        local = target.to_local()
+        box = layout_of(target, key, meshes).box_of(rank)
+        with torch.no_grad():  # with grad on, to_local is an autograd call (~1 ms a tensor)
+            local = target.to_local()
     else:
         box, local = full, target
     if local.device.type == "cpu":
