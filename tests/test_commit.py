@@ -131,7 +131,7 @@ def test_lost_create_multipart_answer_leaves_no_upload(
 ) -> None:
     bucket = moto_server.new_bucket()
     uri = f"s3://{bucket}/c"
-    opts = moto_server.options(proxy.url, part_size=5 << 20)
+    opts = moto_server.options(proxy.url, part_size=5 << 20, multipart_threshold=5 << 20)
     state = {"big": torch.arange(3 << 20, dtype=torch.float32)}  # 12 MiB: 3 parts
     proxy.inject(drop_answer=True, times=1, method="POST", path_re=r"\?uploads")
     cloudckpt.save(uri, state, storage_options=opts)
