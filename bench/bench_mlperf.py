@@ -207,6 +207,23 @@ def drop_caches() -> str:
         return f"not dropped ({e.strerror}): reads may hit a warm page cache"
 
 
+def pressure() -> str:
+    """The load average and the IO pressure (PSI: share of time some task stalled on IO, over
+    10 s and 60 s), to print beside every figure: a throttled disk shows here first."""
+    try:
+        with open("/proc/loadavg") as f:
+            load = " ".join(f.read().split()[:3])
+    except OSError:
+        load = "?"
+    try:
+        with open("/proc/pressure/io") as f:
+            some = dict(kv.split("=") for kv in f.readline().split()[1:3])
+        io = f"PSI io some {some['avg10']}% (10 s) {some['avg60']}% (60 s)"
+    except (OSError, ValueError, KeyError):
+        io = "PSI io n/a"
+    return f"load {load}; {io}"
+
+
 # -- the device's limit ----------------------------------------------------------------------
 
 
@@ -525,8 +542,11 @@ def main() -> None:
     rows = {(t, "write"): Row(t, "write", [], w.nbytes(), 0.0) for t in writers}
     rows |= {(t, "read"): Row(t, "read", [], w.nbytes(), 0.0) for t in readers}
     cache = ""
+    loads: list[str] = []
     try:
         for rnd in range(a.runs):
+            loads.append(f"round {rnd + 1} start: {pressure()}")
+            print(f"  {loads[-1]}", flush=True)
             targets = {t: _target(workdir, t, remote) for t in set(writers) | set(readers)}
             for op, tools in (("write", writers), ("read", readers)):
                 for tool in random.sample(tools, len(tools)):
@@ -547,12 +567,14 @@ def main() -> None:
             if not remote:
                 for t in targets.values():
                     _remove(t)
+        loads.append(f"end: {pressure()}")
     finally:
         if server is not None:
             server.stop()
         if not remote and a.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     print()
+    print("\n".join(loads))
     if not remote:
         print(f"page cache before each read: {cache or 'n/a'}")
         print(f"{TC_CHANGES}\n")
@@ -563,7 +585,7 @@ def main() -> None:
     print("\n".join(verdict(rows)))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"workload": w.describe(), "remote": remote, "cache": cache,
+            json.dump({"workload": w.describe(), "remote": remote, "cache": cache, "load": loads,
                        "rows": [asdict(r) for r in rows.values()]}, f, indent=1)  # fmt: skip
 
 

@@ -10,7 +10,8 @@ FsspecWriter / FsspecReader); GCS against fake-gcs-server (baselines: gcsfs put_
 cat_file). Both servers keep objects in memory or on local disk and are themselves the slowest
 part: read the ratios to the reference client, not the absolute speeds. One run per child
 process, tools in shuffled order each round; medians (every run's time is printed after the
-tables); peak RSS above the state dict.
+tables, with each run's client CPU time, every thread, user + system); peak RSS above the
+state dict.
 ``--scale 0.25`` shrinks both workloads for a quick look. ``--before DIR`` adds a
 "cloudckpt-before" row: the same child run with ``PYTHONPATH`` on the source tree DIR (e.g.
 ``git worktree add DIR <commit>``), interleaved with the others on the same server.
@@ -171,15 +172,25 @@ def child(
     cloudckpt.load, cloudckpt.save  # noqa: B018  (the URI calls load their modules on first use)
     base = _rss_mib()
     sampler = _PeakRSS()
+    cpu = _cpu_s()
     started = time.perf_counter()
     if op == "save":
         save()
     else:
         size = load()
     took = time.perf_counter() - started
+    cpu = _cpu_s() - cpu
     peak = sampler.stop()
     allocated = size / 2**20 if op == "load" and tool.startswith("cloudckpt") else 0
-    return {"time": took, "bytes": size, "over_mib": peak - base - allocated}
+    return {"time": took, "cpu": cpu, "bytes": size, "over_mib": peak - base - allocated}
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system, every thread) this process has used so far."""
+    import resource
+
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return used.ru_utime + used.ru_stime
 
 
 class _PeakRSS:
@@ -290,8 +301,8 @@ def main() -> None:
         }
     print(f"{os.cpu_count()} cores; {a.store} server at {server.endpoint}; runs {a.runs}; "
           f"scale {a.scale}; ratio = {tools['ref']} time / tool time\n")  # fmt: skip
-    print("| workload | op | tool | median s | GB/s | vs ref | peak RSS over state |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | op | tool | median s | GB/s | vs ref | CPU s | peak RSS over state |")
+    print("|---|---|---|---|---|---|---|---|")
 
     def run(tool: str, op: str, workload: str) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "--child", a.store, tool, op, workload, str(a.scale),
@@ -320,7 +331,7 @@ def main() -> None:
         for workload in a.workloads.split(","):
             for op in a.ops.split(","):
                 results: dict[str, dict[str, Any]] = {
-                    t: {"times": [], "over": 0.0} for t in tools[op]
+                    t: {"times": [], "cpus": [], "over": 0.0} for t in tools[op]
                 }
                 for _ in range(a.runs):
                     for tool in random.sample(tools[op], len(tools[op])):
@@ -337,6 +348,7 @@ def main() -> None:
                             results[tool] = one
                             continue
                         r["times"].append(one["time"])
+                        r["cpus"].append(one["cpu"])
                         r["bytes"] = one["bytes"] or r.get("bytes", 0)
                         r["over"] = max(r["over"], one["over_mib"])
                 ref = results.get(tools["ref"], {})
@@ -344,16 +356,17 @@ def main() -> None:
                 for tool, r in results.items():
                     if not r.get("times"):
                         why = f"capped at {r['capped']:.0f} s" if "capped" in r else r.get("error")
-                        print(f"| {workload} | {op} | {tool} | {why} | | | |", flush=True)
+                        print(f"| {workload} | {op} | {tool} | {why} | | | | |", flush=True)
                         continue
-                    runs.append(
-                        f"{workload} {op} {tool}: " + " ".join(f"{t:.2f}" for t in r["times"])
-                    )
+                    times = " ".join(f"{t:.2f}" for t in r["times"])
+                    cpus = " ".join(f"{t:.2f}" for t in r["cpus"])
+                    runs.append(f"{workload} {op} {tool}: {times} (CPU {cpus})")
                     med = statistics.median(r["times"])
                     size = r.get("bytes") or nbytes(make_state(workload, a.scale))
                     ratio = f"{ref_t / med:.2f}x" if ref_t else ""
+                    cpu = statistics.median(r["cpus"])
                     print(f"| {workload} | {op} | {tool} | {med:.2f} | {size / med / 1e9:.3f} | "
-                          f"{ratio} | {r['over']:.0f} MiB |", flush=True)  # fmt: skip
+                          f"{ratio} | {cpu:.2f} | {r['over']:.0f} MiB |", flush=True)  # fmt: skip
         print("\nRuns (s), in the order measured:")
         for line in runs:
             print(f"- {line}")

@@ -62,7 +62,11 @@ def load(
     rank_info: RankInfo | None = None,
 ) -> STATE_DICT:
     """Load the committed checkpoint at ``uri``: everything, or only ``state_dict``'s keys
-    (into its own tensors where they fit). ``strict`` raises on keys the checkpoint lacks."""
+    (into its own tensors where they fit). ``strict`` raises on keys the checkpoint lacks.
+
+    Tensors the load makes that are under 1 MiB are views of a storage of at most 4 MiB shared
+    with their neighbours in the file (as ``torch.load(mmap=True)``'s share the file's);
+    ``.clone()`` one to give it memory of its own."""
     cfg = _with_options(config, storage_options)
     reader = make_checkpoint_reader(cfg, rank_info_for(cfg, rank_info), SharedBackends())
     try:

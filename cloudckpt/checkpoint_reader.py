@@ -26,7 +26,7 @@ from .errors import (
     CorruptCheckpointError,
     StateDictMismatchError,
 )
-from .format.encoding import crc32c, dtype_from_name, tensor_bytes
+from .format.encoding import PLAIN_ITEMSIZES, crc32c, dtype_from_name, tensor_bytes
 from .gc_pause import freeze_survivors, paused_gc
 from .global_reader import Catalog, GlobalRequest, fetch_globals, global_request, load_catalog
 from .global_tensors import MeshCache, is_dtensor
@@ -57,15 +57,31 @@ MAX_REQUEST = 64 << 20  # split coalesced reads so large files are fetched in pa
 class _Reads:
     """The tensors to read, as columns (one object per load, not one per tensor): where each
     is stored and the contiguous CPU tensor its bytes go into; ``copies`` pairs such a buffer
-    with the caller's tensor that could not take the bytes itself."""
+    with the caller's tensor that could not take the bytes itself. ``shared`` marks the fresh
+    small tensors made empty, to be placed in a storage shared with their neighbours in the
+    file (:func:`_share`) just before their bytes are read."""
 
     records: list[TensorRecord] = field(default_factory=list)
     dests: list[torch.Tensor] = field(default_factory=list)
+    shared: list[bool] = field(default_factory=list)
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
-    def add(self, record: TensorRecord, dest: torch.Tensor) -> None:
+    def add(self, record: TensorRecord, dest: torch.Tensor, shared: bool = False) -> None:
         self.records.append(record)
         self.dests.append(dest)
+        self.shared.append(shared)
+
+
+@dataclass
+class _Unit:
+    """Bytes ``start..end`` of one file read into one destination: a tensor the load was given
+    or allocated alone (one position in ``_Reads``), or a run of small fresh tensors stored back
+    to back that get one storage (``shared``; several positions)."""
+
+    start: int
+    end: int
+    positions: list[int]
+    shared: bool = False
 
 
 class CheckpointReader:
@@ -166,7 +182,7 @@ class CheckpointReader:
         relocate = relocation(map_location)
         align = ckpt.backend.capabilities.read_alignment
         reads = _Reads()
-        dtypes: dict[str, torch.dtype] = {}
+        dtypes: dict[str, tuple[torch.dtype, int]] = {}  # by name: dtype, _share_size
         global_requests: list[GlobalRequest] = []
         missing: list[str] = []
         per_rank: list[str] = []
@@ -177,10 +193,18 @@ class CheckpointReader:
             if not 0 <= i < len(index.tensors):
                 raise CorruptCheckpointError(f"{ckpt.uri}: tree names tensor #{i}, not in index")
             rec = index.tensors[i]
-            dtype = dtypes.get(rec.dtype)
-            if dtype is None:
-                dtype = dtypes[rec.dtype] = dtype_from_name(rec.dtype, ckpt.uri)
+            known = dtypes.get(rec.dtype)
+            if known is None:
+                dt = dtype_from_name(rec.dtype, ckpt.uri)
+                known = dtypes[rec.dtype] = (dt, _share_size(rec.dtype, dt))
+            dtype, share = known
             if target is None:
+                # shareable: small, and stored at a multiple of its item size (the index has
+                # checked that its length is item size x shape)
+                if share and 0 < rec.length < SHARED_MAX and rec.offset % share == 0:
+                    dest = torch.empty(0, dtype=dtype)  # placed by _share before the read
+                    reads.add(rec, dest, True)
+                    return dest
                 dest = _empty(rec, dtype, ckpt.uri, align)
                 reads.add(rec, dest)
                 return dest
@@ -256,23 +280,20 @@ class CheckpointReader:
         by_file: dict[int, list[int]] = {}  # positions in ``reads``, per file
         for pos, rec in enumerate(records):
             by_file.setdefault(rec.file, []).append(pos)
-        jobs: list[tuple[int, list[int]]] = []
+        jobs: list[tuple[int, list[_Unit]]] = []
         for file_no, positions in by_file.items():
             offsets = [records[p].offset for p in positions]
             if any(a > b for a, b in itertools.pairwise(offsets)):  # writers store them in order
                 positions.sort(key=lambda p: records[p].offset)
-            first = records[positions[0]]
-            start, end, cut = first.offset, first.offset, 0
-            for n, p in enumerate(positions):
-                rec = records[p]
-                if n > cut and (
-                    rec.offset - end > MAX_GAP or rec.offset + rec.length - start > MAX_REQUEST
-                ):
-                    jobs.append((file_no, positions[cut:n]))
-                    start, cut = rec.offset, n
-                end = rec.offset + rec.length
-            jobs.append((file_no, positions[cut:]))
-        futures = [self._pool.submit(self._read_group, ckpt, index, f, reads, g) for f, g in jobs]
+            units = _units(records, reads.shared, positions)
+            start, end, cut = units[0].start, units[0].start, 0
+            for n, unit in enumerate(units):
+                if n > cut and (unit.start - end > MAX_GAP or unit.end - start > MAX_REQUEST):
+                    jobs.append((file_no, units[cut:n]))
+                    start, cut = unit.start, n
+                end = unit.end
+            jobs.append((file_no, units[cut:]))
+        futures = [self._pool.submit(self._read_group, ckpt, index, f, reads, u) for f, u in jobs]
         return sum(f.result() for f in futures)
 
     def _read_group(
@@ -281,37 +302,45 @@ class CheckpointReader:
         index: RankIndex,
         file_no: int,
         reads: _Reads,
-        group: list[int],
+        units: list[_Unit],
     ) -> int:
+        """Read one coalesced range of a file into its units, then check every CRC32C."""
         rel = index.files[file_no].path
         where = ckpt.object_uri(rel)
-        records = [reads.records[p] for p in group]
         buffers: list[memoryview] = []
         views: list[memoryview] = []
-        first = records[0]
-        pos = first.offset
-        for rec, p in zip(records, group):
-            gap = rec.offset - pos
+        pos = units[0].start
+        for unit in units:
+            gap = unit.start - pos
             if gap > 0:
                 buffers.append(memoryview(bytearray(gap)))
-            views.append(tensor_bytes(reads.dests[p]))
+            if unit.shared:
+                views.append(_share(reads, unit))
+            else:
+                views.append(tensor_bytes(reads.dests[unit.positions[0]]))
             buffers.append(views[-1])
-            pos = rec.offset + rec.length
-        offset = first.offset
+            pos = unit.end
+        offset = units[0].start
+        first_key = reads.records[units[0].positions[0]].key
         ckpt.read_object(
             rel,
             lambda path: ckpt.backend.read_into(path, offset, buffers),
             "the index",
-            first.key,
+            first_key,
         )
-        for rec, view in zip(records, views):
-            if crc32c(view) != rec.crc32c:
-                raise CorruptCheckpointError(
-                    f"{where}: CRC32C mismatch for key {rec.key} (bytes {rec.offset}.."
-                    f"{rec.offset + rec.length}); the file is damaged. Load an earlier "
-                    "checkpoint."
-                )
-        return sum(rec.length for rec in records)
+        nbytes = 0
+        for unit, view in zip(units, views):
+            for p in unit.positions:
+                rec = reads.records[p]
+                at = rec.offset - unit.start
+                if crc32c(view[at : at + rec.length] if unit.shared else view) != rec.crc32c:
+                    raise CorruptCheckpointError(
+                        f"{where}: CRC32C mismatch for key {rec.key} (bytes {rec.offset}.."
+                        f"{rec.offset + rec.length}); the file is damaged. Load an earlier "
+                        "checkpoint."
+                    )
+                nbytes += rec.length
+        return nbytes
 
     def close(self) -> None:
         """Stop the reader's threads and close the backends it opened."""
@@ -327,6 +356,67 @@ def _placed(raw: torch.Tensor, rec: TensorRecord, dtype: torch.dtype) -> torch.T
         return raw.view(dtype).view(rec.shape)
     except RuntimeError:
         return None
+
+
+SHARED_MAX = 1 << 20
+"""Fresh tensors below this size (and above zero) share a storage with their neighbours."""
+SHARED_SPAN = 4 << 20
+"""The most bytes of one file a shared storage holds: what one small tensor kept alive can pin."""
+_SHARED_ALIGN = 16  # a shared storage's addresses are congruent to file offsets modulo this
+#: Dtypes placed in shared storages (torch views any byte offset that is a multiple of their
+#: item size); the rest (quantized, bit-packed) are allocated alone.
+_SHARED_DTYPES = frozenset(PLAIN_ITEMSIZES) | {
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+}
+
+
+def _share_size(name: str, dtype: torch.dtype) -> int:
+    """The item size of ``dtype`` (named ``name``) if its fresh small tensors may be views of a
+    shared storage, else 0 (each gets its own allocation from :func:`_empty`)."""
+    return dtype.itemsize if name in _SHARED_DTYPES else 0
+
+
+def _units(records: list[TensorRecord], shared: list[bool], positions: list[int]) -> list[_Unit]:
+    """``positions`` (one file's, by offset) as read units: each tensor to share joins the
+    shared unit before it when it starts where that one ends and the unit stays within
+    ``SHARED_SPAN``; every other tensor is a unit of its own."""
+    units: list[_Unit] = []
+    run: _Unit | None = None
+    for p in positions:
+        rec = records[p]
+        end = rec.offset + rec.length
+        if not shared[p]:
+            units.append(_Unit(rec.offset, end, [p]))
+            run = None
+        elif run is not None and rec.offset == run.end and end - run.start <= SHARED_SPAN:
+            run.positions.append(p)
+            run.end = end
+        else:
+            run = _Unit(rec.offset, end, [p], shared=True)
+            units.append(run)
+    return units
+
+
+def _share(reads: _Reads, unit: _Unit) -> memoryview:
+    """Allocate ``unit``'s one storage, make each of its (empty) tensors a view of its bytes,
+    and return the bytes the file's ``unit.start..unit.end`` go into.
+
+    The storage is placed so that its addresses are congruent to file offsets modulo 16: a
+    tensor stored at a multiple of its item size is then aligned in memory too."""
+    raw = torch.empty(unit.end - unit.start + _SHARED_ALIGN, dtype=torch.uint8)
+    lead = (unit.start - raw.data_ptr()) % _SHARED_ALIGN
+    storage = raw.untyped_storage()
+    for p in unit.positions:
+        rec = reads.records[p]
+        dest = reads.dests[p]
+        at = lead + rec.offset - unit.start  # a multiple of the item size (see take)
+        # contiguous strides when none are given (torch's documented default; its stub
+        # lists the overload with stride only)
+        dest.set_(storage, at // dest.itemsize, rec.shape)  # type: ignore[call-overload]
+    return tensor_bytes(raw)[lead : lead + unit.end - unit.start]
 
 
 ALIGNED_MIN = 1 << 20  # tensors from this size on are placed for the backend's read_alignment

@@ -11,6 +11,7 @@ import importlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,18 @@ def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rank_launchers() -> Iterator[None]:
+    """One launcher process per harness script for the whole session (multirank_harness): it
+    imports torch once; each ``run_ranks`` call still forks fresh ranks from it."""
+    import multirank_harness
+
+    launchers = multirank_harness.Launchers()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(multirank_harness, "LAUNCHERS", launchers)
+        try:
+            yield
+        finally:
+            launchers.close()

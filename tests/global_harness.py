@@ -3,13 +3,12 @@ real ranks: the launcher of multirank_harness forks them; gloo and TCPStores on 
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
 import multirank_harness
 import torch
-from multirank_harness import SCENARIOS, _config, _init_group, launch
+from multirank_harness import SCENARIOS, _config, _init_group
 
 import cloudckpt
 
@@ -313,5 +312,4 @@ def run_ranks(name: str, world: int, args: dict[str, Any], timeout: float = 180)
 
 
 if __name__ == "__main__":
-    name, world, raw_args, timeout = sys.argv[1:5]
-    print(json.dumps(launch(name, int(world), json.loads(raw_args), float(timeout))))
+    multirank_harness.main(sys.argv[1:])

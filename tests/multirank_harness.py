@@ -4,12 +4,17 @@ The test process never forks itself (it may hold server threads); it starts this
 subprocess, which forks ``world`` children. Each child runs ``SCENARIOS[name](rank, world, args)``
 and writes its result (or its error) as JSON; the launcher prints every rank's result and exit
 code as one JSON line. Ranks talk over gloo and real TCPStores on 127.0.0.1.
+
+Under pytest one launcher per harness script serves the whole session (``--serve``: a request
+per stdin line, a reply per stdout line), so torch is imported once, not once per call; each
+rank still starts as a fresh fork of a launcher that has run nothing but imports.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -18,6 +23,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +250,70 @@ def scenario_wait_only_barrier(rank: int, world: int, args: dict[str, Any]) -> d
     return {"ok": True, "calls": calls}
 
 
+def race_state(n: int) -> dict[str, Any]:
+    """State number ``n`` of the racing first saves (tests/test_commit.py)."""
+    return {"n": n, "t": torch.full((50_000,), float(n)), "u": torch.arange(n, n + 1000)}
+
+
+def scenario_race_first_save(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Each rank is a job of one rank of its own saving state ``rank + 1`` to the same URI, all
+    starting at one moment: 50 ms after the last rank is ready (a file each under
+    ``args["sync"]``), every rank spinning until then."""
+    cfg = cloudckpt.CheckpointerConfig(
+        writer_config=cloudckpt.CheckpointWriterConfig(file_size="64KiB", concurrency=2)
+    )
+    state = race_state(rank + 1)
+    sync = Path(args["sync"])
+    (sync / f"ready-{rank}").touch()
+    while len(ready := list(sync.glob("ready-*"))) < world:
+        time.sleep(0.001)
+    go = max(p.stat().st_mtime for p in ready) + 0.05  # the same moment for every rank
+    while time.time() < go:
+        time.sleep(0.001)
+    try:
+        cloudckpt.save(args["uri"], state, config=cfg, storage_options=args["storage_options"])
+    except cloudckpt.CheckpointExistsError as e:
+        return {"ok": False, "error": str(e)}
+    return {"ok": True}
+
+
+def scenario_overwrite_killed(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 overwrites ``args["uri"]`` with state 2 (tests/test_commit.py), timing its save;
+    rank 1, if there is one, SIGKILLs it ``args["delay"]`` seconds after it said it was ready
+    (its pid in the file ``args["ready"]``). A rank 0 done before then waits to be killed, so
+    the pid is still its own."""
+    ready = Path(args["ready"])
+    if rank == 1:
+        while not ready.exists():
+            time.sleep(0.001)
+        pid = int(ready.read_text())
+        time.sleep(args["delay"])
+        os.kill(pid, signal.SIGKILL)
+        return {"ok": True}
+    cfg = cloudckpt.CheckpointerConfig(
+        writer_config=cloudckpt.CheckpointWriterConfig(file_size="256KiB", concurrency=2)
+    )
+    state = {"n": 2, "t": torch.full((400_000,), 2.0), "u": torch.arange(2, 1002)}
+    tmp = ready.with_suffix(".tmp")
+    tmp.write_text(str(os.getpid()))
+    tmp.rename(ready)  # whole, at once
+    started = time.monotonic()
+    cloudckpt.save(
+        args["uri"], state, config=cfg, storage_options=args["storage_options"], overwrite=True
+    )
+    secs = time.monotonic() - started
+    while world > 1:
+        time.sleep(0.01)
+    return {"ok": True, "secs": secs}
+
+
+def scenario_save_with_config_file(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Each rank saves with its own config file (``args["configs"][rank]``) and nothing else."""
+    state = {"w": torch.full((4,), float(rank)), "rank": rank}
+    cloudckpt.save(args["uri"], state, config=args["configs"][rank])
+    return {"ok": True}
+
+
 SCENARIOS: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]] = {
     "save_load": scenario_save_load,
     "one_rank_raises": scenario_one_rank_raises,
@@ -251,16 +321,50 @@ SCENARIOS: dict[str, Callable[[int, int, dict[str, Any]], dict[str, Any]]] = {
     "async_process": scenario_async_process,
     "save_per_call": scenario_save_per_call,
     "wait_only_barrier": scenario_wait_only_barrier,
+    "save_with_config_file": scenario_save_with_config_file,
+    "race_first_save": scenario_race_first_save,
+    "overwrite_killed": scenario_overwrite_killed,
 }
 
 
-def launch(name: str, world: int, args: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """In the launcher: fork the ranks, wait, collect their results and exit codes."""
+@dataclass
+class RankRun:
+    """One call of :func:`run_ranks` as sent to a serving launcher: the scenario, and the
+    test process's environment and directory at the time, which the ranks take on."""
+
+    name: str
+    world: int
+    args: dict[str, Any]
+    timeout: float
+    env: dict[str, str]
+    cwd: str
+
+
+def launch(
+    name: str,
+    world: int,
+    args: dict[str, Any],
+    timeout: float,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    stdout_to_stderr: bool = False,
+) -> dict[str, Any]:
+    """In the launcher: fork the ranks, wait, collect their results and exit codes. ``env`` and
+    ``cwd``: what each rank sets before its scenario; ``stdout_to_stderr``: the ranks print to
+    stderr (a serving launcher's stdout carries its replies)."""
     outdir = tempfile.mkdtemp(prefix="cloudckpt-ranks-")
     pids = {}
+    sys.stdout.flush()
     for rank in range(world):
         pid = os.fork()
         if pid == 0:  # the rank
+            if stdout_to_stderr:
+                os.dup2(2, 1)
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            if cwd is not None:
+                os.chdir(cwd)
             code = 0
             try:
                 result = SCENARIOS[name](rank, world, args)
@@ -290,24 +394,128 @@ def launch(name: str, world: int, args: dict[str, Any], timeout: float) -> dict[
     return {"codes": codes, "results": results}
 
 
+def serve() -> None:
+    """A launcher serving many calls: one :class:`RankRun` per stdin line, one reply line each;
+    it exits when stdin closes."""
+    for line in sys.stdin:
+        req = RankRun(**json.loads(line))
+        reply = launch(
+            req.name, req.world, req.args, req.timeout, req.env, req.cwd, stdout_to_stderr=True
+        )
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+class RankLauncher:
+    """A serving launcher of one harness script, as a subprocess of the test process."""
+
+    def __init__(self, script: str) -> None:
+        self.script = script
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the launcher
+        self._proc = subprocess.Popen(
+            [sys.executable, script, "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def run(self, req: RankRun) -> dict[str, Any]:
+        """Send ``req``; the reply, or RuntimeError with the launcher's stderr if none comes
+        within the request's timeout plus a minute."""
+        stdin, stdout = self._proc.stdin, self._proc.stdout
+        assert stdin is not None and stdout is not None
+        try:
+            stdin.write(json.dumps(asdict(req)) + "\n")
+            stdin.flush()
+            ready, _, _ = select.select([stdout], [], [], req.timeout + 60)
+            line = stdout.readline() if ready else ""
+        except OSError:
+            line = ""
+        except BaseException:  # interrupted (a test timeout): its reply must not answer the next
+            self._proc.kill()
+            self.close()
+            raise
+        if not line:  # it died, or hangs past the request's own timeout
+            self._proc.kill()
+            self.close()
+            self._log.seek(0)
+            raise RuntimeError(f"launcher failed: {self._log.read()[-3000:]}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def close(self) -> None:
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+
+class Launchers:
+    """The test session's serving launchers, one per harness script, each started on first use
+    (and again if one died)."""
+
+    def __init__(self) -> None:
+        self._by_script: dict[str, RankLauncher] = {}
+
+    def get(self, script: str) -> RankLauncher:
+        launcher = self._by_script.get(script)
+        if launcher is None or not launcher.alive:
+            launcher = self._by_script[script] = RankLauncher(script)
+        return launcher
+
+    def close(self) -> None:
+        for launcher in self._by_script.values():
+            launcher.close()
+        self._by_script.clear()
+
+
+#: Set by tests/conftest.py for the session; without it each call starts its own launcher.
+LAUNCHERS: Launchers | None = None
+
+
 def run_ranks(
     name: str, world: int, args: dict[str, Any], timeout: float = 120, script: str = __file__
 ) -> dict[int, Any]:
     """From a test: run scenario ``name`` of ``script`` (a harness whose ``__main__`` calls
-    :func:`launch`) on ``world`` forked ranks; per-rank results + codes."""
+    :func:`main`) on ``world`` forked ranks; per-rank results + codes."""
     args = {"store_port": free_port(), "pg_port": free_port(), **args}
-    proc = subprocess.run(
-        [sys.executable, script, name, str(world), json.dumps(args), str(timeout)],
-        capture_output=True,
-        text=True,
-        timeout=timeout + 60,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"launcher failed: {proc.stderr[-3000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if LAUNCHERS is not None:
+        req = RankRun(name, world, args, timeout, dict(os.environ), os.getcwd())
+        out = LAUNCHERS.get(os.path.abspath(script)).run(req)
+    else:
+        proc = subprocess.run(
+            [sys.executable, script, name, str(world), json.dumps(args), str(timeout)],
+            capture_output=True,
+            text=True,
+            timeout=timeout + 60,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"launcher failed: {proc.stderr[-3000:]}")
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
     return {int(r): {"code": out["codes"][r], "result": out["results"][r]} for r in out["results"]}
 
 
-if __name__ == "__main__":
-    name, world, raw_args, timeout = sys.argv[1:5]
+def main(argv: list[str]) -> None:
+    """A harness script's entry: ``--serve``, or ``NAME WORLD ARGS_JSON TIMEOUT`` for one call."""
+    if argv == ["--serve"]:
+        serve()
+        return
+    name, world, raw_args, timeout = argv
     print(json.dumps(launch(name, int(world), json.loads(raw_args), float(timeout))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -419,7 +419,9 @@ def test_s3_fault_that_exhausts_retries_surfaces_from_write_future(
     uri = f"s3://{bucket}/run/step-1"
     sd = {"big": torch.randn(3 << 20), "step": 1}  # 12 MiB: a 3-part upload in 5 MiB parts
     with FaultProxy(moto_server.host, moto_server.port) as proxy:
-        options = moto_server.options(proxy.url, part_size=5 << 20, retry_stall_timeout=3)
+        options = moto_server.options(
+            proxy.url, part_size=5 << 20, multipart_threshold=5 << 20, retry_stall_timeout=3
+        )
         proxy.inject(status=503, times=None, method="PUT", path_re="partNumber=2")
         with cloudckpt.make_async_checkpointer(_config(writer, options)) as ckpt:
             stage_f, write_f = ckpt.save(uri, sd)

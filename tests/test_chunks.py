@@ -252,7 +252,9 @@ def test_strided_shard_boxes_match_torch() -> None:
 @pytest.mark.parametrize("sizes", [[], [0], [7], [0, 5, 0], [1, 1, 1], [1 << 20, 1 << 20, 1234]])
 def test_crc32c_concat_equals_the_crc_of_the_joined_bytes(sizes: list[int]) -> None:
     g = torch.Generator().manual_seed(len(sizes))
-    bufs = [bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)) for n in sizes]
+    bufs = [
+        torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy().tobytes() for n in sizes
+    ]
     assert crc32c_concat((crc32c(b), len(b)) for b in bufs) == crc32c(b"".join(bufs))
 
 

@@ -8,10 +8,9 @@ import logging
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
-import textwrap
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 from faults import FaultProxy
 from layout_helpers import all_objects
+from multirank_harness import race_state, run_ranks
 from stores import StoreTarget
 from stores.s3 import S3Server
 
@@ -28,49 +28,21 @@ import cloudckpt
 from cloudckpt.protocol import list_orphans, open_checkpoint
 from cloudckpt.storage import resolve
 
-# A child that saves state number N (argv) to URI once GO exists; prints one JSON line.
-_RACER = textwrap.dedent(
-    """
-    import json, os, sys, time, torch, cloudckpt
-    uri, n, go, opts = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
-    state = {"n": n, "t": torch.full((50_000,), float(n)), "u": torch.arange(n, n + 1000)}
-    cfg = cloudckpt.CheckpointerConfig(
-        writer_config=cloudckpt.CheckpointWriterConfig(file_size="64KiB", concurrency=2))
-    print("ready", flush=True)
-    while not os.path.exists(go):
-        time.sleep(0.001)
-    try:
-        cloudckpt.save(uri, state, config=cfg, storage_options=opts)
-        print(json.dumps({"ok": True}))
-    except cloudckpt.CheckpointExistsError as e:
-        print(json.dumps({"ok": False, "error": str(e)}))
-    """
-)
-
 
 def _state(n: int) -> dict[str, Any]:
-    return {"n": n, "t": torch.full((50_000,), float(n)), "u": torch.arange(n, n + 1000)}
+    return race_state(n)
 
 
-def _race(uri: str, go: Path, opts: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _RACER, uri, str(n), str(go), json.dumps(opts)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for n in (1, 2)
-    ]
-    for p in procs:  # both past `import torch`, spinning on GO
-        assert p.stdout is not None
-        assert p.stdout.readline().strip() == b"ready"
-    go.touch()
+def _race(uri: str, sync: Path, opts: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+    """Two one-rank jobs (forked processes) save states 1 and 2 to ``uri`` at the same moment."""
+    sync.mkdir()
+    ranks = run_ranks(
+        "race_first_save", 2, {"uri": uri, "sync": str(sync), "storage_options": opts}, timeout=300
+    )
     results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()
-        results.append(json.loads(out.decode().strip().splitlines()[-1]))
-    go.unlink()
+    for rank in (0, 1):
+        assert ranks[rank]["code"] == 0, ranks[rank]
+        results.append(ranks[rank]["result"])
     winners = [n for n, r in zip((1, 2), results) if r["ok"]]
     assert len(winners) == 1, results
     return winners[0], results
@@ -81,7 +53,7 @@ def _check_race(store: StoreTarget, uri: str, trials: int, tmp_path: Path) -> No
     raced = 0
     for trial in range(trials):
         u = f"{uri}-{trial}"
-        winner, results = _race(u, tmp_path / "go", opts)
+        winner, results = _race(u, tmp_path / f"sync-{trial}", opts)
         loser = next(r for r in results if not r["ok"])
         assert re.search(
             r"another save committed .* first, while this save ran; this save's objects were "
@@ -159,7 +131,7 @@ def test_lost_create_multipart_answer_leaves_no_upload(
 ) -> None:
     bucket = moto_server.new_bucket()
     uri = f"s3://{bucket}/c"
-    opts = moto_server.options(proxy.url, part_size=5 << 20)
+    opts = moto_server.options(proxy.url, part_size=5 << 20, multipart_threshold=5 << 20)
     state = {"big": torch.arange(3 << 20, dtype=torch.float32)}  # 12 MiB: 3 parts
     proxy.inject(drop_answer=True, times=1, method="POST", path_re=r"\?uploads")
     cloudckpt.save(uri, state, storage_options=opts)
@@ -227,19 +199,6 @@ def test_replace_on_seaweedfs(s3_seaweed_store: StoreTarget) -> None:
 
 # -- SIGKILL at random points of an overwrite ------------------------------------------------------
 
-_OVERWRITER = textwrap.dedent(
-    """
-    import json, sys, torch, cloudckpt
-    uri, opts = sys.argv[1], json.loads(sys.argv[2])
-    cfg = cloudckpt.CheckpointerConfig(
-        writer_config=cloudckpt.CheckpointWriterConfig(file_size="256KiB", concurrency=2))
-    state = {"n": 2, "t": torch.full((400_000,), 2.0), "u": torch.arange(2, 1002)}
-    print("ready", flush=True)
-    cloudckpt.save(uri, state, config=cfg, storage_options=opts, overwrite=True)
-    print("done", flush=True)
-    """
-)
-
 
 def _big_state(n: int) -> dict[str, Any]:
     return {"n": n, "t": torch.full((400_000,), float(n)), "u": torch.arange(n, n + 1000)}
@@ -250,26 +209,23 @@ def _kill_overwrites(store: StoreTarget, trials: int, seed: int) -> list[int]:
     opts = store.storage_options
     found = []
     # one unkilled run measures how long the overwrite takes after "ready"
-    durations = []
+    durations: list[float] = []
+    scratch = tempfile.TemporaryDirectory(prefix="cloudckpt-kill-")
+    sync = Path(scratch.name)
     for trial in range(trials + 1):
         uri = store.uri(f"k{trial}")
         cloudckpt.save(uri, _big_state(1), storage_options=opts)
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _OVERWRITER, uri, json.dumps(opts)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == b"ready", proc.stderr.read() if proc.stderr else ""
-        started = time.monotonic()
+        # a forked process overwrites with state 2; from trial 1 on, a second one SIGKILLs it
+        args = {"uri": uri, "storage_options": opts, "ready": str(sync / f"ready-{trial}")}
         if trial == 0:
-            assert proc.stdout.readline().strip() == b"done"
-            durations.append(time.monotonic() - started)
-            proc.wait(timeout=60)
+            (r,) = run_ranks("overwrite_killed", 1, args).values()
+            assert r["code"] == 0 and r["result"]["ok"], r
+            durations.append(r["result"]["secs"])
         else:
-            time.sleep(rng.uniform(0, durations[0] * 1.2))
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+            args["delay"] = rng.uniform(0, durations[0] * 1.2)
+            ranks = run_ranks("overwrite_killed", 2, args)
+            assert ranks[1]["code"] == 0, ranks[1]
+            assert ranks[0]["code"] == -9, ranks[0]  # killed mid-save or, done, waiting
         out = cloudckpt.load(uri, storage_options=opts)  # never "not committed"
         n = out["n"]
         assert n in (1, 2)
@@ -279,6 +235,7 @@ def _kill_overwrites(store: StoreTarget, trials: int, seed: int) -> list[int]:
         found.append(n)
         m = open_checkpoint(uri, None, opts).manifest
         assert m.metadata == {}
+    scratch.cleanup()
     return found
 
 

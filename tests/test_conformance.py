@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 
 import pytest
 import torch
@@ -190,6 +191,80 @@ def test_flipped_byte_is_caught(store: StoreTarget) -> None:
     backend.delete(path)
     backend.write_object(path, [bytes(raw)], len(raw))
     with pytest.raises(cloudckpt.CorruptCheckpointError, match="CRC32C mismatch for key"):
+        cloudckpt.load(uri, **store.config_kwargs())
+
+
+def _small_sd() -> dict[str, torch.Tensor]:
+    """Small tensors of several dtypes and shapes, stored back to back at aligned offsets."""
+    g = torch.Generator().manual_seed(5)
+    dtypes = (torch.float32, torch.bfloat16, torch.int64, torch.float16, torch.uint8, torch.bool)
+    sd: dict[str, torch.Tensor] = {}
+    for i in range(48):
+        dt = dtypes[i % len(dtypes)]
+        shape = (8, 4 + i % 3) if i % 2 else (16 + 8 * i,)
+        bits = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        sd[f"t{i}"] = bits > 127 if dt == torch.bool else bits.to(dt)
+    sd["scalar"] = torch.tensor(1.5, dtype=torch.float64)
+    return sd
+
+
+def test_small_tensors_share_storage_without_overlap(store: StoreTarget) -> None:
+    """A fresh load gives runs of small tensors one storage each; every tensor keeps its own
+    bytes (values, dtype, shape), and writing one leaves its neighbours as they were."""
+    sd = _small_sd()
+    uri = store.uri("small")
+    cloudckpt.save(uri, sd, **store.config_kwargs())
+    out = cloudckpt.load(uri, **store.config_kwargs())
+    _assert_same(out, sd)
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for t in out.values():
+        start = t.data_ptr() - t.untyped_storage().data_ptr()
+        assert start % t.element_size() == 0 and t.is_contiguous()
+        spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + t.nbytes))
+    assert max(len(s) for s in spans.values()) > 1  # some tensors do share a storage
+    for ranges in spans.values():
+        ranges.sort()
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(ranges))
+    out["t3"].fill_(0)
+    for k in ("t2", "t4"):
+        _assert_same(out[k], sd[k])
+
+
+def test_odd_offsets_get_their_own_storage(store: StoreTarget) -> None:
+    """A tensor stored at an offset that is not a multiple of its item size cannot be a view
+    of a shared storage: it is allocated alone (aligned) and still loads exactly."""
+    sd = {
+        "a": torch.arange(3, dtype=torch.uint8),
+        "b": torch.randn(5, dtype=torch.float32),  # 3 bytes into the data: misaligned
+        "c": torch.arange(2, dtype=torch.uint8),
+        "d": torch.arange(6, dtype=torch.int16),  # odd again
+        "e": torch.arange(4, dtype=torch.uint8),
+    }
+    uri = store.uri("odd")
+    cloudckpt.save(uri, sd, **store.config_kwargs())
+    index = open_checkpoint(uri, store.backend, store.storage_options).read_index(0)
+    offsets = {rec.key: rec.offset for rec in index.tensors}
+    assert offsets["b"] % 4 and offsets["d"] % 2  # the layout this test is about
+    out = cloudckpt.load(uri, **store.config_kwargs())
+    _assert_same(out, sd)
+    for k in ("b", "d"):
+        assert out[k].untyped_storage().data_ptr() != out["a"].untyped_storage().data_ptr()
+        assert out[k].data_ptr() % out[k].element_size() == 0
+
+
+def test_flipped_byte_in_one_small_tensor_names_it(store: StoreTarget) -> None:
+    sd = _small_sd()
+    uri = store.uri("small")
+    cloudckpt.save(uri, sd, **store.config_kwargs())
+    ckpt = open_checkpoint(uri, store.backend, store.storage_options)
+    rec = next(r for r in ckpt.read_index(0).tensors if r.key == "t7")
+    backend, root = _backend(store, "small")
+    path = backend.join(root, ckpt.read_index(0).files[rec.file].path)
+    raw = bytearray(backend.read_bytes(path))
+    raw[rec.offset + 5] ^= 0x10
+    backend.delete(path)
+    backend.write_object(path, [bytes(raw)], len(raw))
+    with pytest.raises(cloudckpt.CorruptCheckpointError, match=r"CRC32C mismatch for key t7 "):
         cloudckpt.load(uri, **store.config_kwargs())
 
 

@@ -180,12 +180,15 @@ def _cfg(tmp_path: Path, backend: str) -> Path:
 # ---- the user test file of docs/testing.md ------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 @pytest.mark.gcs
 @pytest.mark.timeout(600)
 def test_user_test_file_passes_under_pytest(tmp_path: Path) -> None:
     """docs/examples/test_user_checkpointing.py as a user runs it: ``pytest FILE`` in a fresh
-    process, outside this repository's conftest, with the plugin found through its entry point."""
+    process, outside this repository's conftest, with the plugin found through its entry point.
+    Slow (~25 s); the default run keeps a user's pytest run on the plugin's S3, GCS and fault
+    fixtures (test_testing_plugin.py::test_plugin_fixtures_in_a_user_run)."""
     example = REPO / "docs" / "examples" / "test_user_checkpointing.py"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CLOUDCKPT_"))}
     env.pop("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", None)

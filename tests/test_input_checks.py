@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from multirank_harness import free_port
+from multirank_harness import free_port, run_ranks
 from stores import StoreTarget
 
 import cloudckpt
@@ -255,19 +255,14 @@ def _recipe_toml() -> str:
     return m.group(1)
 
 
-_RANK_SCRIPT = """
-import sys, torch, cloudckpt
-rank = int(sys.argv[2])
-cloudckpt.save(sys.argv[3], {"w": torch.full((4,), float(rank)), "rank": rank}, config=sys.argv[1])
-print("saved", rank)
-"""
-
-
-def test_two_process_toml_recipe_from_the_docs_commits_both_ranks(tmp_path: Path) -> None:
+def test_two_process_toml_recipe_from_the_docs_commits_both_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rank processes, each saving with nothing but its own copy of the recipe."""
     recipe = _recipe_toml()
     port = free_port()
     uri = str(tmp_path / "ckpt")
-    procs = []
+    configs = []
     for rank in (0, 1):
         text = re.sub(r"global_rank = 0\b", f"global_rank = {rank}", recipe)
         text = re.sub(r"global_world_size = \d+", "global_world_size = 2", text)
@@ -275,18 +270,11 @@ def test_two_process_toml_recipe_from_the_docs_commits_both_ranks(tmp_path: Path
         text = re.sub(r'master_address = "[^"]*"', 'master_address = "127.0.0.1"', text)
         path = tmp_path / f"rank{rank}.toml"
         path.write_text(text)
-        env = {k: v for k, v in os.environ.items() if k != "CLOUDCKPT_CONFIG"}
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", _RANK_SCRIPT, str(path), str(rank), uri],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-        )
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+        configs.append(str(path))
+    monkeypatch.delenv("CLOUDCKPT_CONFIG", raising=False)  # the ranks take this environment
+    results = run_ranks("save_with_config_file", 2, {"configs": configs, "uri": uri})
+    for rank, r in results.items():
+        assert r["code"] == 0 and r["result"] == {"ok": True}, (rank, r)
     ckpt = cloudckpt.checkpoint_reader.open_checkpoint(uri, None, {})
     assert ckpt.manifest.world_size == 2
     for rank in (0, 1):

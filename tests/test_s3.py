@@ -31,7 +31,7 @@ def _state() -> dict[str, object]:
 
 def _opts(server: S3Server, proxy: FaultProxy, **extra: object) -> dict[str, object]:
     # 5 MiB parts: the 12 MiB tensor goes as a 3-part multipart upload
-    return server.options(proxy.url, part_size=5 << 20, **extra)
+    return server.options(proxy.url, part_size=5 << 20, multipart_threshold=5 << 20, **extra)
 
 
 def _no_uploads_left(server: S3Server, bucket: str) -> bool:

@@ -1,5 +1,5 @@
-"""The S3 backend's plain metadata client (cloudckpt_s3.lite): when it is used, and that it
-answers exactly as the s3fs path does (names, sizes, errors and their messages)."""
+"""The S3 backend's plain client (cloudckpt_s3.lite): when it is used, and that it answers
+exactly as the s3fs path does (names, sizes, bytes, errors and their messages)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,17 @@ def _backends(options: dict[str, Any], uri: str) -> tuple[Any, Any, str]:
     return plain, full, path
 
 
+def _put_empty_objects(bucket: str, keys: list[str]) -> None:
+    """Empty objects straight into moto's store: the plugin's moto server runs in this process,
+    and 1005 PUTs through HTTP took ~15 s of setup; what is read back goes through HTTP."""
+    from moto.backends import get_backend
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    store = get_backend("s3")[DEFAULT_ACCOUNT_ID]["global"]
+    for key in keys:
+        store.put_object(bucket, key, b"")
+
+
 def test_metadata_requests_answer_as_the_s3fs_path(moto_server: S3Server) -> None:
     bucket = moto_server.new_bucket()
     s3 = moto_server.client()
@@ -56,8 +67,7 @@ def test_metadata_requests_answer_as_the_s3fs_path(moto_server: S3Server) -> Non
             assert plain.exists(p) == full.exists(p)
         plain.check_location(path)
         many = [f"root/many/{i:04d}" for i in range(1005)]  # two pages
-        for key in many:
-            s3.put_object(Bucket=bucket, Key=key, Body=b"")
+        _put_empty_objects(bucket, many)
         listed = plain.list_dir(plain.join(path, "many"))
         assert [i.name for i in listed] == [k.rsplit("/", 1)[1] for k in many]
         assert listed == full.list_dir(full.join(path, "many"))
@@ -67,18 +77,141 @@ def test_metadata_requests_answer_as_the_s3fs_path(moto_server: S3Server) -> Non
         full.close()
 
 
-def test_the_first_write_moves_every_request_to_s3fs(moto_server: S3Server) -> None:
+def test_a_multipart_upload_moves_every_request_to_s3fs(moto_server: S3Server) -> None:
     bucket = moto_server.new_bucket()
-    backend, path = open_backend(f"s3://{bucket}/r", storage_options=moto_server.options())
+    options = moto_server.options(part_size=5 << 20, multipart_threshold=5 << 20)
+    backend, path = open_backend(f"s3://{bucket}/r", storage_options=options)
     try:
         assert backend.list_dir(path) == []
         plain = backend._plain
         assert plain is not None
-        backend.write_object(backend.join(path, "obj"), [b"data"], 4)
+        backend.write_object(backend.join(path, "small"), [b"data"], 4)
+        assert backend._plain is plain and backend._fs is None  # one PUT: still plain
+        big = bytes(range(256)) * (24 << 12)  # 6 MiB: two parts
+        backend.write_object(backend.join(path, "big"), [big[:100], big[100:]], len(big))
         assert backend._plain is None and plain._closed  # closed, s3fs from now on
-        assert backend.read_bytes(backend.join(path, "obj")) == b"data"
+        assert backend.read_bytes(backend.join(path, "small")) == b"data"
+        assert moto_server.client().get_object(Bucket=bucket, Key="r/big")["Body"].read() == big
     finally:
         backend.close()
+
+
+@pytest.fixture(params=["moto_server", "seaweed_server"])
+def any_s3(request: pytest.FixtureRequest) -> S3Server:
+    """moto, then SeaweedFS: the plain client's writes must hold on both."""
+    server: S3Server = request.getfixturevalue(request.param)
+    return server
+
+
+def test_writes_and_deletes_go_through_the_plain_client(any_s3: S3Server) -> None:
+    bucket = any_s3.new_bucket()
+    s3 = any_s3.client()
+    tensor = torch.arange(1000, dtype=torch.float32)
+    views = [memoryview(b"head"), memoryview(tensor.numpy()).cast("B"), memoryview(b"tail")]
+    want = b"head" + tensor.numpy().tobytes() + b"tail"
+    backend, path = open_backend(f"s3://{bucket}/r", storage_options=any_s3.options())
+    try:
+        obj = backend.join(path, "d/obj")
+        backend.write_object(obj, views, len(want))  # views of tensor memory, sent as they are
+        assert s3.get_object(Bucket=bucket, Key="r/d/obj")["Body"].read() == want
+        man = backend.join(path, "manifest.json")
+        backend.put_create_only(man, b"one")
+        with pytest.raises(FileExistsError):
+            backend.put_create_only(man, b"two")
+        got = backend.read_version(man)
+        assert got is not None and got.data == b"one"
+        assert got.version == s3.head_object(Bucket=bucket, Key="r/manifest.json")["ETag"]
+        backend.put_replace(man, b"three", got.version)
+        with pytest.raises(FileExistsError):
+            backend.put_replace(man, b"four", got.version)  # stale: replaced meanwhile
+        assert backend.read_bytes(man) == b"three"
+        assert backend.read_version(backend.join(path, "absent")) is None
+        backend.delete(backend.join(path, "d"), recursive=True)
+        assert not backend.exists(obj) and [i.name for i in backend.list_dir(path)] == [
+            "manifest.json"
+        ]
+        assert backend._fs is None  # s3fs was never made
+    finally:
+        backend.close()
+
+
+def test_a_put_carries_its_crc32c_and_no_payload_hash(
+    seaweed_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body is unsigned; its CRC32C header is what the store checks (SeaweedFS does, as
+    S3 does; moto 5.2 ignores it): a wrong one is refused, never stored."""
+    bucket = seaweed_server.new_bucket()
+    backend, path = open_backend(f"s3://{bucket}/r", storage_options=seaweed_server.options())
+    try:
+        backend.write_object(backend.join(path, "ok"), [b"hello ", b"world"], 11)
+        head = seaweed_server.client().head_object(
+            Bucket=bucket, Key="r/ok", ChecksumMode="ENABLED"
+        )
+        assert head["ChecksumCRC32C"] == lite.crc32c_header([b"hello world"]) == "yZRlqg=="
+        monkeypatch.setattr(lite, "crc32c_header", lambda body: "AAAAAA==")
+        with pytest.raises(cloudckpt.BackendError) as e:
+            backend.write_object(backend.join(path, "bad"), [b"hello world"], 11)
+        assert "HTTP 400 BadDigest" in str(e.value) and str(e.value).startswith(
+            f"s3://{bucket}/r/bad: the store answered"
+        )
+        assert not backend.exists(backend.join(path, "bad"))
+    finally:
+        backend.close()
+
+
+def test_plain_writes_are_retried_through_faults(moto_server: S3Server, proxy: FaultProxy) -> None:
+    bucket = moto_server.new_bucket()
+    proxy.inject(status=503, times=2, method="PUT")
+    proxy.inject(drop=True, times=1, method="PUT")
+    proxy.inject(drop_answer=True, times=1, method="PUT", path_re="manifest")
+    proxy.inject(status=500, times=1, method="POST", path_re="delete")
+    options = moto_server.options(proxy.url)
+    backend, path = open_backend(f"s3://{bucket}/r", storage_options=options)
+    try:
+        data = bytes(range(256)) * 4096
+        backend.write_object(backend.join(path, "obj"), [data[:7], data[7:]], len(data))
+        man = backend.join(path, "manifest.json")
+        backend.put_replace(man, b"m", "")  # no old version: a plain PUT, answer lost once
+        backend.delete(backend.join(path, "obj"))
+        assert backend.retry_total() == 5 and backend._fs is None
+        assert backend.read_bytes(man) == b"m" and not backend.exists(backend.join(path, "obj"))
+    finally:
+        backend.close()
+    uri = f"s3://{bucket}/run/step-1"
+    state = {f"t{i}": torch.randn(3000) for i in range(50)}
+    proxy.inject(status=503, times=3, method="PUT")
+    cloudckpt.save(uri, state, storage_options=options)
+    out = cloudckpt.load(uri, storage_options=options)
+    assert all(torch.equal(out[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "refused"])
+def test_plain_write_errors_are_the_s3fs_paths_errors(
+    moto_server: S3Server, proxy: FaultProxy, case: str
+) -> None:
+    bucket = moto_server.new_bucket()
+    uri = f"s3://{bucket}/r/x"
+    if case == "missing bucket":
+        uri = f"s3://nobucket-{bucket}/r/x"
+    else:
+        body = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+        proxy.inject(status=403, times=None, body=body, method="PUT")
+    plain, full, path = _backends(moto_server.options(proxy.url), uri)
+    try:
+        errors = []
+        for backend in (plain, full):
+            with pytest.raises(cloudckpt.BackendError) as e:
+                backend.write_object(path, [b"data"], 4)
+            errors.append(str(e.value))
+            with pytest.raises(cloudckpt.BackendError) as e:
+                backend.put_create_only(path, b"data")
+            errors.append(str(e.value))
+        assert plain._fs is None
+        assert errors[:2] == errors[2:]
+        assert ("does not exist" if case == "missing bucket" else "HTTP 403") in errors[0]
+    finally:
+        plain.close()
+        full.close()
 
 
 def _closed_port() -> int:
@@ -280,7 +413,7 @@ def test_a_named_profile_signs_both_paths(
     moto_server: S3Server, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``profile`` (documented in docs/backends/s3.md) was refused by the option check; now a
-    save (s3fs) and a load take it, and the plain client signs with the profile's keys."""
+    save and a load take it, and the plain client signs with the profile's keys."""
     creds = tmp_path / "credentials"
     creds.write_text("[ckpt]\naws_access_key_id = PROFILEKEY\naws_secret_access_key = s\n")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))

@@ -3,7 +3,8 @@ the AWS example applied against local S3 servers, then used by cloudckpt through
 ``cloudckpt_config`` it outputs, then destroyed.
 
 Offline: providers come from the local mirror (a folder named tf-plugins). Skipped when there is
-no terraform binary, except under CI (``CI`` set), where that fails. The apply is marked slow.
+no terraform binary, except under CI (``CI`` set), where that fails. The apply and ``terraform
+test`` are marked slow.
 """
 
 from __future__ import annotations
@@ -72,9 +73,12 @@ def test_init_and_validate(directory: str, tf_env: dict[str, str], tree: Path) -
     tf.run("validate", "-no-color")
 
 
+@pytest.mark.slow
 def test_aws_module_terraform_test(tf_env: dict[str, str], tree: Path) -> None:
     """The module's rules on a mocked provider: encryption, public access block, TLS-only
-    policy and its switch, lifecycle rules, prefix-scoped IAM policies, the config output."""
+    policy and its switch, lifecycle rules, prefix-scoped IAM policies, the config output.
+    Slow (~20 s, a provider start per run block); CI's .ci/terraform.sh runs it too, and the
+    default run keeps the module's init and validate (test_init_and_validate)."""
     tf = Terraform(tree / "modules/aws-checkpoint-bucket", tf_env)
     tf.init()
     out = tf.run("test", "-no-color").stdout

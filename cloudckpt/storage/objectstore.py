@@ -258,10 +258,10 @@ class ObjectStoreBackend(Backend):
                 raise
             raise mapped from (None if isinstance(mapped, (FileNotFoundError, EOFError)) else e)
 
-    def call_sync(self, fn: Callable[[], T], what: str) -> T:
+    def call_sync(self, fn: Callable[[], T], what: str, deadline: Deadline | None = None) -> T:
         """``fn()`` (a blocking client call) under the retry policy, mapped like :meth:`call`."""
         try:
-            return self.retrier.call(fn, what=what)
+            return self.retrier.call(fn, what=what, deadline=deadline)
         except Exception as e:
             mapped = self.store_error(e, what)
             if mapped is e:

@@ -70,7 +70,6 @@ def _error_detail(body: bytes) -> tuple[str, str]:
 
 
 _BODY_SLICE = 1 << 20
-_READ_CHUNK = 1 << 20
 
 
 async def _body(views: Sequence[memoryview]) -> AsyncIterator[memoryview]:
@@ -456,21 +455,19 @@ class GCSBackend(ObjectStoreBackend):
             want = last + 1 - first
             got = 0
             while got < want:
-                # Whole MiBs where the body has them: a few large chunks scatter far faster
-                # than the many small ones the socket hands over.
-                n = min(want - got + skip, _READ_CHUNK)
-                try:
-                    data, ended = await r.content.readexactly(n), False
-                except asyncio.IncompleteReadError as e:
-                    data, ended = e.partial, True
+                # The body as the socket delivered it (up to 256 KiB a chunk): no joining into
+                # larger blocks, which copied every byte once more (the reader's destinations
+                # are large shared storages or whole tensors, so few views per chunk).
+                data, _ = await r.content.readchunk()
+                if not data:
+                    break
                 if skip:
                     cut = min(skip, len(data))
                     data, skip = data[cut:], skip - cut
+                data = data[: want - got]
                 got += len(data)
                 if data:
                     yield data
-                if ended:
-                    break
             if got < want:
                 total = r.headers.get("Content-Range", "").rpartition("/")[2]
                 if not (total.isdigit() and int(total) < last + 1):

@@ -1,15 +1,18 @@
 """The S3 backend: s3fs for credentials, endpoint and its event loop; the requests are our own.
 
-Clients are made on first use. Listings, small GETs and HEADs made before anything needed
-s3fs go through :mod:`cloudckpt_s3.lite` (``http.client`` with botocore's credentials and
-signer) where the options allow it, so a process that only looks (``cloudckpt latest``) never
-imports s3fs, aiobotocore or aiohttp; the first request that needs s3fs (a write, a ranged read,
-a delete) makes its client, and from then on every request goes through it.
+Clients are made on first use. Listings, GETs, HEADs, single-object PUTs and deletes made
+before anything needed s3fs go through :mod:`cloudckpt_s3.lite` (``http.client`` with
+botocore's credentials and signer) where the options allow it, so a process that only looks
+(``cloudckpt latest``) never imports s3fs, aiobotocore or aiohttp, and a small save never makes
+their client; the first request that needs s3fs (a multipart upload, a ranged read, a listing
+of uploads) makes its client, and from then on every request goes through it.
 
 On :class:`cloudckpt.storage.objectstore.ObjectStoreBackend`, which owns options, retries, error
 mapping and parallel ranged reads. What is S3's own:
 
-- ``write_object``: one ``PutObject`` for a small object; otherwise a multipart upload. Parts are
+- ``write_object``: one ``PutObject`` for an object up to ``multipart_threshold`` (64 MiB: a
+  completed multipart upload costs the store a reassembly, and a small save's objects are
+  written several at once anyway); otherwise a multipart upload. Parts are
   views of the writer's chunks (tensor memory), cut so that a large tensor goes as whole parts of
   its own with nothing copied; only parts that gather small chunks are joined. Parts go out on
   s3fs's event loop, at most ``max_inflight_parts`` across the backend. A failure aborts the
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import threading
 from collections.abc import AsyncGenerator, Iterable
@@ -60,9 +64,11 @@ S3FS_OPTIONS = (
 )  # fmt: skip
 _UNSET: Any = object()
 
+_CONDITION_HEADERS = {"IfNoneMatch": "If-None-Match", "IfMatch": "If-Match"}
 MIN_PART = 5 << 20  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000
 DEFAULT_PART = 8 << 20
+DEFAULT_MULTIPART_THRESHOLD = 64 << 20
 NO_RETRIES = {"total_max_attempts": 1, "mode": "standard"}
 
 
@@ -70,8 +76,9 @@ class S3Backend(ObjectStoreBackend):
     """``s3://`` and ``s3a://`` on s3fs, with create-only commits and cloudckpt's retry policy.
 
     Storage options are s3fs's (``endpoint_url``, ``profile``, ``client_kwargs``,
-    ``config_kwargs``, ...), plus ``part_size``, ``max_inflight_parts``, ``read_part_size`` and
-    the ``retry_*`` options of :meth:`cloudckpt.storage.retry.RetryPolicy.from_options`.
+    ``config_kwargs``, ...), plus ``part_size``, ``multipart_threshold``,
+    ``max_inflight_parts``, ``read_part_size`` and the ``retry_*`` options of
+    :meth:`cloudckpt.storage.retry.RetryPolicy.from_options`.
     """
 
     name = "s3"
@@ -82,8 +89,15 @@ class S3Backend(ObjectStoreBackend):
         OptionSpec("part_size", "size", DEFAULT_PART, "S3's smallest part is 5 MiB", MIN_PART),
         OptionSpec("read_part_size", "size", DEFAULT_PART, "bytes per ranged GET"),
         OptionSpec("max_inflight_parts", "int", 8, "requests in flight"),
+        OptionSpec(
+            "multipart_threshold",
+            "size",
+            DEFAULT_MULTIPART_THRESHOLD,
+            "objects up to this size go in one PutObject",
+        ),
     )
     client_options = S3FS_OPTIONS
+    multipart_threshold: int
     retryable_codes = frozenset(
         {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
          "ConditionalRequestConflict", "OperationAborted"}
@@ -114,7 +128,7 @@ class S3Backend(ObjectStoreBackend):
         config.setdefault("parameter_validation", False)
         self._fs_options = {**options, "config_kwargs": config}
         self._fs: Any = None
-        self._plain: lite.PlainClient | None = _UNSET  # made with the first metadata request
+        self._plain: lite.PlainClient | None = _UNSET  # made with the first request
         self._clients = threading.Lock()
         self._inflight = threading.BoundedSemaphore(self.max_inflight_parts)
         self._if_match = True  # until the store answers If-Match with 501
@@ -138,17 +152,18 @@ class S3Backend(ObjectStoreBackend):
         return self._fs
 
     def _plain_client(self) -> lite.PlainClient | None:
-        """The plain client for a metadata request, or ``None`` once s3fs is in use (or where
+        """The plain client for a request it makes, or ``None`` once s3fs is in use (or where
         the options need s3fs: see :func:`cloudckpt_s3.lite.plan`)."""
         if self._plain is _UNSET:
             with self._clients:
                 if self._plain is _UNSET:
-                    self._plain = None
+                    made = None  # other threads see _UNSET until it is made, and wait
                     if self._fs is None and (settings := lite.plan(self._fs_options)):
                         try:
-                            self._plain = lite.PlainClient(settings)
+                            made = lite.PlainClient(settings)
                         except Exception as e:  # s3fs's client reports it in its own words
-                            logger.debug("s3: plain metadata client unavailable: %s", e)
+                            logger.debug("s3: plain client unavailable: %s", e)
+                    self._plain = made
         return self._plain
 
     @property
@@ -195,18 +210,16 @@ class S3Backend(ObjectStoreBackend):
     # -- writes -------------------------------------------------------------------------------
 
     def write_object(self, path: str, chunks: Iterable[Buffer], size: int) -> None:
-        from .parts import PartBody
-
         bucket, key = self.split(path)
         what = self.to_uri(path)
         deadline = self.retrier.deadline()
         part_size = self._part_size_for(size)
-        if size <= part_size:
+        if size <= max(part_size, self.multipart_threshold):
             views = [buffers.byte_view(c) for c in chunks]
             got = buffers.total(views)
             if got != size:
                 raise ValueError(f"{what}: expected {size} bytes, the writer produced {got}")
-            self._do("put_object", what, deadline, Bucket=bucket, Key=key, Body=PartBody(views))
+            self._put(bucket, key, views, what, deadline)
             return
         tries = [0]
 
@@ -221,6 +234,26 @@ class S3Backend(ObjectStoreBackend):
         finally:
             if tries[0] > 1:  # an earlier try may have created an upload whose answer was lost
                 self._abort_others(bucket, key, upload_id, what)
+
+    def _put(
+        self,
+        bucket: str,
+        key: str,
+        body: list[memoryview],
+        what: str,
+        deadline: Deadline | None = None,
+        **cond: str,
+    ) -> None:
+        """One ``PutObject`` of ``body`` (views, not joined); ``cond``: ``IfNoneMatch`` or
+        ``IfMatch``, as botocore names them."""
+        plain = self._plain_client()
+        if plain is not None:
+            headers = {_CONDITION_HEADERS[k]: v for k, v in cond.items()}
+            self.call_sync(lambda: plain.put(bucket, key, body, headers), what, deadline)
+            return
+        from .parts import PartBody
+
+        self._do("put_object", what, deadline, Bucket=bucket, Key=key, Body=PartBody(body), **cond)
 
     def _upload_parts(
         self,
@@ -358,6 +391,15 @@ class S3Backend(ObjectStoreBackend):
     def read_version(self, path: str) -> VersionedObject | None:
         """The object and its ETag (one ``GetObject``)."""
         bucket, key = self.split(path)
+        plain = self._plain_client()
+        if plain is not None:
+            try:
+                body, etag = self.call_sync(
+                    lambda: plain.get_versioned(bucket, key), self.to_uri(path)
+                )
+            except FileNotFoundError:
+                return None
+            return VersionedObject(body, etag)
 
         async def get() -> VersionedObject:
             resp = await self._req("get_object", Bucket=bucket, Key=key)
@@ -376,7 +418,7 @@ class S3Backend(ObjectStoreBackend):
         what = self.to_uri(path)
         cond = {"IfMatch": expected_version} if expected_version and self._if_match else {}
         try:
-            self._do("put_object", what, Bucket=bucket, Key=key, Body=data, **cond)
+            self._put(bucket, key, [memoryview(data)], what, None, **cond)
         except FileExistsError:
             raise FileExistsError(errno.EEXIST, "object was replaced meanwhile", what) from None
         except BackendError as e:
@@ -393,9 +435,7 @@ class S3Backend(ObjectStoreBackend):
 
     def put_create_only(self, path: str, data: bytes) -> None:
         bucket, key = self.split(path)
-        self._do(
-            "put_object", self.to_uri(path), Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"
-        )
+        self._put(bucket, key, [memoryview(data)], self.to_uri(path), IfNoneMatch="*")
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -452,20 +492,8 @@ class S3Backend(ObjectStoreBackend):
         bucket, key = self.split(path)
         prefix = self._prefix(key)
         what = self.to_uri(path)
-        plain = self._plain_client()
-        found: list[lite.ListedObject]
-        if plain is not None:
-            listing = self.call_sync(lambda: plain.list(bucket, prefix, delimiter=True), what)
-            found, prefixes = listing.objects, listing.prefixes
-        else:
-            objects, prefixes = self.run(
-                self.call(lambda: self._list(bucket, prefix, delimiter=True), what)
-            )
-            found = []
-            for o in objects:
-                mtime = o.get("LastModified")
-                when = mtime.timestamp() if hasattr(mtime, "timestamp") else None
-                found.append(lite.ListedObject(str(o["Key"]), int(o.get("Size", 0)), when))
+        listing = self._listing(bucket, prefix, True, what)
+        found, prefixes = listing.objects, listing.prefixes
         out = [
             ObjectInfo(f"{bucket}/{p.rstrip('/')}", p.rstrip("/").rsplit("/", 1)[-1], 0, True)
             for p in prefixes
@@ -481,27 +509,46 @@ class S3Backend(ObjectStoreBackend):
         bucket, key = self.split(path)
         what = self.to_uri(path)
         keys = [key] if key else []
+        plain = self._plain_client()
         if recursive:
-            objects, _ = self.run(
-                self.call(lambda: self._list(bucket, self._prefix(key), delimiter=False), what)
-            )
-            keys += [str(o["Key"]) for o in objects]
+            keys += [o.key for o in self._listing(bucket, self._prefix(key), False, what).objects]
         for i in range(0, len(keys), 1000):
-            batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-            self._do("delete_objects", what, Bucket=bucket, Delete=batch)
+            batch = keys[i : i + 1000]
+            if plain is not None:
+                self.call_sync(functools.partial(plain.delete_many, bucket, batch), what)
+                continue
+            objects = {"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            self._do("delete_objects", what, Bucket=bucket, Delete=objects)
         if recursive and key:
             self._remove_dir_markers(bucket, key, what)
+
+    def _listing(self, bucket: str, prefix: str, delimiter: bool, what: str) -> lite.Listing:
+        """Every page of a listing under ``prefix``, by the plain client or s3fs."""
+        plain = self._plain_client()
+        if plain is not None:
+            return self.call_sync(lambda: plain.list(bucket, prefix, delimiter=delimiter), what)
+        objects, prefixes = self.run(
+            self.call(lambda: self._list(bucket, prefix, delimiter=delimiter), what)
+        )
+        found = []
+        for o in objects:
+            mtime = o.get("LastModified")
+            when = mtime.timestamp() if hasattr(mtime, "timestamp") else None
+            found.append(lite.ListedObject(str(o["Key"]), int(o.get("Size", 0)), when))
+        return lite.Listing(found, prefixes)
 
     def _remove_dir_markers(self, bucket: str, key: str, what: str) -> None:
         """Stores with real directories (SeaweedFS) keep empty ``dir/`` entries listed after
         their objects are gone: remove them, deepest first."""
-        _, prefixes = self.run(
-            self.call(lambda: self._list(bucket, self._prefix(key), delimiter=True), what)
-        )
-        for p in prefixes:
+        for p in self._listing(bucket, self._prefix(key), True, what).prefixes:
             self._remove_dir_markers(bucket, p.rstrip("/"), what)
+        marker = self._prefix(key)
+        plain = self._plain_client()
         with contextlib.suppress(OSError):
-            self._do("delete_object", what, Bucket=bucket, Key=self._prefix(key))
+            if plain is not None:
+                self.call_sync(lambda: plain.delete(bucket, marker), what)
+            else:
+                self._do("delete_object", what, Bucket=bucket, Key=marker)
 
     def exists(self, path: str) -> bool:
         bucket, key = self.split(path)

@@ -1,12 +1,21 @@
-"""S3 metadata requests without s3fs: listings, small GETs and HEADs over ``http.client``.
+"""S3 requests without s3fs: listings, GETs, HEADs, single PUTs and deletes over ``http.client``.
 
 A new process that only looks (``cloudckpt latest``, ``ls``, ``info``) spent most of its time
 importing s3fs, aiobotocore and aiohttp and loading botocore's S3 service model before its
 first request. This client takes what must match the full client from botocore itself, which
 is cheap to import without a client: the credentials (botocore's session and its whole chain:
 explicit keys, environment, profiles, SSO, roles, instance metadata), the region, the CA
-bundle and the SigV4 signer. What it does itself is small: build four kinds of requests
-(``ListObjectsV2``, ``GetObject``, ``HeadObject``, ``HeadBucket``), send them, parse the XML.
+bundle and the SigV4 signer. What it does itself is small: build a few kinds of requests
+(``ListObjectsV2``, ``GetObject``, ``HeadObject``, ``HeadBucket``, ``PutObject``,
+``DeleteObject``, ``DeleteObjects``), send them, parse the XML.
+
+A save spent more time making s3fs's client (an aiohttp session with a TLS context even for an
+``http://`` endpoint, botocore's S3 service model) than sending a small checkpoint's objects, so
+a single-object ``PutObject`` goes through here too. Its body is the writer's views of tensor
+memory, handed to the socket as they are. The payload is sent unsigned (``UNSIGNED-PAYLOAD``)
+with its CRC32C in ``x-amz-checksum-crc32c``, which S3 checks before it stores the object (a
+mismatch is 400 ``BadDigest``): the integrity check botocore itself relies on over TLS, at a
+fraction of the cost of the SHA-256 it computes otherwise.
 
 It is used only where the options leave nothing for the full client to decide differently:
 an explicit ``endpoint_url`` (path-style addressing, as botocore uses for one), no proxy, no
@@ -16,12 +25,15 @@ backend uses s3fs for everything, as before.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import os
+import socket
 import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -183,6 +195,9 @@ class PlainClient:
         conn.connect()
         if conn.sock is not None:
             conn.sock.settimeout(self.settings.read_timeout)
+            # A PUT's headers and body go in separate sends: without this, Nagle's algorithm
+            # holds a small body back until the headers are acknowledged (aiohttp sets it too).
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
     def _tls_context(self) -> Any:
@@ -211,18 +226,29 @@ class PlainClient:
         conn.close()
 
     def request(
-        self, method: str, bucket: str, key: str = "", query: Mapping[str, str] | None = None
+        self,
+        method: str,
+        bucket: str,
+        key: str = "",
+        query: Mapping[str, str] | None = None,
+        body: Sequence[memoryview | bytes] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         """One signed request; ``(status, headers, body)`` of a 2xx answer, else
-        :class:`PlainHTTPError`."""
-        path, headers = self.signed(method, bucket, key, query)
+        :class:`PlainHTTPError`. A ``body`` (buffers sent in turn, never joined) goes with its
+        CRC32C and an unsigned payload; ``headers`` are signed with the rest."""
+        extra = dict(headers or {})
+        if body is not None:
+            extra["Content-Length"] = str(sum(memoryview(b).nbytes for b in body))
+            extra["x-amz-checksum-crc32c"] = crc32c_header(body)
+        path, signed = self.signed(method, bucket, key, query, extra, unsigned=body is not None)
         conn = self._connection()
         reusable = False
         try:
-            conn.request(method, path, headers=headers)
+            conn.request(method, path, body=body, headers=signed)
             resp = conn.getresponse()
             try:
-                body = resp.read()
+                data = resp.read()
             except http.client.IncompleteRead as e:
                 raise ConnectionResetError(f"the answer was cut short ({e})") from e
             reusable = not resp.will_close
@@ -231,18 +257,28 @@ class PlainClient:
         finally:
             self._release(conn, reusable)
         if 200 <= status < 300:
-            return status, answer, body
-        code, message = _error_of(body)
+            return status, answer, data
+        code, message = _error_of(data)
         # botocore's words for a bodiless answer (a HEAD): the status and its reason
         raise PlainHTTPError(status, code or str(status), message or reason)
 
     def signed(
-        self, method: str, bucket: str, key: str = "", query: Mapping[str, str] | None = None
+        self,
+        method: str,
+        bucket: str,
+        key: str = "",
+        query: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        unsigned: bool = False,
     ) -> tuple[str, dict[str, str]]:
         """The request's path (with its query) and headers, signed as botocore signs them:
-        path-style, the key quoted as botocore quotes it, SigV4 for ``s3`` in the region."""
+        path-style, the key quoted as botocore quotes it, SigV4 for ``s3`` in the region.
+        ``unsigned``: the payload is not hashed into the signature (``UNSIGNED-PAYLOAD``)."""
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
+
+        from ._unsigned import UnsignedPayload as _UnsignedPayload
 
         path = f"{self._base_path}/{urllib.parse.quote(bucket, safe='')}"
         if key:
@@ -252,9 +288,9 @@ class PlainClient:
                 f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
                 for k, v in sorted(query.items())
             )
-        req = AWSRequest(method=method, url=self._origin + path)
+        req = AWSRequest(method=method, url=self._origin + path, headers=dict(headers or {}))
         creds = self._credentials.get_frozen_credentials()
-        S3SigV4Auth(creds, "s3", self.region).add_auth(req)
+        (_UnsignedPayload if unsigned else S3SigV4Auth)(creds, "s3", self.region).add_auth(req)
         return path, {k: str(v) for k, v in req.headers.items()}
 
     def get(self, bucket: str, key: str) -> bytes:
@@ -293,12 +329,54 @@ class PlainClient:
     def get_listing(self, bucket: str, query: Mapping[str, str]) -> bytes:
         return self.request("GET", bucket, "", query)[2]
 
+    def get_versioned(self, bucket: str, key: str) -> tuple[bytes, str]:
+        """The object and its ETag (quoted, as S3 sends it)."""
+        _, headers, body = self.request("GET", bucket, key)
+        return body, headers.get("etag", "")
+
+    def put(
+        self,
+        bucket: str,
+        key: str,
+        body: Sequence[memoryview | bytes],
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, str]:
+        """One ``PutObject`` of ``body``; the answer's headers. ``headers``: conditions
+        (``If-None-Match``, ``If-Match``)."""
+        return self.request("PUT", bucket, key, body=body, headers=headers)[1]
+
+    def delete(self, bucket: str, key: str) -> None:
+        """One ``DeleteObject`` (a missing key is no error, as on S3)."""
+        self.request("DELETE", bucket, key)
+
+    def delete_many(self, bucket: str, keys: Sequence[str]) -> None:
+        """One quiet ``DeleteObjects`` of at most 1,000 keys. As on the s3fs path, the store's
+        per-key errors in its answer are not raised."""
+        root = ET.Element("Delete")
+        ET.SubElement(root, "Quiet").text = "true"
+        for k in keys:
+            ET.SubElement(ET.SubElement(root, "Object"), "Key").text = k
+        doc = ET.tostring(root, encoding="utf-8")
+        md5 = hashlib.md5(doc, usedforsecurity=False).digest()  # S3 requires it here
+        headers = {"Content-MD5": base64.b64encode(md5).decode()}
+        self.request("POST", bucket, "", {"delete": ""}, body=[doc], headers=headers)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def crc32c_header(body: Sequence[memoryview | bytes]) -> str:
+    """``x-amz-checksum-crc32c``'s value for these buffers: the big-endian CRC32C, base64."""
+    import crc32c
+
+    value = 0
+    for b in body:
+        value = crc32c.crc32c(b, value)
+    return base64.b64encode(value.to_bytes(4, "big")).decode()
 
 
 def _local(tag: str) -> str:
