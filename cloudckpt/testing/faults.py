@@ -4,6 +4,8 @@
         proxy.inject(status=503, times=3, method="PUT")        # the next 3 PUTs get 503 SlowDown
         proxy.inject(drop=True, times=1, path_re=r"partNumber")  # one upload_part loses its socket
         proxy.inject(drop_answer=True, method="PUT", path_re="manifest")  # done, answer lost
+        proxy.inject(cut_body=1000, method="GET")       # a GET's answer dies after 1,000 bytes
+        proxy.inject(ignore_range=True, method="GET")   # the server answers 200 with it all
         ... point the client at f"http://127.0.0.1:{proxy.port}" ...
 
 Requests that match no active rule are forwarded unchanged. Faults happen on the server path:
@@ -39,6 +41,8 @@ class Rule:
     delay: float | None = None
     drop: bool = False
     drop_answer: bool = False  # forward the request, then drop the connection unanswered
+    cut_body: int | None = None  # answer, send this many bytes of the body, then drop
+    ignore_range: bool = False  # forward without its Range header (a server that ignores it)
     body: bytes | None = None
     hits: int = 0
 
@@ -103,6 +107,10 @@ class _Handler(BaseHTTPRequestHandler):
                     if rule.drop
                     else "drop_answer"
                     if rule.drop_answer
+                    else "cut_body"
+                    if rule.cut_body is not None
+                    else "ignore_range"
+                    if rule.ignore_range
                     else (f"{rule.status}" if rule.status else "delay")
                 )
             st.seen.append(Seen(self.command, self.path, fault))
@@ -124,6 +132,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
         headers["Host"] = f"{st.target[0]}:{st.target[1]}"
         headers["Content-Length"] = str(len(body))
+        if rule is not None and rule.ignore_range:
+            headers = {k: v for k, v in headers.items() if k.lower() != "range"}
         conn.request(self.command, self.path, body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
@@ -140,6 +150,13 @@ class _Handler(BaseHTTPRequestHandler):
         length = resp.getheader("Content-Length") if self.command == "HEAD" else None
         self.send_header("Content-Length", length or str(len(data)))
         self.end_headers()
+        if rule is not None and rule.cut_body is not None:  # the answer dies part-way
+            self.wfile.write(data[: rule.cut_body])
+            self.wfile.flush()
+            conn.close()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         if self.command != "HEAD":
             self.wfile.write(data)
         conn.close()
