@@ -143,3 +143,87 @@ def test_upload_finalized_short_by_the_store_is_an_error(
         cloudckpt.save(uri, _state(), storage_options=_opts(gcs_server, proxy))
     with pytest.raises(cloudckpt.CheckpointNotCommittedError, match=r"holds no manifest\.json"):
         cloudckpt.load(uri, storage_options=gcs_server.options())
+
+
+# -- reads over plain connections (cloudckpt.storage.plainhttp) -------------------------------
+
+
+def _object(server: GCSServer, proxy: FaultProxy, size: int, **extra: object):  # type: ignore[no-untyped-def]
+    """A backend reaching ``server`` through ``proxy`` (256 KiB ranged GETs, 3 in flight), the
+    path of a fresh ``size``-byte object, and its bytes."""
+    opts = server.options(
+        proxy.url, read_part_size=256 << 10, max_inflight_parts=3, retry_stall_timeout=5, **extra
+    )
+    backend, root = resolve(f"gs://{server.new_bucket()}/r", storage_options=opts)
+    data = torch.randint(
+        0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    path = backend.join(root, "obj")
+    backend.write_object(path, [memoryview(data.numpy())], size)
+    return backend, path, bytes(data.numpy())
+
+
+def _read(backend, path: str, offset: int, sizes: list[int]) -> bytes:  # type: ignore[no-untyped-def]
+    views = [memoryview(bytearray(n)) for n in sizes]
+    backend.read_into(path, offset, views)
+    return b"".join(bytes(v) for v in views)
+
+
+def test_plain_reads_resume_cut_answers_and_retry_503(
+    gcs_server: GCSServer, proxy: FaultProxy
+) -> None:
+    backend, path, data = _object(gcs_server, proxy, 3 << 20)
+    assert backend.range_request(*backend.split(path)) is not None  # the plain path is taken
+    proxy.inject(cut_body=1000, times=2, method="GET", path_re="obj")
+    proxy.inject(status=503, times=1, method="GET", body=b'{"error":{"message":"busy"}}')
+    sizes = [7, 1 << 20, 333_333, (3 << 20) - 100 - 7 - (1 << 20) - 333_333]
+    assert _read(backend, path, 100, sizes) == data[100:]
+    faults = [s.fault for s in proxy.seen if s.fault]
+    assert sorted(faults) == ["503", "cut_body", "cut_body"]
+    gets = [s for s in proxy.seen if s.method == "GET"]
+    assert len(gets) == 12 + 3  # 12 pieces of 256 KiB, each failed one sent once more
+    backend.close()
+
+
+def test_plain_read_of_a_server_that_ignores_range(
+    gcs_server: GCSServer, proxy: FaultProxy
+) -> None:
+    backend, path, data = _object(gcs_server, proxy, 1 << 20)
+    proxy.inject(ignore_range=True, times=2, method="GET", path_re="obj")
+    assert _read(backend, path, 300_000, [500_000]) == data[300_000:800_000]
+    assert [s.fault for s in proxy.seen if s.fault] == ["ignore_range", "ignore_range"]
+    backend.close()
+
+
+def test_plain_read_errors_name_the_object(gcs_server: GCSServer, proxy: FaultProxy) -> None:
+    backend, path, _ = _object(gcs_server, proxy, 1000)
+    uri = backend.to_uri(path)
+    with pytest.raises(EOFError, match=f"{uri}: the object ends before byte 1100"):
+        _read(backend, path, 100, [1000])
+    with pytest.raises(FileNotFoundError, match="no such object") as info:
+        _read(backend, path + "-missing", 0, [10])
+    assert info.value.filename == uri + "-missing"
+    proxy.inject(status=503, times=None, method="GET", body=b'{"error":{"message":"busy"}}')
+    started = time.monotonic()
+    with pytest.raises(cloudckpt.BackendError, match=rf"{uri}: gave up after .*stall timeout 5 s"):
+        _read(backend, path, 0, [1000])
+    assert time.monotonic() - started < 120  # hang guard
+    backend.close()
+
+
+def test_reads_go_through_gcsfs_session_where_it_differs(
+    gcs_server: GCSServer, proxy: FaultProxy
+) -> None:
+    # session_kwargs shape gcsfs's aiohttp session (a proxy, a connector): reads use it
+    backend, path, data = _object(gcs_server, proxy, 1 << 20, session_kwargs={"trust_env": False})
+    assert backend.range_request(*backend.split(path)) is None
+    proxy.inject(drop=True, times=1, method="GET", path_re="obj")
+    assert _read(backend, path, 10, [1000, (1 << 20) - 1010]) == data[10:]
+    backend.close()
+
+
+def test_range_request_repr_hides_headers() -> None:
+    from cloudckpt.storage.plainhttp import RangeRequest
+
+    req = RangeRequest("https://storage.googleapis.com/x", {"Authorization": "Bearer s3cret"})
+    assert "s3cret" not in repr(req) and "Authorization" not in repr(req)

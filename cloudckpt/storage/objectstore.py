@@ -23,16 +23,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
+import ssl
+import threading
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from ..errors import BackendError, ConfigError
 from ..units import parse_size
-from . import buffers
+from . import buffers, plainhttp
 from .interface import Backend
+from .plainhttp import RangeRequest
 from .retry import (
     RETRYABLE_HTTP_STATUSES,
     Deadline,
@@ -87,6 +93,15 @@ class StoreAnswer:
     status: int | None
     code: str = ""
     message: str = ""
+
+
+class StatusError(OSError):
+    """A store's error answer to a plain GET (``status``), for stores without their own type."""
+
+    def __init__(self, status: int, what: str, body: bytes) -> None:
+        super().__init__(f"{what}: HTTP {status}: {body[:200]!r}")
+        self.status = status
+        self.code = ""
 
 
 @dataclass
@@ -178,6 +193,9 @@ class ObjectStoreBackend(Backend):
         self.endpoint = str(client_options.get("endpoint_url") or "")
         self.counter = RetryCounter()
         self.retrier = Retrier(self.policy, self.classify, self.counter)
+        self._plain_lock = threading.Lock()
+        self._http: plainhttp.ConnectionPool | None = None
+        self._piece_pool: ThreadPoolExecutor | None = None
         self.open_client(client_options)
 
     @classmethod
@@ -202,6 +220,21 @@ class ObjectStoreBackend(Backend):
     ) -> AsyncGenerator[bytes, None]:
         """The bytes ``first..last`` (inclusive) of an object, as they arrive."""
         raise NotImplementedError
+
+    def range_request(self, bucket: str, key: str) -> RangeRequest | None:
+        """The GET of an object's media as a plain HTTP request (the base adds ``Range``), so
+        that reads land in the caller's buffers from the reading thread
+        (:mod:`~cloudckpt.storage.plainhttp`); ``None`` (the default) reads through
+        :meth:`open_range` on the async client instead."""
+        return None
+
+    def status_error(self, status: int, body: bytes, what: str) -> Exception:
+        """A plain GET's error answer as the exception :meth:`answer_of` reads."""
+        return StatusError(status, what, body)
+
+    def tls_context(self) -> ssl.SSLContext:
+        """The TLS context of plain requests to an ``https`` endpoint."""
+        return ssl.create_default_context()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -346,6 +379,10 @@ class ObjectStoreBackend(Backend):
         if not pieces:
             return
         deadline = self.retrier.deadline()
+        request = self.range_request(bucket, key)
+        if request is not None:
+            self._get_pieces(request, what, pieces, deadline)
+            return
 
         async def fetch(p: Piece, sem: asyncio.Semaphore) -> None:
             async with sem:
@@ -363,6 +400,89 @@ class ObjectStoreBackend(Backend):
                 raise
 
         self.run(fetch_all())
+
+    def _get_pieces(
+        self, request: RangeRequest, what: str, pieces: list[Piece], deadline: Deadline
+    ) -> None:
+        """Fetch ``pieces`` with plain ranged GETs: this thread and up to
+        ``max_inflight_parts - 1`` of the backend's own take them in turn. After a failure no
+        new piece starts; the first error is raised once every started piece has ended."""
+        todo = iter(pieces)
+        lock = threading.Lock()
+        failed: list[BaseException] = []
+
+        def work() -> None:
+            while True:
+                with lock:
+                    p = None if failed else next(todo, None)
+                if p is None:
+                    return
+                try:
+                    self.call_sync(
+                        functools.partial(self._get_piece, request, what, p), what, deadline
+                    )
+                except BaseException as e:
+                    with lock:
+                        failed.append(e)
+                    return
+
+        helpers = min(len(pieces), self.max_inflight_parts) - 1
+        if helpers > 0:
+            with self._plain_lock:
+                if self._piece_pool is None:
+                    self._piece_pool = ThreadPoolExecutor(
+                        self.max_inflight_parts, thread_name_prefix=f"cloudckpt-{self.name}-get"
+                    )
+                pool = self._piece_pool
+            started = [pool.submit(work) for _ in range(helpers)]
+        else:
+            started = []
+        work()
+        for f in started:
+            if not f.cancel():  # a helper still queued behind other reads has nothing left
+                f.result()
+        if failed:
+            raise failed[0]
+
+    def _get_piece(self, request: RangeRequest, what: str, p: Piece) -> None:
+        """One attempt at the rest of ``p`` (after a drop, from where it stopped)."""
+
+        def landed(n: int) -> None:
+            p.done += n
+
+        try:
+            plainhttp.get_range_into(
+                self._connections(request.url),
+                request,
+                p.start + p.done,
+                buffers.skip(p.views, p.done),
+                landed,
+            )
+        except plainhttp.StatusAnswer as e:
+            raise self.status_error(e.status, e.body, what) from None
+        except EOFError as e:
+            raise EOFError(f"{what}: {e}") from None
+
+    def _connections(self, url: str) -> plainhttp.ConnectionPool:
+        with self._plain_lock:
+            if self._http is None:
+                parts = urllib.parse.urlsplit(url)
+                self._http = plainhttp.ConnectionPool(
+                    f"{parts.scheme}://{parts.netloc}",
+                    self.policy.request_timeout,
+                    self.tls_context,
+                )
+            return self._http
+
+    def close(self) -> None:
+        """Close the plain GETs' connections and threads (the backend is unusable after)."""
+        with self._plain_lock:
+            http, self._http = self._http, None
+            pool, self._piece_pool = self._piece_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if http is not None:
+            http.close()
 
     async def _fetch_piece(self, bucket: str, key: str, what: str, p: Piece) -> None:
         """Fetch the rest of ``p`` (after a drop, from where it stopped) into its views."""

@@ -16,7 +16,11 @@ one deadline; writes stream from the caller's buffers; reads land in the caller'
 - ``read_version`` / ``put_replace``: the object with its generation (metadata, then the media
   at that generation), and an upload with ``ifGenerationMatch=<that generation>``: 412 when
   another writer replaced it meanwhile.
-- ``open_range``: one ranged GET (the base cuts reads into ``read_part_size`` pieces).
+- ``range_request``: the media GET as a plain request (gcsfs's headers and parameters), which
+  the base sends over ``http.client`` with ``readinto`` straight into the caller's buffers;
+  ``open_range`` (one ranged GET on gcsfs's aiohttp session) where gcsfs's session differs from
+  a plain connection (mTLS, ``session_kwargs``). The base cuts reads into ``read_part_size``
+  pieces either way.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from cloudckpt.storage import buffers
 from cloudckpt.storage.buffers import Buffer
 from cloudckpt.storage.interface import Capabilities, ObjectInfo, VersionedObject
 from cloudckpt.storage.objectstore import ObjectStoreBackend, OptionSpec, StoreAnswer
+from cloudckpt.storage.plainhttp import RangeRequest
 
 logger = logging.getLogger(__name__)
 
@@ -473,6 +478,23 @@ class GCSBackend(ObjectStoreBackend):
                 if not (total.isdigit() and int(total) < last + 1):
                     raise GCSStatusError(503, what, "the response ended early (connection dropped)")
 
+    def range_request(self, bucket: str, key: str) -> RangeRequest | None:
+        """Media GETs as plain requests, with gcsfs's own headers (credentials, refreshed as
+        gcsfs refreshes them) and parameters (``userProject``), except where gcsfs's session
+        differs from a plain connection: a client certificate (mTLS) or ``session_kwargs``
+        (a proxy, a custom connector)."""
+        if self.fs._use_client_cert or self.fs.session_kwargs:
+            return None
+        url = self._object_url(bucket, key, media=True)
+        params = self.fs._get_params({})
+        if params:
+            url += "&" + urllib.parse.urlencode(params)
+        return RangeRequest(url, self.fs._get_headers({}))
+
+    def status_error(self, status: int, body: bytes, what: str) -> Exception:
+        detail, reason = _error_detail(body)
+        return GCSStatusError(status, what, detail, reason)
+
     def read_bytes(self, path: str) -> bytes:
         bucket, key = self.split(path)
         return self._sync(self.to_uri(path), self._get, bucket, key)
@@ -585,7 +607,8 @@ class GCSBackend(ObjectStoreBackend):
         return int(info["size"])
 
     def close(self) -> None:
-        """Nothing to release: the session belongs to gcsfs's shared filesystem instance."""
+        """Close the plain GETs' connections (gcsfs's session belongs to its shared instance)."""
+        super().close()
 
 
 def _timestamp(value: Any) -> float | None:
