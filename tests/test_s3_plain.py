@@ -89,7 +89,7 @@ def test_a_multipart_upload_moves_every_request_to_s3fs(moto_server: S3Server) -
         assert backend._plain is plain and backend._fs is None  # one PUT: still plain
         big = bytes(range(256)) * (24 << 12)  # 6 MiB: two parts
         backend.write_object(backend.join(path, "big"), [big[:100], big[100:]], len(big))
-        assert backend._plain is None and plain._closed  # closed, s3fs from now on
+        assert backend._plain is None and plain._connections.closed  # closed, s3fs from now on
         assert backend.read_bytes(backend.join(path, "small")) == b"data"
         assert moto_server.client().get_object(Bucket=bucket, Key="r/big")["Body"].read() == big
     finally:

@@ -51,11 +51,17 @@ class StatusAnswer(Exception):
 class ConnectionPool:
     """Idle keep-alive connections to one origin (``http``/``https``), shared by threads.
 
-    ``timeout`` bounds the connect and every socket read; ``tls`` makes the TLS context for an
-    ``https`` origin (called once, on the first connection)."""
+    ``timeout`` bounds every socket read, and the connect unless ``connect_timeout`` is given;
+    ``tls`` makes the TLS context for an ``https`` origin (called once, on the first connection).
+    """
 
     def __init__(
-        self, origin: str, timeout: float, tls: Callable[[], ssl.SSLContext] | None = None
+        self,
+        origin: str,
+        timeout: float,
+        tls: Callable[[], ssl.SSLContext] | None = None,
+        *,
+        connect_timeout: float | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -64,6 +70,7 @@ class ConnectionPool:
         self.host = parts.hostname
         self.port = parts.port
         self.timeout = timeout
+        self.connect_timeout = timeout if connect_timeout is None else connect_timeout
         self._tls = tls or ssl.create_default_context
         self._context: ssl.SSLContext | None = None
         self._idle: list[http.client.HTTPConnection] = []
@@ -82,12 +89,15 @@ class ConnectionPool:
         conn: http.client.HTTPConnection
         if self.scheme == "https":
             conn = http.client.HTTPSConnection(
-                self.host, self.port, timeout=self.timeout, context=self._context
+                self.host, self.port, timeout=self.connect_timeout, context=self._context
             )
         else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
         conn.connect()
         if conn.sock is not None:
+            conn.sock.settimeout(self.timeout)
+            # A request's headers and body go in separate sends: without this, Nagle's
+            # algorithm holds a small body back until the headers are acknowledged.
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
@@ -98,6 +108,10 @@ class ConnectionPool:
                 self._idle.append(conn)
                 return
         conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         with self._lock:

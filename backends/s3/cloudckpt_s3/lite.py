@@ -29,14 +29,14 @@ import base64
 import hashlib
 import http.client
 import os
-import socket
-import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from cloudckpt.storage.plainhttp import ConnectionPool
 
 #: Storage options the plain client understands (the rest make it stand aside).
 _OPTIONS = frozenset(
@@ -168,37 +168,15 @@ class PlainClient:
             raise LookupError("no credentials")  # the full client says it in its own words
         self.region = settings.region or session.get_config_variable("region") or "us-east-1"
         self._ca_bundle = session.get_config_variable("ca_bundle")
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
-        self._closed = False
         base = settings.endpoint
+        self._connections = ConnectionPool(
+            f"{base.scheme}://{base.netloc}", settings.read_timeout, self._tls_context,
+            connect_timeout=settings.connect_timeout,
+        )  # fmt: skip
         self._base_path = base.path.rstrip("/")
         self._origin = f"{base.scheme}://{base.netloc}"
 
     # -- requests ---------------------------------------------------------------------------
-
-    def _connection(self) -> http.client.HTTPConnection:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        ep = self.settings.endpoint
-        conn: http.client.HTTPConnection
-        if ep.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                ep.hostname or "", ep.port, timeout=self.settings.connect_timeout,
-                context=self._tls_context(),
-            )  # fmt: skip
-        else:
-            conn = http.client.HTTPConnection(
-                ep.hostname or "", ep.port, timeout=self.settings.connect_timeout
-            )
-        conn.connect()
-        if conn.sock is not None:
-            conn.sock.settimeout(self.settings.read_timeout)
-            # A PUT's headers and body go in separate sends: without this, Nagle's algorithm
-            # holds a small body back until the headers are acknowledged (aiohttp sets it too).
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
 
     def _tls_context(self) -> Any:
         """TLS as botocore verifies it: ``client_kwargs.verify``, else the configured CA
@@ -218,13 +196,6 @@ class PlainClient:
             cafile = get_cert_path(True)
         return ssl.create_default_context(cafile=cafile)
 
-    def _release(self, conn: http.client.HTTPConnection, reusable: bool) -> None:
-        with self._lock:
-            if reusable and not self._closed:
-                self._idle.append(conn)
-                return
-        conn.close()
-
     def request(
         self,
         method: str,
@@ -242,7 +213,7 @@ class PlainClient:
             extra["Content-Length"] = str(sum(memoryview(b).nbytes for b in body))
             extra["x-amz-checksum-crc32c"] = crc32c_header(body)
         path, signed = self.signed(method, bucket, key, query, extra, unsigned=body is not None)
-        conn = self._connection()
+        conn = self._connections.take()
         reusable = False
         try:
             conn.request(method, path, body=body, headers=signed)
@@ -255,7 +226,7 @@ class PlainClient:
             status, reason = resp.status, resp.reason
             answer = {k.lower(): v for k, v in resp.getheaders()}
         finally:
-            self._release(conn, reusable)
+            self._connections.give(conn, reusable)
         if 200 <= status < 300:
             return status, answer, data
         code, message = _error_of(data)
@@ -362,11 +333,7 @@ class PlainClient:
         self.request("POST", bucket, "", {"delete": ""}, body=[doc], headers=headers)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        self._connections.close()
 
 
 def crc32c_header(body: Sequence[memoryview | bytes]) -> str:
